@@ -1,0 +1,1 @@
+//! Tokenizers and chat templates built from a model's own metadata.
