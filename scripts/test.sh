@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test suite, as CI runs it: format and lint checks, then every test of the workspace.
+# Installs what the tests need first (the default model, the Python reference packages).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TERM_COLOR=never
+step() { printf '\n== %s\n' "$*"; }
+
+step "python reference packages"
+bash scripts/setup-python.sh
+
+step "default model"
+cargo build --release -p shoal-cli
+./target/release/shoal model fetch
+
+step "format"
+cargo fmt --all -- --check
+
+step "lint"
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+step "tests"
+cargo test --workspace --release
