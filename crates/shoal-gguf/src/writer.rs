@@ -1,0 +1,371 @@
+//! Writing GGUF v3 files. Tensors are validated when added, using the same shape check as the
+//! reader, and their data can be streamed in one tensor at a time so a multi-gigabyte model is
+//! never held in memory whole.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use crate::reader::{ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_NESTING};
+use crate::tensor::tensor_n_bytes;
+use crate::value::{MetaArray, MetaValue};
+use crate::{GgmlType, GgufError, Metadata};
+
+/// The version this writer produces.
+pub const WRITE_VERSION: u32 = 3;
+
+#[derive(Debug)]
+struct PendingTensor {
+    name: String,
+    dtype: GgmlType,
+    dims: Vec<u64>,
+    n_bytes: usize,
+    data: Option<Vec<u8>>,
+}
+
+/// Collects metadata and tensors, then writes a file.
+///
+/// Tensor data is either attached up front ([`GgufWriter::add_tensor`]) or declared
+/// ([`GgufWriter::declare_tensor`]) and streamed later through [`GgufWriter::begin`].
+#[derive(Debug, Default)]
+pub struct GgufWriter {
+    metadata: Metadata,
+    tensors: Vec<PendingTensor>,
+    names: HashSet<String>,
+}
+
+impl GgufWriter {
+    /// An empty file.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The metadata added so far.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// Adds a metadata entry. `general.alignment` must be a power-of-two integer that fits u32;
+    /// it is always written as u32.
+    pub fn add_metadata(
+        &mut self,
+        key: impl Into<String>,
+        value: impl Into<MetaValue>,
+    ) -> Result<(), GgufError> {
+        let key = key.into();
+        let mut value = value.into();
+        if let MetaValue::Array(a) = &value
+            && array_depth(a) > MAX_ARRAY_NESTING
+        {
+            return Err(GgufError::NestingTooDeep {
+                key,
+                max: MAX_ARRAY_NESTING,
+            });
+        }
+        if key == ALIGNMENT_KEY {
+            let n = value
+                .as_integer()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| n.is_power_of_two())
+                .ok_or_else(|| GgufError::BadAlignment {
+                    value: format!("{value:?}"),
+                })?;
+            if !self.tensors.is_empty() {
+                // Offsets are computed at write time, but refusing late changes keeps the rule
+                // simple: alignment is part of the file's identity, set it first.
+                return Err(GgufError::BadAlignment {
+                    value: format!("{n} (set after tensors were added)"),
+                });
+            }
+            value = MetaValue::U32(n);
+        }
+        self.metadata.insert(key, value)
+    }
+
+    /// Tensor data alignment the file will use.
+    pub fn alignment(&self) -> usize {
+        self.metadata
+            .get_u32(ALIGNMENT_KEY)
+            .ok()
+            .flatten()
+            .map_or(DEFAULT_ALIGNMENT, |a| a as usize)
+    }
+
+    fn push(
+        &mut self,
+        name: &str,
+        dtype: GgmlType,
+        dims: &[u64],
+        data: Option<Vec<u8>>,
+    ) -> Result<usize, GgufError> {
+        let n_bytes = tensor_n_bytes(name, dtype, dims)?;
+        if let Some(d) = &data
+            && d.len() != n_bytes
+        {
+            return Err(GgufError::DataSizeMismatch {
+                tensor: name.to_owned(),
+                expected: n_bytes as u64,
+                actual: d.len() as u64,
+            });
+        }
+        if !self.names.insert(name.to_owned()) {
+            return Err(GgufError::DuplicateTensor {
+                tensor: name.to_owned(),
+            });
+        }
+        self.tensors.push(PendingTensor {
+            name: name.to_owned(),
+            dtype,
+            dims: dims.to_vec(),
+            n_bytes,
+            data,
+        });
+        Ok(n_bytes)
+    }
+
+    /// Adds a tensor with its data. `dims` are in file order (row length first); the data must
+    /// be exactly the size the type and shape imply.
+    pub fn add_tensor(
+        &mut self,
+        name: &str,
+        dtype: GgmlType,
+        dims: &[u64],
+        data: Vec<u8>,
+    ) -> Result<(), GgufError> {
+        self.push(name, dtype, dims, Some(data)).map(|_| ())
+    }
+
+    /// Declares a tensor whose data will be supplied to the [`TensorStream`]; returns its size
+    /// in bytes.
+    pub fn declare_tensor(
+        &mut self,
+        name: &str,
+        dtype: GgmlType,
+        dims: &[u64],
+    ) -> Result<usize, GgufError> {
+        self.push(name, dtype, dims, None)
+    }
+
+    /// Encodes magic, counts, metadata and tensor descriptions, padded to the alignment.
+    fn header(&self) -> Vec<u8> {
+        let alignment = self.alignment();
+        let mut h = Vec::with_capacity(4096);
+        h.extend_from_slice(&GGUF_MAGIC);
+        h.extend_from_slice(&WRITE_VERSION.to_le_bytes());
+        h.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        h.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (key, value) in self.metadata.iter() {
+            put_str(&mut h, key);
+            h.extend_from_slice(&value.value_type().id().to_le_bytes());
+            put_value(&mut h, value);
+        }
+        let mut rel = 0usize;
+        for t in &self.tensors {
+            put_str(&mut h, &t.name);
+            h.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                h.extend_from_slice(&d.to_le_bytes());
+            }
+            h.extend_from_slice(&t.dtype.id().to_le_bytes());
+            h.extend_from_slice(&(rel as u64).to_le_bytes());
+            rel = (rel + t.n_bytes).next_multiple_of(alignment);
+        }
+        h.resize(h.len().next_multiple_of(alignment), 0);
+        h
+    }
+
+    /// Writes the header and returns a stream that takes the tensor data in declaration order.
+    pub fn begin<W: Write>(self, mut w: W) -> Result<TensorStream<W>, GgufError> {
+        w.write_all(&self.header()).map_err(GgufError::Write)?;
+        Ok(TensorStream {
+            alignment: self.alignment(),
+            w,
+            tensors: self.tensors,
+            next: 0,
+        })
+    }
+
+    /// Writes the whole file; every tensor must have been added with its data.
+    pub fn write_to<W: Write>(&self, mut w: W) -> Result<W, GgufError> {
+        if let Some(t) = self.tensors.iter().find(|t| t.data.is_none()) {
+            return Err(GgufError::StreamOrder {
+                expected: t.name.clone(),
+                got: "<end>".into(),
+            });
+        }
+        w.write_all(&self.header()).map_err(GgufError::Write)?;
+        let alignment = self.alignment();
+        for t in &self.tensors {
+            let data = t.data.as_deref().unwrap_or_default();
+            write_padded(&mut w, data, alignment)?;
+        }
+        w.flush().map_err(GgufError::Write)?;
+        Ok(w)
+    }
+
+    /// Writes the whole file to `path` (created or truncated).
+    pub fn write_file(&self, path: impl AsRef<Path>) -> Result<(), GgufError> {
+        let path = path.as_ref();
+        let io_err = |source| GgufError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::create(path).map_err(io_err)?;
+        let w = self
+            .write_to(BufWriter::with_capacity(1 << 20, file))
+            .map_err(|e| match e {
+                GgufError::Write(source) => io_err(source),
+                other => other,
+            })?;
+        w.into_inner()
+            .map_err(|e| io_err(e.into_error()))?
+            .sync_all()
+            .map_err(io_err)
+    }
+}
+
+/// Tensor data being written after the header (see [`GgufWriter::begin`]).
+#[derive(Debug)]
+pub struct TensorStream<W: Write> {
+    w: W,
+    tensors: Vec<PendingTensor>,
+    next: usize,
+    alignment: usize,
+}
+
+impl<W: Write> TensorStream<W> {
+    /// Writes every following tensor whose data was attached up front.
+    fn flush_attached(&mut self) -> Result<(), GgufError> {
+        while let Some(t) = self.tensors.get_mut(self.next) {
+            let Some(data) = t.data.take() else {
+                break;
+            };
+            write_padded(&mut self.w, &data, self.alignment)?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// The name of the next declared tensor whose data is expected.
+    pub fn next_tensor(&mut self) -> Result<Option<&str>, GgufError> {
+        self.flush_attached()?;
+        Ok(self.tensors.get(self.next).map(|t| t.name.as_str()))
+    }
+
+    /// Writes the data of tensor `name`, which must be the next declared one.
+    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), GgufError> {
+        self.flush_attached()?;
+        let Some(t) = self.tensors.get(self.next) else {
+            return Err(GgufError::StreamOrder {
+                expected: "<end>".into(),
+                got: name.to_owned(),
+            });
+        };
+        if t.name != name {
+            return Err(GgufError::StreamOrder {
+                expected: t.name.clone(),
+                got: name.to_owned(),
+            });
+        }
+        if t.n_bytes != data.len() {
+            return Err(GgufError::DataSizeMismatch {
+                tensor: name.to_owned(),
+                expected: t.n_bytes as u64,
+                actual: data.len() as u64,
+            });
+        }
+        write_padded(&mut self.w, data, self.alignment)?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Checks every tensor was written, flushes, and returns the sink.
+    pub fn finish(mut self) -> Result<W, GgufError> {
+        self.flush_attached()?;
+        if let Some(t) = self.tensors.get(self.next) {
+            return Err(GgufError::StreamOrder {
+                expected: t.name.clone(),
+                got: "<end>".into(),
+            });
+        }
+        self.w.flush().map_err(GgufError::Write)?;
+        Ok(self.w)
+    }
+}
+
+fn write_padded<W: Write>(w: &mut W, data: &[u8], alignment: usize) -> Result<(), GgufError> {
+    const ZEROS: [u8; 64] = [0; 64];
+    w.write_all(data).map_err(GgufError::Write)?;
+    let mut pad = data.len().next_multiple_of(alignment) - data.len();
+    while pad > 0 {
+        let n = pad.min(ZEROS.len());
+        w.write_all(&ZEROS[..n]).map_err(GgufError::Write)?;
+        pad -= n;
+    }
+    Ok(())
+}
+
+/// Levels of array nesting: 1 for an array of scalars.
+fn array_depth(a: &MetaArray) -> usize {
+    match a {
+        MetaArray::Array(inner) => 1 + inner.iter().map(array_depth).max().unwrap_or(0),
+        _ => 1,
+    }
+}
+
+fn put_str(h: &mut Vec<u8>, s: &str) {
+    h.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    h.extend_from_slice(s.as_bytes());
+}
+
+fn put_value(h: &mut Vec<u8>, v: &MetaValue) {
+    match v {
+        MetaValue::U8(x) => h.push(*x),
+        MetaValue::I8(x) => h.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::U16(x) => h.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::I16(x) => h.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::U32(x) => h.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::I32(x) => h.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::U64(x) => h.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::I64(x) => h.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::F32(x) => h.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::F64(x) => h.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::Bool(x) => h.push(u8::from(*x)),
+        MetaValue::String(s) => put_str(h, s),
+        MetaValue::Array(a) => put_array(h, a),
+    }
+}
+
+fn put_array(h: &mut Vec<u8>, a: &MetaArray) {
+    fn each<T: Copy, const N: usize>(h: &mut Vec<u8>, v: &[T], enc: fn(T) -> [u8; N]) {
+        for x in v {
+            h.extend_from_slice(&enc(*x));
+        }
+    }
+    h.extend_from_slice(&a.element_type().id().to_le_bytes());
+    h.extend_from_slice(&(a.len() as u64).to_le_bytes());
+    match a {
+        MetaArray::U8(v) => h.extend_from_slice(v),
+        MetaArray::I8(v) => each(h, v, i8::to_le_bytes),
+        MetaArray::U16(v) => each(h, v, u16::to_le_bytes),
+        MetaArray::I16(v) => each(h, v, i16::to_le_bytes),
+        MetaArray::U32(v) => each(h, v, u32::to_le_bytes),
+        MetaArray::I32(v) => each(h, v, i32::to_le_bytes),
+        MetaArray::U64(v) => each(h, v, u64::to_le_bytes),
+        MetaArray::I64(v) => each(h, v, i64::to_le_bytes),
+        MetaArray::F32(v) => each(h, v, f32::to_le_bytes),
+        MetaArray::F64(v) => each(h, v, f64::to_le_bytes),
+        MetaArray::Bool(v) => h.extend(v.iter().map(|&b| u8::from(b))),
+        MetaArray::String(v) => {
+            for s in v {
+                put_str(h, s);
+            }
+        }
+        MetaArray::Array(v) => {
+            for inner in v {
+                put_array(h, inner);
+            }
+        }
+    }
+}
