@@ -23,4 +23,4 @@ pub use metadata::Metadata;
 pub use reader::{ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_NESTING};
 pub use tensor::{MAX_DIMS, TensorInfo, TensorView};
 pub use value::{MetaArray, MetaValue, StringArray, StringArrayIter, ValueType};
-pub use writer::{GgufWriter, TensorStream, WRITE_VERSION};
+pub use writer::{GgufWriter, TensorSink, TensorStream, WRITE_VERSION};

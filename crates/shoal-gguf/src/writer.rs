@@ -183,6 +183,7 @@ impl GgufWriter {
             w,
             tensors: self.tensors,
             next: 0,
+            in_progress: false,
         })
     }
 
@@ -232,11 +233,25 @@ pub struct TensorStream<W: Write> {
     tensors: Vec<PendingTensor>,
     next: usize,
     alignment: usize,
+    /// Set while a [`TensorSink`] is open; left set if one is dropped unfinished, which poisons
+    /// the stream (the bytes written so far cannot be taken back).
+    in_progress: bool,
 }
 
 impl<W: Write> TensorStream<W> {
+    fn check_not_poisoned(&self) -> Result<(), GgufError> {
+        match self.tensors.get(self.next) {
+            Some(t) if self.in_progress => Err(GgufError::StreamOrder {
+                expected: format!("end of `{}` (its sink was dropped unfinished)", t.name),
+                got: "more data".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Writes every following tensor whose data was attached up front.
     fn flush_attached(&mut self) -> Result<(), GgufError> {
+        self.check_not_poisoned()?;
         while let Some(t) = self.tensors.get_mut(self.next) {
             let Some(data) = t.data.take() else {
                 break;
@@ -253,8 +268,9 @@ impl<W: Write> TensorStream<W> {
         Ok(self.tensors.get(self.next).map(|t| t.name.as_str()))
     }
 
-    /// Writes the data of tensor `name`, which must be the next declared one.
-    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), GgufError> {
+    /// Starts the data of tensor `name`, which must be the next declared one; the data can then
+    /// be written in pieces, so a large tensor never has to be in memory whole.
+    pub fn begin_tensor(&mut self, name: &str) -> Result<TensorSink<'_, W>, GgufError> {
         self.flush_attached()?;
         let Some(t) = self.tensors.get(self.next) else {
             return Err(GgufError::StreamOrder {
@@ -268,16 +284,29 @@ impl<W: Write> TensorStream<W> {
                 got: name.to_owned(),
             });
         }
-        if t.n_bytes != data.len() {
+        let remaining = t.n_bytes;
+        self.in_progress = true;
+        Ok(TensorSink {
+            stream: self,
+            remaining,
+        })
+    }
+
+    /// Writes the data of tensor `name`, which must be the next declared one, in one piece.
+    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), GgufError> {
+        let mut sink = self.begin_tensor(name)?;
+        if sink.remaining != data.len() {
+            let expected = sink.remaining as u64;
+            // Nothing was written yet, so the stream is still usable.
+            sink.stream.in_progress = false;
             return Err(GgufError::DataSizeMismatch {
                 tensor: name.to_owned(),
-                expected: t.n_bytes as u64,
+                expected,
                 actual: data.len() as u64,
             });
         }
-        write_padded(&mut self.w, data, self.alignment)?;
-        self.next += 1;
-        Ok(())
+        sink.write(data)?;
+        sink.finish()
     }
 
     /// Checks every tensor was written, flushes, and returns the sink.
@@ -294,10 +323,73 @@ impl<W: Write> TensorStream<W> {
     }
 }
 
+/// The data of one tensor being written in pieces (see [`TensorStream::begin_tensor`]).
+/// Dropping it without [`TensorSink::finish`] leaves the stream unusable.
+#[derive(Debug)]
+pub struct TensorSink<'a, W: Write> {
+    stream: &'a mut TensorStream<W>,
+    remaining: usize,
+}
+
+impl<W: Write> TensorSink<'_, W> {
+    fn tensor_name(&self) -> String {
+        self.stream
+            .tensors
+            .get(self.stream.next)
+            .map_or_else(String::new, |t| t.name.clone())
+    }
+
+    fn n_bytes(&self) -> usize {
+        self.stream
+            .tensors
+            .get(self.stream.next)
+            .map_or(0, |t| t.n_bytes)
+    }
+
+    /// Bytes still expected.
+    pub fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    /// Appends a piece of the tensor's data; more than the tensor's size is an error.
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), GgufError> {
+        if chunk.len() > self.remaining {
+            return Err(GgufError::DataSizeMismatch {
+                tensor: self.tensor_name(),
+                expected: self.n_bytes() as u64,
+                actual: (self.n_bytes() - self.remaining + chunk.len()) as u64,
+            });
+        }
+        self.stream.w.write_all(chunk).map_err(GgufError::Write)?;
+        self.remaining -= chunk.len();
+        Ok(())
+    }
+
+    /// Checks the tensor is complete and writes its padding.
+    pub fn finish(self) -> Result<(), GgufError> {
+        if self.remaining != 0 {
+            return Err(GgufError::DataSizeMismatch {
+                tensor: self.tensor_name(),
+                expected: self.n_bytes() as u64,
+                actual: (self.n_bytes() - self.remaining) as u64,
+            });
+        }
+        let n_bytes = self.n_bytes();
+        let pad = n_bytes.next_multiple_of(self.stream.alignment) - n_bytes;
+        write_zeros(&mut self.stream.w, pad)?;
+        self.stream.next += 1;
+        self.stream.in_progress = false;
+        Ok(())
+    }
+}
+
 fn write_padded<W: Write>(w: &mut W, data: &[u8], alignment: usize) -> Result<(), GgufError> {
-    const ZEROS: [u8; 64] = [0; 64];
     w.write_all(data).map_err(GgufError::Write)?;
-    let mut pad = data.len().next_multiple_of(alignment) - data.len();
+    write_zeros(w, data.len().next_multiple_of(alignment) - data.len())
+}
+
+fn write_zeros<W: Write>(w: &mut W, mut pad: usize) -> Result<(), GgufError> {
+    const ZEROS: [u8; 64] = [0; 64];
     while pad > 0 {
         let n = pad.min(ZEROS.len());
         w.write_all(&ZEROS[..n]).map_err(GgufError::Write)?;

@@ -248,3 +248,51 @@ fn common_fixture_is_valid() {
     );
     assert!(m.require_bool("flag").unwrap());
 }
+
+#[test]
+fn tensor_data_can_be_streamed_in_pieces() {
+    let declare = || {
+        let mut w = GgufWriter::new();
+        w.declare_tensor("big", GgmlType::F32, &[10]).unwrap();
+        w.declare_tensor("next", GgmlType::F32, &[1]).unwrap();
+        w
+    };
+    let data: Vec<u8> = (0..40).collect();
+    let mut s = declare().begin(Vec::new()).unwrap();
+    let mut sink = s.begin_tensor("big").unwrap();
+    sink.write(&data[..7]).unwrap();
+    sink.write(&data[7..30]).unwrap();
+    assert_eq!(sink.remaining(), 10);
+    assert!(matches!(
+        sink.write(&[0; 11]),
+        Err(GgufError::DataSizeMismatch {
+            expected: 40,
+            actual: 41,
+            ..
+        })
+    ));
+    sink.write(&data[30..]).unwrap();
+    sink.finish().unwrap();
+    s.write_tensor("next", &[1, 2, 3, 4]).unwrap();
+    let f = GgufFile::from_bytes(s.finish().unwrap()).unwrap();
+    assert_eq!(f.tensor("big").unwrap().data, data.as_slice());
+    assert_eq!(f.tensor("next").unwrap().data, &[1, 2, 3, 4]);
+
+    // An unfinished piece-wise tensor is reported, and a dropped sink poisons the stream.
+    let mut s = declare().begin(Vec::new()).unwrap();
+    let mut sink = s.begin_tensor("big").unwrap();
+    sink.write(&data[..8]).unwrap();
+    assert!(matches!(
+        sink.finish(),
+        Err(GgufError::DataSizeMismatch {
+            expected: 40,
+            actual: 8,
+            ..
+        })
+    ));
+    assert!(matches!(
+        s.write_tensor("next", &[0; 4]),
+        Err(GgufError::StreamOrder { .. })
+    ));
+    assert!(matches!(s.finish(), Err(GgufError::StreamOrder { .. })));
+}
