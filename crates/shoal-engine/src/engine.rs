@@ -1,0 +1,516 @@
+//! The engine actor: owns the runtime and every sequence's state.
+
+use shoal_model::{
+    FinishReason, GenerateOptions, ModelError, Sampler, SeqStep, ShardInput, ShardOutput, ShardRuntime, StopMatcher,
+    StopScan, Tokenizer,
+};
+use shoal_types::{ErrorClass, RequestId, SeqId};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc as std_mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Limits of an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences decoded together at most.
+    pub max_active: usize,
+    /// Requests waiting for a slot at most; more are refused.
+    pub max_waiting: usize,
+    /// Rows (tokens) per forward step at most: decode rows plus one prefill chunk.
+    pub step_tokens: usize,
+    /// Events buffered per request before its sequence is paused.
+    pub event_buffer: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { max_active: 16, max_waiting: 64, step_tokens: 512, event_buffer: 64 }
+    }
+}
+
+/// A generation to run.
+#[derive(Debug, Clone)]
+pub struct EngineRequest {
+    /// For logs and tracing.
+    pub id: RequestId,
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Limits, sampling and stop strings.
+    pub options: GenerateOptions,
+}
+
+/// Token counts of a finished generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+}
+
+/// What a request's receiver sees, in order: `Started`, any number of `Token`, then `Finished`
+/// or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineEvent {
+    /// Admitted; the prompt is being processed.
+    Started {
+        /// Prompt tokens.
+        prompt_tokens: u32,
+    },
+    /// A generated token and the text it completes (may be empty while a character or a
+    /// possible stop string is incomplete).
+    Token {
+        /// The token id.
+        id: u32,
+        /// Text that became final with this token.
+        text: String,
+    },
+    /// The generation ended.
+    Finished {
+        /// Why.
+        reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+        /// Text released at the end (held-back bytes), possibly empty.
+        tail: String,
+    },
+    /// The generation failed.
+    Failed(EngineError),
+}
+
+/// Why the engine refused or failed a request.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// The waiting queue is full.
+    #[error("the engine is busy ({waiting} requests waiting)")]
+    Busy {
+        /// Requests waiting.
+        waiting: usize,
+    },
+    /// The engine has stopped.
+    #[error("the engine has shut down")]
+    ShutDown,
+    /// The request is invalid for this model.
+    #[error("{0}")]
+    Invalid(String),
+    /// The model failed while running the request.
+    #[error("model error: {0}")]
+    Model(String),
+}
+
+impl EngineError {
+    /// The wire class.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            EngineError::Busy { .. } => ErrorClass::CapacityExhausted,
+            EngineError::ShutDown => ErrorClass::Unavailable,
+            EngineError::Invalid(_) => ErrorClass::InvalidRequest,
+            EngineError::Model(_) => ErrorClass::Internal,
+        }
+    }
+
+    fn from_model(e: &ModelError) -> Self {
+        match e.class() {
+            ErrorClass::InvalidRequest => EngineError::Invalid(e.to_string()),
+            _ => EngineError::Model(e.to_string()),
+        }
+    }
+}
+
+/// Live counters, readable from any thread.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Requests waiting for a slot.
+    pub waiting: AtomicUsize,
+    /// Sequences in the running batch.
+    pub active: AtomicUsize,
+    /// KV cache bytes held.
+    pub kv_bytes: AtomicUsize,
+    /// Tokens generated since start.
+    pub tokens_generated: AtomicU64,
+    /// Forward steps run since start.
+    pub steps: AtomicU64,
+    /// Rows processed by those steps (sum of batch sizes).
+    pub step_rows: AtomicU64,
+    /// Requests finished since start (any outcome).
+    pub finished: AtomicU64,
+}
+
+struct Submission {
+    req: EngineRequest,
+    cancel: CancellationToken,
+    events: mpsc::Sender<EngineEvent>,
+}
+
+/// Handle to a running engine. Dropping it stops the compute thread after the current step.
+#[derive(Debug)]
+pub struct Engine {
+    tx: Option<std_mpsc::SyncSender<Submission>>,
+    stats: Arc<EngineStats>,
+    cfg: EngineConfig,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Submission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submission").field("id", &self.req.id).finish()
+    }
+}
+
+impl Engine {
+    /// Starts the compute thread that owns `runtime` (which must run the whole model).
+    pub fn start(
+        runtime: Box<dyn ShardRuntime>,
+        tokenizer: Arc<Tokenizer>,
+        cfg: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let n_layers = runtime.config().n_layers;
+        let range = runtime.layers();
+        if !range.is_first() || !range.is_last(n_layers) {
+            return Err(EngineError::Invalid(format!("the engine needs the whole model, got layers {range}")));
+        }
+        let (tx, rx) = std_mpsc::sync_channel(cfg.max_waiting.max(1));
+        let stats = Arc::new(EngineStats::default());
+        let worker = Worker {
+            rt: runtime,
+            tok: tokenizer,
+            cfg: cfg.clone(),
+            rx,
+            stats: stats.clone(),
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            next_seq: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("shoal-engine".into())
+            .spawn(move || worker.run())
+            .map_err(|e| EngineError::Model(format!("spawning the compute thread: {e}")))?;
+        Ok(Self { tx: Some(tx), stats, cfg, thread: Some(thread) })
+    }
+
+    /// Queues a generation. Events arrive on the returned receiver; cancelling `cancel` or
+    /// dropping the receiver stops it and frees its KV cache.
+    pub fn submit(
+        &self,
+        req: EngineRequest,
+        cancel: CancellationToken,
+    ) -> Result<mpsc::Receiver<EngineEvent>, EngineError> {
+        req.options.sampling.validate().map_err(|e| EngineError::from_model(&e))?;
+        if req.prompt.is_empty() {
+            return Err(EngineError::Invalid("the prompt is empty".into()));
+        }
+        if req.options.max_tokens == 0 {
+            return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
+        }
+        let (events, rx) = mpsc::channel(self.cfg.event_buffer.max(2));
+        let tx = self.tx.as_ref().ok_or(EngineError::ShutDown)?;
+        match tx.try_send(Submission { req, cancel, events }) {
+            Ok(()) => {
+                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                Ok(rx)
+            }
+            Err(std_mpsc::TrySendError::Full(_)) => {
+                Err(EngineError::Busy { waiting: self.stats.waiting.load(Ordering::Relaxed) })
+            }
+            Err(std_mpsc::TrySendError::Disconnected(_)) => Err(EngineError::ShutDown),
+        }
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    /// Stops accepting work, lets the compute thread finish its current step, and joins it.
+    /// Generations still running receive `Failed(ShutDown)`.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("the engine's compute thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+enum Phase {
+    /// Prompt tokens processed so far.
+    Prefill(usize),
+    /// Waiting to decode this token.
+    Decode(u32),
+}
+
+struct Active {
+    seq: SeqId,
+    sub: Submission,
+    phase: Phase,
+    sampler: Sampler,
+    stops: StopMatcher,
+    decoder: Vec<u8>,
+    history: Vec<u32>,
+    generated: u32,
+    eog: Vec<u32>,
+    done: Option<(FinishReason, String)>,
+}
+
+struct Worker {
+    rt: Box<dyn ShardRuntime>,
+    tok: Arc<Tokenizer>,
+    cfg: EngineConfig,
+    rx: std_mpsc::Receiver<Submission>,
+    stats: Arc<EngineStats>,
+    waiting: VecDeque<Submission>,
+    active: Vec<Active>,
+    next_seq: u64,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut open = true;
+        while open || !self.waiting.is_empty() || !self.active.is_empty() {
+            // Intake: block only when there is nothing to compute.
+            if self.active.is_empty() && self.waiting.is_empty() {
+                match self.rx.recv() {
+                    Ok(s) => self.waiting.push_back(s),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(s) => self.waiting.push_back(s),
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            if !open {
+                self.fail_all(EngineError::ShutDown);
+                break;
+            }
+            self.admit();
+            if !self.step() {
+                // Every active sequence is paused on a slow reader: wait a little.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.retire();
+            self.stats.active.store(self.active.len(), Ordering::Relaxed);
+            self.stats.waiting.store(self.waiting.len(), Ordering::Relaxed);
+            self.stats.kv_bytes.store(self.rt.kv_bytes(), Ordering::Relaxed);
+        }
+    }
+
+    fn admit(&mut self) {
+        let context = self.rt.config().context_length as usize;
+        while self.active.len() < self.cfg.max_active {
+            let Some(sub) = self.waiting.pop_front() else { break };
+            if sub.cancel.is_cancelled() || sub.events.is_closed() {
+                continue;
+            }
+            if sub.req.prompt.len() >= context {
+                let msg = format!(
+                    "the prompt has {} tokens; the context window is {context}",
+                    sub.req.prompt.len()
+                );
+                let _ = sub.events.try_send(EngineEvent::Failed(EngineError::Invalid(msg)));
+                continue;
+            }
+            let sampler = match Sampler::new(sub.req.options.sampling.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = sub.events.try_send(EngineEvent::Failed(EngineError::from_model(&e)));
+                    continue;
+                }
+            };
+            let _ = sub.events.try_send(EngineEvent::Started { prompt_tokens: sub.req.prompt.len() as u32 });
+            self.next_seq += 1;
+            self.active.push(Active {
+                seq: SeqId(self.next_seq),
+                stops: StopMatcher::new(&sub.req.options.stop),
+                history: sub.req.prompt.clone(),
+                sub,
+                phase: Phase::Prefill(0),
+                sampler,
+                decoder: Vec::new(),
+                generated: 0,
+                eog: self.tok.end_of_generation_tokens(),
+                done: None,
+            });
+        }
+    }
+
+    /// Runs one forward step; returns false when nothing could be scheduled.
+    fn step(&mut self) -> bool {
+        let mut batch = Vec::new();
+        let mut tokens = Vec::new();
+        let mut members = Vec::new();
+        for (i, a) in self.active.iter_mut().enumerate() {
+            if a.sub.cancel.is_cancelled() || a.sub.events.is_closed() {
+                a.done.get_or_insert((FinishReason::Cancelled, String::new()));
+                continue;
+            }
+            if let Phase::Decode(t) = a.phase {
+                // Two slots: the token event and a possible final event.
+                if a.sub.events.capacity() < 2 {
+                    continue;
+                }
+                let pos = (a.history.len() - 1) as u32;
+                batch.push(SeqStep { seq: a.seq, pos, n_tokens: 1, logits: true });
+                tokens.push(t);
+                members.push(i);
+            }
+        }
+        let mut budget = self.cfg.step_tokens.saturating_sub(tokens.len());
+        for (i, a) in self.active.iter_mut().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if a.done.is_some() {
+                continue;
+            }
+            if let Phase::Prefill(done) = a.phase {
+                let prompt = &a.sub.req.prompt;
+                let n = (prompt.len() - done).min(budget);
+                let last = done + n == prompt.len();
+                batch.push(SeqStep { seq: a.seq, pos: done as u32, n_tokens: n as u32, logits: last });
+                tokens.extend_from_slice(&prompt[done..done + n]);
+                members.push(i);
+                budget -= n;
+            }
+        }
+        if batch.is_empty() {
+            return false;
+        }
+        let vocab = self.rt.config().vocab;
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats.step_rows.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+        let logits = match self.rt.forward(&batch, ShardInput::Tokens(&tokens)) {
+            Ok(ShardOutput::Logits(l)) => l.to_vec(),
+            Ok(ShardOutput::Hidden(_)) => {
+                self.fail_members(&members, EngineError::Model("the runtime returned hidden states".into()));
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "forward step failed");
+                self.fail_members(&members, EngineError::from_model(&e));
+                return true;
+            }
+        };
+        let mut rows = logits.chunks_exact(vocab);
+        for (st, &i) in batch.iter().zip(&members) {
+            let a = &mut self.active[i];
+            if let Phase::Prefill(done) = a.phase {
+                a.phase = Phase::Prefill(done + st.n_tokens as usize);
+            }
+            if !st.logits {
+                continue;
+            }
+            let Some(row) = rows.next() else { break };
+            let next = a.sampler.sample(row, &a.history, u64::from(a.generated));
+            a.generated += 1;
+            a.history.push(next);
+            self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
+            a.phase = Phase::Decode(next);
+            emit_token(a, &self.tok, next, self.rt.config().context_length as usize);
+        }
+        true
+    }
+
+    fn fail_members(&mut self, members: &[usize], err: EngineError) {
+        for &i in members {
+            let a = &mut self.active[i];
+            let _ = a.sub.events.try_send(EngineEvent::Failed(err.clone()));
+            a.done = Some((FinishReason::Cancelled, String::new()));
+        }
+    }
+
+    fn fail_all(&mut self, err: EngineError) {
+        for a in self.active.drain(..) {
+            let _ = a.sub.events.try_send(EngineEvent::Failed(err.clone()));
+            self.rt.release(a.seq);
+        }
+        for s in self.waiting.drain(..) {
+            let _ = s.events.try_send(EngineEvent::Failed(err.clone()));
+        }
+    }
+
+    /// Sends final events and frees the caches of sequences that ended.
+    fn retire(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].done.is_none() {
+                i += 1;
+                continue;
+            }
+            let a = self.active.swap_remove(i);
+            self.rt.release(a.seq);
+            self.stats.finished.fetch_add(1, Ordering::Relaxed);
+            if let Some((reason, tail)) = a.done {
+                if reason != FinishReason::Cancelled {
+                    let usage = Usage { prompt_tokens: a.sub.req.prompt.len() as u32, completion_tokens: a.generated };
+                    let _ = a.sub.events.try_send(EngineEvent::Finished { reason, usage, tail });
+                }
+            }
+        }
+    }
+}
+
+/// Turns a sampled token into events and decides whether the sequence is done.
+fn emit_token(a: &mut Active, tok: &Tokenizer, next: u32, context: usize) {
+    let opts = &a.sub.req.options;
+    if !opts.ignore_eos && a.eog.contains(&next) {
+        let tail = finish_text(a);
+        let _ = a.sub.events.try_send(EngineEvent::Token { id: next, text: String::new() });
+        a.done = Some((FinishReason::Stop, tail));
+        return;
+    }
+    // Bytes are held back until they form whole characters.
+    if let Ok(bytes) = tok.token_bytes(next) {
+        a.decoder.extend_from_slice(&bytes);
+    }
+    let valid = match std::str::from_utf8(&a.decoder) {
+        Ok(_) => a.decoder.len(),
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        // An invalid sequence (not merely incomplete) is released lossily.
+        Err(_) => a.decoder.len(),
+    };
+    let text: String = String::from_utf8_lossy(&a.decoder[..valid]).into_owned();
+    a.decoder.drain(..valid);
+    match a.stops.push(&text) {
+        StopScan::Continue(t) => {
+            let _ = a.sub.events.try_send(EngineEvent::Token { id: next, text: t });
+            if a.generated >= opts.max_tokens || a.history.len() >= context {
+                let tail = finish_text(a);
+                a.done = Some((FinishReason::Length, tail));
+            }
+        }
+        StopScan::Stopped(t) => {
+            let _ = a.sub.events.try_send(EngineEvent::Token { id: next, text: t });
+            a.done = Some((FinishReason::Stop, String::new()));
+        }
+    }
+}
+
+fn finish_text(a: &mut Active) -> String {
+    let rest = String::from_utf8_lossy(&std::mem::take(&mut a.decoder)).into_owned();
+    let mut out = match a.stops.push(&rest) {
+        StopScan::Continue(t) | StopScan::Stopped(t) => t,
+    };
+    out.push_str(&a.stops.finish());
+    out
+}
