@@ -41,10 +41,10 @@ pub enum KernelError {
         op: &'static str,
     },
     /// Activations were quantized for a different weight type than the matrix has.
-    #[error("activations were quantized for {acts:?} but the weights are {weights}")]
+    #[error("activations are in format {acts:?} but the weights are {weights}")]
     ActsFormat {
-        /// The format the activations hold.
-        acts: &'static str,
+        /// The format the activations hold (`None`: never quantized).
+        acts: Option<crate::ActFormat>,
         /// The weight type of the matrix.
         weights: GgmlType,
     },

@@ -14,9 +14,23 @@
 //! - No heap allocation per call on the hot path: [`QuantizedActs`] reuses its buffers.
 //! - Malformed input (wrong sizes, unsupported types) is an error value, never a panic.
 
+mod acts;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod error;
+mod isa;
+mod matmul;
+mod pool;
 pub mod quant;
+mod scalar;
+mod shared;
+mod vec;
 
+pub use acts::{ActFormat, QuantizedActs};
 pub use error::KernelError;
+pub use isa::Isa;
+pub use matmul::{WeightMatrix, matmul, matmul_with};
+pub use pool::ThreadPool;
 pub use quant::{dequantize_row, quantize_row};
 pub use shoal_gguf::GgmlType;
+pub use vec::{axpy_f16, dot_f16, dot_f32, f16_to_f32, f32_to_f16};

@@ -165,3 +165,36 @@ fn activation_quantizers_match_ggml_bit_for_bit() {
         assert_eq!((g.dtype, g.dots.len()), (dtype, g.n_acts * g.rows));
     }
 }
+
+/// ggml's dot products on ggml's quantized weights. The AVX2 kernels of every quantized format
+/// must agree bit for bit (that is what greedy agreement with llama.cpp rests on); the float
+/// formats (whose ggml build here sums in another order) and the scalar fallback within float
+/// reordering error.
+#[test]
+fn dot_products_match_ggml() {
+    use shoal_kernels::{Isa, QuantizedActs, ThreadPool, WeightMatrix, matmul_with};
+    let pool = ThreadPool::new(2).unwrap();
+    for dtype in TYPES {
+        let g = load(dtype);
+        let w = WeightMatrix::new(dtype, g.rows, g.cols, &g.wq).unwrap();
+        let mut acts = QuantizedActs::new();
+        acts.quantize(&pool, dtype, &g.x, g.n_acts, g.cols).unwrap();
+        for isa in Isa::available() {
+            let mut out = vec![0.0; g.n_acts * g.rows];
+            matmul_with(&pool, &w, &acts, &mut out, isa).unwrap();
+            let bitwise = out
+                .iter()
+                .zip(&g.dots)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            for (k, (a, b)) in out.iter().zip(&g.dots).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "{dtype} {isa:?} #{k}: {a} vs {b}"
+                );
+            }
+            if isa == Isa::Avx2 && dtype.is_quantized() {
+                assert!(bitwise, "{dtype}: {out:?} vs {:?}", g.dots);
+            }
+        }
+    }
+}

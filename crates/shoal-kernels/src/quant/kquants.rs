@@ -244,8 +244,8 @@ pub fn quantize_q6_k(x: &[f32; QK_K]) -> [u8; Q6_K_BYTES] {
 
 /// Quantizes 256 activations to Q8_K with llama.cpp's rounding: the element of largest
 /// magnitude maps to -127 (sign included), values round half to even, clipped at 127.
-pub fn quantize_q8_k(x: &[f32; QK_K]) -> [u8; Q8_K_BYTES] {
-    let mut b = [0u8; Q8_K_BYTES];
+/// Returns (d, qs, bsums).
+pub fn quantize_q8_k_parts(x: &[f32; QK_K]) -> (f32, [i8; QK_K], [i16; 16]) {
     let mut amax = 0.0f32;
     let mut max = 0.0f32;
     for &v in x {
@@ -254,21 +254,31 @@ pub fn quantize_q8_k(x: &[f32; QK_K]) -> [u8; Q8_K_BYTES] {
             max = v;
         }
     }
+    let mut q = [0i8; QK_K];
+    let mut bsums = [0i16; 16];
     if amax == 0.0 {
-        return b;
+        return (0.0, q, bsums);
     }
     let iscale = -127.0 / max;
-    let mut q = [0i8; QK_K];
     for (o, &v) in q.iter_mut().zip(x) {
         *o = ((iscale * v).round_ties_even() as i32).min(127) as i8;
     }
-    b[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    for (s, sub) in bsums.iter_mut().zip(q.chunks_exact(16)) {
+        *s = sub.iter().map(|&v| i16::from(v)).sum();
+    }
+    (1.0 / iscale, q, bsums)
+}
+
+/// Quantizes 256 activations to a Q8_K block (see [`quantize_q8_k_parts`]).
+pub fn quantize_q8_k(x: &[f32; QK_K]) -> [u8; Q8_K_BYTES] {
+    let (d, q, bsums) = quantize_q8_k_parts(x);
+    let mut b = [0u8; Q8_K_BYTES];
+    b[0..4].copy_from_slice(&d.to_le_bytes());
     for (o, &v) in b[4..260].iter_mut().zip(&q) {
         *o = v as u8;
     }
-    for (j, sub) in q.chunks_exact(16).enumerate() {
-        let sum: i16 = sub.iter().map(|&v| i16::from(v)).sum();
-        b[260 + 2 * j..262 + 2 * j].copy_from_slice(&sum.to_le_bytes());
+    for (o, s) in b[260..].as_chunks_mut::<2>().0.iter_mut().zip(bsums) {
+        *o = s.to_le_bytes();
     }
     b
 }
