@@ -137,18 +137,19 @@ pub fn matmul_with(
         .next_multiple_of(ROW_ALIGN);
     let n_chunks = rows.div_ceil(chunk);
     let out = SharedMut::new(out);
-    let next = AtomicUsize::new(nt);
-    let job = |ti: usize, _: usize| {
-        let mut c = ti;
-        while c < n_chunks {
+    let next = AtomicUsize::new(0);
+    let job = |_: usize, _: usize| {
+        loop {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            if c >= n_chunks {
+                break;
+            }
             let r0 = c * chunk;
             let r1 = (r0 + chunk).min(rows);
             compute_rows(isa, &w, acts, r0, r1, &out);
-            c = next.fetch_add(1, Ordering::Relaxed);
         }
     };
     if n_chunks == 1 || nt == 1 {
-        next.store(1, Ordering::Relaxed);
         job(0, 1);
     } else {
         pool.run(job);

@@ -5,9 +5,15 @@
 //! spin on an epoch counter for a short while after each region (the next region usually follows
 //! within microseconds) and only then park on a condition variable, so an idle pool costs no CPU.
 //!
+//! Thread indices are claimed, not assigned: each worker that wakes claims the next unclaimed
+//! index, and the calling thread, once done with index 0, claims whatever is left. So a worker
+//! that is descheduled (a busy machine) or still waking from a park never holds the caller up:
+//! its share simply runs on the caller. Each index still runs exactly once per `run`.
+//!
 //! The closure of a [`ThreadPool::run`] borrows from the caller's stack. Workers reach it through
-//! a raw pointer published with the epoch; `run` does not return (or unwind) before every worker
-//! has finished with it. That is the one `unsafe` idea in this module.
+//! a raw pointer published with the epoch, and only after claiming an index; `run` does not
+//! return (or unwind) before every claimed index has finished. That is the one `unsafe` idea in
+//! this module.
 #![allow(unsafe_code)]
 
 use std::fmt;
@@ -22,6 +28,10 @@ use crate::KernelError;
 /// How long an idle worker spins before parking.
 const DEFAULT_SPIN: Duration = Duration::from_micros(200);
 
+/// A `next` value that no claim can succeed from. Failed claims keep incrementing `next`, so it
+/// sits far from `usize::MAX` where an increment would wrap to a valid index.
+const CLOSED: usize = usize::MAX / 2;
+
 /// The job type workers see: a borrowed closure taking (thread index, thread count).
 type Job<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
@@ -31,11 +41,14 @@ type Job<'a> = &'a (dyn Fn(usize, usize) + Sync);
 struct Padded<T>(T);
 
 struct Shared {
-    /// Bumped once per job (and once for shutdown); workers run each new epoch exactly once.
+    /// Bumped once per job (and once for shutdown) to wake workers.
     epoch: Padded<AtomicUsize>,
-    /// Workers that have not yet finished the current job.
-    pending: Padded<AtomicUsize>,
-    /// Points at a `Job` on the stack of the thread inside `run`, valid while `pending > 0`.
+    /// The next thread index to claim for the current job (values `>= n_threads`: none left).
+    next: Padded<AtomicUsize>,
+    /// Indices claimed by workers that have finished running.
+    done: Padded<AtomicUsize>,
+    /// Points at a `Job` on the stack of the thread in `run`; valid for any index claimed from
+    /// `next` until that index is counted in `done`.
     job: AtomicPtr<()>,
     shutdown: AtomicBool,
     panicked: AtomicBool,
@@ -80,7 +93,8 @@ impl ThreadPool {
         }
         let shared = Arc::new(Shared {
             epoch: Padded(AtomicUsize::new(0)),
-            pending: Padded(AtomicUsize::new(0)),
+            next: Padded(AtomicUsize::new(CLOSED)),
+            done: Padded(AtomicUsize::new(0)),
             job: AtomicPtr::new(std::ptr::null_mut()),
             shutdown: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
@@ -99,7 +113,7 @@ impl ThreadPool {
             let shared = Arc::clone(&pool.shared);
             let handle = std::thread::Builder::new()
                 .name(format!("shoal-compute-{index}"))
-                .spawn(move || worker_loop(&shared, index))
+                .spawn(move || worker_loop(&shared))
                 .map_err(|source| KernelError::ThreadSpawn { index, source })?;
             // On an early return, Drop stops the workers started so far.
             pool.workers.push(handle);
@@ -112,8 +126,10 @@ impl ThreadPool {
         self.shared.n_threads
     }
 
-    /// Runs `f(thread_index, n_threads)` on every thread (the caller is index 0) and returns when
-    /// all calls have returned. A panic in any call is re-raised here after all calls finished.
+    /// Runs `f(thread_index, n_threads)` for every index in `0..n_threads` and returns when all
+    /// calls have returned. The caller runs index 0; each other index runs on a worker, or on the
+    /// caller if no worker has claimed it by the time the caller is done with its own. A panic in
+    /// any call is re-raised here after all calls finished.
     ///
     /// If the pool is already running a job (a nested call from inside `f`, or a call from
     /// another thread), the calls run one after another on this thread instead.
@@ -136,18 +152,37 @@ impl ThreadPool {
         shared
             .job
             .store((&raw const job).cast::<()>().cast_mut(), Ordering::Relaxed);
-        shared.pending.0.store(n - 1, Ordering::Relaxed);
-        // SeqCst pairs with the sleepers check in `wait_for_epoch` (no lost wake-ups); it also
-        // releases the job pointer and pending count above.
+        shared.done.0.store(0, Ordering::Relaxed);
+        // Opens the claims; releases the job pointer and the reset `done` to claimers.
+        shared.next.0.store(1, Ordering::Release);
+        // SeqCst pairs with the sleepers check in `wait_for_epoch` (no lost wake-ups).
         shared.epoch.0.fetch_add(1, Ordering::SeqCst);
         if shared.sleepers.load(Ordering::SeqCst) > 0 {
             let _lock = lock(&shared.lock);
             shared.wake.notify_all();
         }
-        let mine = catch_unwind(AssertUnwindSafe(|| f(0, n)));
-        // Workers may still be using `job`: wait for them before returning or unwinding.
+        let mut stolen = 0;
+        let mine = catch_unwind(AssertUnwindSafe(|| {
+            f(0, n);
+            loop {
+                let i = shared.next.0.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                stolen += 1;
+                f(i, n);
+            }
+        }));
+        if mine.is_err() {
+            // Close the claims so no worker starts after the unwind begins; what was still
+            // unclaimed will never run, so count it as ours.
+            stolen += n.saturating_sub(shared.next.0.swap(CLOSED, Ordering::Relaxed));
+        }
+        // Workers may still be running claimed indices: wait for them before returning or
+        // unwinding. Every index but 0 was claimed either by us (`stolen`) or by a worker.
+        let claimed_by_workers = n - 1 - stolen.min(n - 1);
         let mut spins = 0u32;
-        while shared.pending.0.load(Ordering::Acquire) != 0 {
+        while shared.done.0.load(Ordering::Acquire) < claimed_by_workers {
             spins = spins.saturating_add(1);
             if spins < 1 << 16 {
                 std::hint::spin_loop();
@@ -187,27 +222,37 @@ fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn worker_loop(shared: &Shared, index: usize) {
+fn worker_loop(shared: &Shared) {
+    let n = shared.n_threads;
     let mut seen = 0usize;
     loop {
         seen = wait_for_epoch(shared, seen);
         if shared.shutdown.load(Ordering::Relaxed) {
             return;
         }
-        let ptr = shared
-            .job
-            .load(Ordering::Relaxed)
-            .cast_const()
-            .cast::<Job<'_>>();
-        // SAFETY: the epoch we just acquired was published after `job` was set to a `Job` that
-        // lives on the stack of the thread in `run`, which does not return or unwind until
-        // `pending` reaches zero, i.e. until after our decrement below; we do not touch the job
-        // after that decrement.
-        let job: Job<'_> = unsafe { *ptr };
-        if catch_unwind(AssertUnwindSafe(|| job(index, shared.n_threads))).is_err() {
-            shared.panicked.store(true, Ordering::Relaxed);
+        // Claim indices until none are left. A claim can only succeed while a `run` is in
+        // flight: `next` is past the end from the moment the caller takes the last index until
+        // the next `run` opens it again (after publishing its job).
+        loop {
+            let i = shared.next.0.fetch_add(1, Ordering::Acquire);
+            if i >= n {
+                break;
+            }
+            let ptr = shared
+                .job
+                .load(Ordering::Relaxed)
+                .cast_const()
+                .cast::<Job<'_>>();
+            // SAFETY: our successful claim acquired the `next` store that opened this job, which
+            // was made after `job` pointed at a `Job` on the stack of the thread in `run`. That
+            // thread does not return or unwind until `done` counts our index, which happens
+            // after our last use of the job below.
+            let job: Job<'_> = unsafe { *ptr };
+            if catch_unwind(AssertUnwindSafe(|| job(i, n))).is_err() {
+                shared.panicked.store(true, Ordering::Relaxed);
+            }
+            shared.done.0.fetch_add(1, Ordering::Release);
         }
-        shared.pending.0.fetch_sub(1, Ordering::Release);
     }
 }
 
