@@ -95,10 +95,11 @@ unsafe fn q4_1_impl<const R: usize, const C: usize>(
 ) -> [[f32; C]; R] {
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); C]; R];
-    let mut summs = [[_mm_setzero_ps(); C]; R];
+    let mut summs = [[0.0f32; C]; R];
     for b in 0..nb {
         // SAFETY: b < nb, covered by the caller's bounds.
         let (yq, yd, ys) = unsafe { load_acts::<C, true>(y, b) };
+        let ydv: [__m256; C] = from_fn(|c| _mm256_set1_ps(yd[c]));
         for r in 0..R {
             // SAFETY: block b of row r is in bounds.
             let (d0, m0, qx) = unsafe {
@@ -106,17 +107,19 @@ unsafe fn q4_1_impl<const R: usize, const C: usize>(
                 let (d0, m0) = f16x2_at(blk);
                 (d0, m0, nibbles_32(blk.add(4)))
             };
-            let m0 = _mm_set_ss(m0);
+            let d0v = _mm256_set1_ps(d0);
             for c in 0..C {
                 // Nibbles are unsigned, so maddubs can take them directly as its u8 operand.
                 let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, yq[c]), ones);
-                let scale = _mm256_set1_ps(d0 * yd[c]);
+                // Lane-wise d0*d1 is the same rounding as ggml's scalar product, broadcast.
+                let scale = _mm256_mul_ps(d0v, ydv[c]);
                 acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[r][c]);
-                summs[r][c] = _mm_fmadd_ss(m0, _mm_set_ss(ys[c]), summs[r][c]);
+                // ggml accumulates the min terms with a fused multiply-add, block by block.
+                summs[r][c] = m0.mul_add(ys[c], summs[r][c]);
             }
         }
     }
-    from_fn(|r| from_fn(|c| hsum_f32x8(acc[r][c]) + _mm_cvtss_f32(summs[r][c])))
+    from_fn(|r| from_fn(|c| hsum_f32x8(acc[r][c]) + summs[r][c]))
 }
 
 /// `out[r][c]` = Q8_0 row `w[r]` · Q8_0 activation `y[c]` over `nb` blocks.
@@ -142,6 +145,7 @@ unsafe fn q8_0_impl<const R: usize, const C: usize>(
     for b in 0..nb {
         // SAFETY: b < nb, covered by the caller's bounds.
         let (yq, yd, _) = unsafe { load_acts::<C, false>(y, b) };
+        let ydv: [__m256; C] = from_fn(|c| _mm256_set1_ps(yd[c]));
         for r in 0..R {
             // SAFETY: block b of row r is in bounds.
             let (d0, qx) = unsafe {
@@ -149,11 +153,12 @@ unsafe fn q8_0_impl<const R: usize, const C: usize>(
                 (f16_at(blk), _mm256_loadu_si256(blk.add(2).cast()))
             };
             // maddubs needs one unsigned operand: move x's sign onto y.
+            let d0v = _mm256_set1_ps(d0);
             let ax = _mm256_sign_epi8(qx, qx);
             for c in 0..C {
                 let sy = _mm256_sign_epi8(yq[c], qx);
                 let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
-                let scale = _mm256_set1_ps(d0 * yd[c]);
+                let scale = _mm256_mul_ps(d0v, ydv[c]);
                 acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[r][c]);
             }
         }
@@ -185,17 +190,19 @@ unsafe fn q4_0_impl<const R: usize, const C: usize>(
     for b in 0..nb {
         // SAFETY: b < nb, covered by the caller's bounds.
         let (yq, yd, _) = unsafe { load_acts::<C, false>(y, b) };
+        let ydv: [__m256; C] = from_fn(|c| _mm256_set1_ps(yd[c]));
         for r in 0..R {
             // SAFETY: block b of row r is in bounds.
             let (d0, qx) = unsafe {
                 let blk = w[r].add(b * Q4_0_BYTES);
                 (f16_at(blk), _mm256_sub_epi8(nibbles_32(blk.add(2)), eight))
             };
+            let d0v = _mm256_set1_ps(d0);
             let ax = _mm256_sign_epi8(qx, qx);
             for c in 0..C {
                 let sy = _mm256_sign_epi8(yq[c], qx);
                 let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
-                let scale = _mm256_set1_ps(d0 * yd[c]);
+                let scale = _mm256_mul_ps(d0v, ydv[c]);
                 acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[r][c]);
             }
         }
