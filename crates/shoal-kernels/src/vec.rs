@@ -8,7 +8,7 @@ use half::f16;
 
 use crate::Isa;
 
-/// Σ a[i]·b[i].
+/// Σ `a[i]·b[i]`.
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = crate::avx2::Avx2::get() {
@@ -17,7 +17,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// Σ a[i]·b[i] of two f16 vectors, accumulated in f32.
+/// Σ `a[i]·b[i]` of two f16 vectors, accumulated in f32.
 pub fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = crate::avx2::Avx2::get() {
