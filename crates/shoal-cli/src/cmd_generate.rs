@@ -3,7 +3,9 @@
 use crate::catalog;
 use anyhow::{Context, Result};
 use clap::Args;
-use shoal_model::{ChatMessage, GenerateOptions, Model, Prompt, SamplingParams, ShardOptions, ThreadPool};
+use shoal_model::{
+    ChatMessage, GenerateOptions, Model, Prompt, SamplingParams, ShardOptions, ThreadPool,
+};
 use shoal_types::SeqId;
 use std::io::Write;
 use std::sync::Arc;
@@ -67,9 +69,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let prompt = if args.chat {
         let mut msgs = Vec::new();
         if let Some(sys) = args.system {
-            msgs.push(ChatMessage { role: "system".into(), content: sys });
+            msgs.push(ChatMessage {
+                role: "system".into(),
+                content: sys,
+            });
         }
-        msgs.push(ChatMessage { role: "user".into(), content: args.prompt });
+        msgs.push(ChatMessage {
+            role: "user".into(),
+            content: args.prompt,
+        });
         Prompt::Chat(msgs)
     } else {
         Prompt::Text(args.prompt)
@@ -90,10 +98,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ..GenerateOptions::default()
     };
     let mut stdout = std::io::stdout().lock();
-    let gen_out = shoal_model::generate(&mut rt, model.tokenizer(), SeqId(0), &tokens, &opts, |text| {
-        // A closed stdout (e.g. `| head`) ends the generation rather than failing it.
-        stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).is_ok()
-    })?;
+    let gen_out = shoal_model::generate(
+        &mut rt,
+        model.tokenizer(),
+        SeqId(0),
+        &tokens,
+        &opts,
+        |text| {
+            // A closed stdout (e.g. `| head`) ends the generation rather than failing it.
+            stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+                .is_ok()
+        },
+    )?;
     let _ = writeln!(stdout);
     if args.stats {
         let decode = gen_out.elapsed.saturating_sub(gen_out.time_to_first_token);
@@ -104,7 +122,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             gen_out.prompt_tokens,
             gen_out.time_to_first_token.as_secs_f64() * 1e3,
             n,
-            if n > 1 { (n - 1) as f64 / decode.as_secs_f64() } else { 0.0 },
+            if n > 1 {
+                (n - 1) as f64 / decode.as_secs_f64()
+            } else {
+                0.0
+            },
             gen_out.finish
         );
     }

@@ -17,6 +17,8 @@ pub enum ModelCommand {
     },
     /// List catalogue models and whether they are cached.
     List,
+    /// Measure the inference core beside llama.cpp (prefill, decode, load time, memory).
+    Bench(crate::cmd_bench_model::BenchArgs),
     /// Show a model's shape, tensor types and tokenizer.
     Info {
         /// Catalogue name or path.
@@ -35,10 +37,15 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             let path = catalog::fetch(entry)?;
             println!("{}", path.display());
         }
+        ModelCommand::Bench(args) => crate::cmd_bench_model::run(args)?,
         ModelCommand::List => {
             for e in catalog::CATALOG {
                 let path = e.cached_path();
-                let state = if path.exists() { "cached" } else { "not cached" };
+                let state = if path.exists() {
+                    "cached"
+                } else {
+                    "not cached"
+                };
                 println!("{}\t{}\t{}", e.name, state, path.display());
             }
         }
@@ -48,10 +55,17 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             let m = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
             let load = t0.elapsed();
             let c = m.config();
-            println!("file        {} ({:.1} MiB)", path.display(), m.file_bytes() as f64 / (1 << 20) as f64);
+            println!(
+                "file        {} ({:.1} MiB)",
+                path.display(),
+                m.file_bytes() as f64 / (1 << 20) as f64
+            );
             println!("arch        {:?}", c.arch);
             println!("layers      {}", c.n_layers);
-            println!("hidden      {} (heads {}, kv heads {}, head dim {})", c.hidden, c.n_heads, c.n_kv_heads, c.head_dim);
+            println!(
+                "hidden      {} (heads {}, kv heads {}, head dim {})",
+                c.hidden, c.n_heads, c.n_kv_heads, c.head_dim
+            );
             println!("ffn         {}", c.ffn);
             println!("vocab       {}", c.vocab);
             println!("context     {}", c.context_length);

@@ -2,6 +2,7 @@
 //! beyond argument handling and output.
 
 mod catalog;
+mod cmd_bench_model;
 mod cmd_generate;
 mod cmd_model;
 mod env;
@@ -29,7 +30,10 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env(env::SHOAL_LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Generate(args) => cmd_generate::run(args),

@@ -1,8 +1,8 @@
 //! The engine actor: owns the runtime and every sequence's state.
 
 use shoal_model::{
-    FinishReason, GenerateOptions, ModelError, Sampler, SeqStep, ShardInput, ShardOutput, ShardRuntime, StopMatcher,
-    StopScan, Tokenizer,
+    FinishReason, GenerateOptions, ModelError, Sampler, SeqStep, ShardInput, ShardOutput,
+    ShardRuntime, StopMatcher, StopScan, StreamDecoder, Tokenizer,
 };
 use shoal_types::{ErrorClass, RequestId, SeqId};
 use std::collections::VecDeque;
@@ -28,7 +28,12 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_active: 16, max_waiting: 64, step_tokens: 512, event_buffer: 64 }
+        Self {
+            max_active: 16,
+            max_waiting: 64,
+            step_tokens: 512,
+            event_buffer: 64,
+        }
     }
 }
 
@@ -157,7 +162,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Submission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Submission").field("id", &self.req.id).finish()
+        f.debug_struct("Submission")
+            .field("id", &self.req.id)
+            .finish()
     }
 }
 
@@ -171,7 +178,9 @@ impl Engine {
         let n_layers = runtime.config().n_layers;
         let range = runtime.layers();
         if !range.is_first() || !range.is_last(n_layers) {
-            return Err(EngineError::Invalid(format!("the engine needs the whole model, got layers {range}")));
+            return Err(EngineError::Invalid(format!(
+                "the engine needs the whole model, got layers {range}"
+            )));
         }
         let (tx, rx) = std_mpsc::sync_channel(cfg.max_waiting.max(1));
         let stats = Arc::new(EngineStats::default());
@@ -189,7 +198,12 @@ impl Engine {
             .name("shoal-engine".into())
             .spawn(move || worker.run())
             .map_err(|e| EngineError::Model(format!("spawning the compute thread: {e}")))?;
-        Ok(Self { tx: Some(tx), stats, cfg, thread: Some(thread) })
+        Ok(Self {
+            tx: Some(tx),
+            stats,
+            cfg,
+            thread: Some(thread),
+        })
     }
 
     /// Queues a generation. Events arrive on the returned receiver; cancelling `cancel` or
@@ -199,7 +213,10 @@ impl Engine {
         req: EngineRequest,
         cancel: CancellationToken,
     ) -> Result<mpsc::Receiver<EngineEvent>, EngineError> {
-        req.options.sampling.validate().map_err(|e| EngineError::from_model(&e))?;
+        req.options
+            .sampling
+            .validate()
+            .map_err(|e| EngineError::from_model(&e))?;
         if req.prompt.is_empty() {
             return Err(EngineError::Invalid("the prompt is empty".into()));
         }
@@ -208,14 +225,18 @@ impl Engine {
         }
         let (events, rx) = mpsc::channel(self.cfg.event_buffer.max(2));
         let tx = self.tx.as_ref().ok_or(EngineError::ShutDown)?;
-        match tx.try_send(Submission { req, cancel, events }) {
+        match tx.try_send(Submission {
+            req,
+            cancel,
+            events,
+        }) {
             Ok(()) => {
                 self.stats.waiting.fetch_add(1, Ordering::Relaxed);
                 Ok(rx)
             }
-            Err(std_mpsc::TrySendError::Full(_)) => {
-                Err(EngineError::Busy { waiting: self.stats.waiting.load(Ordering::Relaxed) })
-            }
+            Err(std_mpsc::TrySendError::Full(_)) => Err(EngineError::Busy {
+                waiting: self.stats.waiting.load(Ordering::Relaxed),
+            }),
             Err(std_mpsc::TrySendError::Disconnected(_)) => Err(EngineError::ShutDown),
         }
     }
@@ -233,10 +254,10 @@ impl Engine {
 
     fn stop(&mut self) {
         self.tx.take();
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                tracing::error!("the engine's compute thread panicked");
-            }
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the engine's compute thread panicked");
         }
     }
 }
@@ -260,7 +281,7 @@ struct Active {
     phase: Phase,
     sampler: Sampler,
     stops: StopMatcher,
-    decoder: Vec<u8>,
+    decoder: StreamDecoder<Arc<Tokenizer>>,
     history: Vec<u32>,
     generated: u32,
     eog: Vec<u32>,
@@ -309,16 +330,24 @@ impl Worker {
                 std::thread::sleep(Duration::from_millis(1));
             }
             self.retire();
-            self.stats.active.store(self.active.len(), Ordering::Relaxed);
-            self.stats.waiting.store(self.waiting.len(), Ordering::Relaxed);
-            self.stats.kv_bytes.store(self.rt.kv_bytes(), Ordering::Relaxed);
+            self.stats
+                .active
+                .store(self.active.len(), Ordering::Relaxed);
+            self.stats
+                .waiting
+                .store(self.waiting.len(), Ordering::Relaxed);
+            self.stats
+                .kv_bytes
+                .store(self.rt.kv_bytes(), Ordering::Relaxed);
         }
     }
 
     fn admit(&mut self) {
         let context = self.rt.config().context_length as usize;
         while self.active.len() < self.cfg.max_active {
-            let Some(sub) = self.waiting.pop_front() else { break };
+            let Some(sub) = self.waiting.pop_front() else {
+                break;
+            };
             if sub.cancel.is_cancelled() || sub.events.is_closed() {
                 continue;
             }
@@ -327,17 +356,23 @@ impl Worker {
                     "the prompt has {} tokens; the context window is {context}",
                     sub.req.prompt.len()
                 );
-                let _ = sub.events.try_send(EngineEvent::Failed(EngineError::Invalid(msg)));
+                let _ = sub
+                    .events
+                    .try_send(EngineEvent::Failed(EngineError::Invalid(msg)));
                 continue;
             }
             let sampler = match Sampler::new(sub.req.options.sampling.clone()) {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = sub.events.try_send(EngineEvent::Failed(EngineError::from_model(&e)));
+                    let _ = sub
+                        .events
+                        .try_send(EngineEvent::Failed(EngineError::from_model(&e)));
                     continue;
                 }
             };
-            let _ = sub.events.try_send(EngineEvent::Started { prompt_tokens: sub.req.prompt.len() as u32 });
+            let _ = sub.events.try_send(EngineEvent::Started {
+                prompt_tokens: sub.req.prompt.len() as u32,
+            });
             self.next_seq += 1;
             self.active.push(Active {
                 seq: SeqId(self.next_seq),
@@ -346,7 +381,7 @@ impl Worker {
                 sub,
                 phase: Phase::Prefill(0),
                 sampler,
-                decoder: Vec::new(),
+                decoder: StreamDecoder::new(self.tok.clone(), true),
                 generated: 0,
                 eog: self.tok.end_of_generation_tokens(),
                 done: None,
@@ -361,7 +396,8 @@ impl Worker {
         let mut members = Vec::new();
         for (i, a) in self.active.iter_mut().enumerate() {
             if a.sub.cancel.is_cancelled() || a.sub.events.is_closed() {
-                a.done.get_or_insert((FinishReason::Cancelled, String::new()));
+                a.done
+                    .get_or_insert((FinishReason::Cancelled, String::new()));
                 continue;
             }
             if let Phase::Decode(t) = a.phase {
@@ -370,7 +406,12 @@ impl Worker {
                     continue;
                 }
                 let pos = (a.history.len() - 1) as u32;
-                batch.push(SeqStep { seq: a.seq, pos, n_tokens: 1, logits: true });
+                batch.push(SeqStep {
+                    seq: a.seq,
+                    pos,
+                    n_tokens: 1,
+                    logits: true,
+                });
                 tokens.push(t);
                 members.push(i);
             }
@@ -387,7 +428,12 @@ impl Worker {
                 let prompt = &a.sub.req.prompt;
                 let n = (prompt.len() - done).min(budget);
                 let last = done + n == prompt.len();
-                batch.push(SeqStep { seq: a.seq, pos: done as u32, n_tokens: n as u32, logits: last });
+                batch.push(SeqStep {
+                    seq: a.seq,
+                    pos: done as u32,
+                    n_tokens: n as u32,
+                    logits: last,
+                });
                 tokens.extend_from_slice(&prompt[done..done + n]);
                 members.push(i);
                 budget -= n;
@@ -398,11 +444,16 @@ impl Worker {
         }
         let vocab = self.rt.config().vocab;
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        self.stats.step_rows.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+        self.stats
+            .step_rows
+            .fetch_add(tokens.len() as u64, Ordering::Relaxed);
         let logits = match self.rt.forward(&batch, ShardInput::Tokens(&tokens)) {
             Ok(ShardOutput::Logits(l)) => l.to_vec(),
             Ok(ShardOutput::Hidden(_)) => {
-                self.fail_members(&members, EngineError::Model("the runtime returned hidden states".into()));
+                self.fail_members(
+                    &members,
+                    EngineError::Model("the runtime returned hidden states".into()),
+                );
                 return true;
             }
             Err(e) => {
@@ -426,7 +477,7 @@ impl Worker {
             a.history.push(next);
             self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
             a.phase = Phase::Decode(next);
-            emit_token(a, &self.tok, next, self.rt.config().context_length as usize);
+            emit_token(a, next, self.rt.config().context_length as usize);
         }
         true
     }
@@ -460,54 +511,70 @@ impl Worker {
             let a = self.active.swap_remove(i);
             self.rt.release(a.seq);
             self.stats.finished.fetch_add(1, Ordering::Relaxed);
-            if let Some((reason, tail)) = a.done {
-                if reason != FinishReason::Cancelled {
-                    let usage = Usage { prompt_tokens: a.sub.req.prompt.len() as u32, completion_tokens: a.generated };
-                    let _ = a.sub.events.try_send(EngineEvent::Finished { reason, usage, tail });
-                }
+            if let Some((reason, tail)) = a.done
+                && reason != FinishReason::Cancelled
+            {
+                let usage = Usage {
+                    prompt_tokens: a.sub.req.prompt.len() as u32,
+                    completion_tokens: a.generated,
+                };
+                let _ = a.sub.events.try_send(EngineEvent::Finished {
+                    reason,
+                    usage,
+                    tail,
+                });
             }
         }
     }
 }
 
 /// Turns a sampled token into events and decides whether the sequence is done.
-fn emit_token(a: &mut Active, tok: &Tokenizer, next: u32, context: usize) {
+fn emit_token(a: &mut Active, next: u32, context: usize) {
     let opts = &a.sub.req.options;
     if !opts.ignore_eos && a.eog.contains(&next) {
         let tail = finish_text(a);
-        let _ = a.sub.events.try_send(EngineEvent::Token { id: next, text: String::new() });
+        let _ = a.sub.events.try_send(EngineEvent::Token {
+            id: next,
+            text: String::new(),
+        });
         a.done = Some((FinishReason::Stop, tail));
         return;
     }
     // Bytes are held back until they form whole characters.
-    if let Ok(bytes) = tok.token_bytes(next) {
-        a.decoder.extend_from_slice(&bytes);
-    }
-    let valid = match std::str::from_utf8(&a.decoder) {
-        Ok(_) => a.decoder.len(),
-        Err(e) if e.error_len().is_none() => e.valid_up_to(),
-        // An invalid sequence (not merely incomplete) is released lossily.
-        Err(_) => a.decoder.len(),
+    let text = match a.decoder.push(next) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = a
+                .sub
+                .events
+                .try_send(EngineEvent::Failed(EngineError::Model(e.to_string())));
+            a.done = Some((FinishReason::Cancelled, String::new()));
+            return;
+        }
     };
-    let text: String = String::from_utf8_lossy(&a.decoder[..valid]).into_owned();
-    a.decoder.drain(..valid);
     match a.stops.push(&text) {
         StopScan::Continue(t) => {
-            let _ = a.sub.events.try_send(EngineEvent::Token { id: next, text: t });
+            let _ = a
+                .sub
+                .events
+                .try_send(EngineEvent::Token { id: next, text: t });
             if a.generated >= opts.max_tokens || a.history.len() >= context {
                 let tail = finish_text(a);
                 a.done = Some((FinishReason::Length, tail));
             }
         }
         StopScan::Stopped(t) => {
-            let _ = a.sub.events.try_send(EngineEvent::Token { id: next, text: t });
+            let _ = a
+                .sub
+                .events
+                .try_send(EngineEvent::Token { id: next, text: t });
             a.done = Some((FinishReason::Stop, String::new()));
         }
     }
 }
 
 fn finish_text(a: &mut Active) -> String {
-    let rest = String::from_utf8_lossy(&std::mem::take(&mut a.decoder)).into_owned();
+    let rest = a.decoder.finish();
     let mut out = match a.stops.push(&rest) {
         StopScan::Continue(t) | StopScan::Stopped(t) => t,
     };

@@ -12,4 +12,6 @@
 
 mod engine;
 
-pub use engine::{Engine, EngineConfig, EngineError, EngineEvent, EngineRequest, EngineStats, Usage};
+pub use engine::{
+    Engine, EngineConfig, EngineError, EngineEvent, EngineRequest, EngineStats, Usage,
+};

@@ -78,7 +78,9 @@ impl ModelConfig {
         let hidden = md.require_u32(&key("embedding_length"))? as usize;
         let ffn = md.require_u32(&key("feed_forward_length"))? as usize;
         let n_heads = md.require_u32(&key("attention.head_count"))? as usize;
-        let n_kv_heads = md.get_u32(&key("attention.head_count_kv"))?.map_or(n_heads, |v| v as usize);
+        let n_kv_heads = md
+            .get_u32(&key("attention.head_count_kv"))?
+            .map_or(n_heads, |v| v as usize);
         let context_length = md.require_u32(&key("context_length"))?;
         let rope_base = md.get_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
         let norm_eps = md.require_f32(&key("attention.layer_norm_rms_epsilon"))?;
@@ -90,34 +92,48 @@ impl ModelConfig {
             ));
         }
         if n_layers > 1024 || hidden > 65_536 || ffn > 262_144 || n_heads > 1024 {
-            return bad(format!("implausible dimensions: layers {n_layers}, hidden {hidden}, ffn {ffn}, heads {n_heads}"));
+            return bad(format!(
+                "implausible dimensions: layers {n_layers}, hidden {hidden}, ffn {ffn}, heads {n_heads}"
+            ));
         }
-        if hidden % n_heads != 0 {
-            return bad(format!("embedding_length {hidden} is not a multiple of head_count {n_heads}"));
+        if !hidden.is_multiple_of(n_heads) {
+            return bad(format!(
+                "embedding_length {hidden} is not a multiple of head_count {n_heads}"
+            ));
         }
-        if n_heads % n_kv_heads != 0 {
-            return bad(format!("head_count {n_heads} is not a multiple of head_count_kv {n_kv_heads}"));
+        if !n_heads.is_multiple_of(n_kv_heads) {
+            return bad(format!(
+                "head_count {n_heads} is not a multiple of head_count_kv {n_kv_heads}"
+            ));
         }
         let head_dim = hidden / n_heads;
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return bad(format!("head dimension {head_dim} is odd"));
         }
-        let rope_dims = md.get_u32(&key("rope.dimension_count"))?.map_or(head_dim, |v| v as usize);
+        let rope_dims = md
+            .get_u32(&key("rope.dimension_count"))?
+            .map_or(head_dim, |v| v as usize);
         if rope_dims == 0 || rope_dims > head_dim || rope_dims % 2 != 0 {
-            return bad(format!("rope.dimension_count {rope_dims} does not fit head dimension {head_dim}"));
+            return bad(format!(
+                "rope.dimension_count {rope_dims} does not fit head dimension {head_dim}"
+            ));
         }
         if context_length == 0 {
             return bad("context_length is 0".into());
         }
         if !(rope_base.is_finite() && rope_base > 0.0) {
-            return bad(format!("rope.freq_base {rope_base} is not a positive number"));
+            return bad(format!(
+                "rope.freq_base {rope_base} is not a positive number"
+            ));
         }
         if !(norm_eps.is_finite() && norm_eps > 0.0 && norm_eps < 1.0) {
             return bad(format!("layer_norm_rms_epsilon {norm_eps} is out of range"));
         }
-        let embed = file
-            .tensor_info("token_embd.weight")
-            .ok_or_else(|| ModelError::MissingTensor { name: "token_embd.weight".into() })?;
+        let embed =
+            file.tensor_info("token_embd.weight")
+                .ok_or_else(|| ModelError::MissingTensor {
+                    name: "token_embd.weight".into(),
+                })?;
         if embed.dims.len() != 2 || embed.dims[0] != hidden as u64 {
             return Err(ModelError::TensorShape {
                 name: "token_embd.weight".into(),
@@ -126,10 +142,12 @@ impl ModelConfig {
             });
         }
         let vocab = embed.dims[1] as usize;
-        if let Some(v) = md.get_u32(&key("vocab_size"))? {
-            if v as usize != vocab {
-                return bad(format!("vocab_size {v} disagrees with token_embd rows {vocab}"));
-            }
+        if let Some(v) = md.get_u32(&key("vocab_size"))?
+            && v as usize != vocab
+        {
+            return bad(format!(
+                "vocab_size {v} disagrees with token_embd rows {vocab}"
+            ));
         }
         Ok(Self {
             arch,

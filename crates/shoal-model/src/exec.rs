@@ -3,10 +3,10 @@
 //! and output head. The same code runs a whole model (`[0, n)`) and any pipeline stage, so a
 //! split model computes exactly what the whole one does.
 
+use crate::ModelError;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::kv::SeqKv;
 use crate::weights::{LayerWeights, Matrix, ShardWeights};
-use crate::ModelError;
 use half::f16;
 use shoal_gguf::{GgmlType, GgufFile};
 use shoal_kernels::{QuantizedActs, ThreadPool};
@@ -53,7 +53,11 @@ pub trait ShardRuntime: Send {
     /// The layers this runtime executes.
     fn layers(&self) -> LayerRange;
     /// Runs the range for one batch.
-    fn forward(&mut self, batch: &[SeqStep], input: ShardInput<'_>) -> Result<ShardOutput<'_>, ModelError>;
+    fn forward(
+        &mut self,
+        batch: &[SeqStep],
+        input: ShardInput<'_>,
+    ) -> Result<ShardOutput<'_>, ModelError>;
     /// Drops a finished or cancelled sequence's KV cache.
     fn release(&mut self, seq: SeqId);
     /// Tokens cached for `seq`, if it exists.
@@ -134,12 +138,26 @@ impl CpuShard {
     ) -> Result<Self, ModelError> {
         let range = range.check_within(cfg.n_layers)?;
         let weights = ShardWeights::bind(&file, &cfg, range)?;
-        let context = opts.context.map_or(cfg.context_length, |c| c.min(cfg.context_length));
+        let context = opts
+            .context
+            .map_or(cfg.context_length, |c| c.min(cfg.context_length));
         let s = Scratch {
-            attn: (0..pool.n_threads()).map(|_| Mutex::new(AttnScratch::default())).collect(),
+            attn: (0..pool.n_threads())
+                .map(|_| Mutex::new(AttnScratch::default()))
+                .collect(),
             ..Scratch::default()
         };
-        Ok(Self { file, cfg, range, weights, pool, seqs: HashMap::new(), kv_budget: opts.kv_budget, context, s })
+        Ok(Self {
+            file,
+            cfg,
+            range,
+            weights,
+            pool,
+            seqs: HashMap::new(),
+            kv_budget: opts.kv_budget,
+            context,
+            s,
+        })
     }
 
     /// The context window this shard enforces.
@@ -167,11 +185,19 @@ impl CpuShard {
             }
             let have = self.seqs.get(&st.seq).map_or(0, |s| s.len as u32);
             if st.pos != have {
-                return Err(ModelError::Position { seq: st.seq, expected: have, got: st.pos });
+                return Err(ModelError::Position {
+                    seq: st.seq,
+                    expected: have,
+                    got: st.pos,
+                });
             }
             let needed = st.pos.saturating_add(st.n_tokens);
             if needed > self.context {
-                return Err(ModelError::ContextOverflow { seq: st.seq, needed, context: self.context });
+                return Err(ModelError::ContextOverflow {
+                    seq: st.seq,
+                    needed,
+                    context: self.context,
+                });
             }
             rows += st.n_tokens as usize;
         }
@@ -179,10 +205,16 @@ impl CpuShard {
         match *input {
             ShardInput::Tokens(t) => {
                 if !self.range.is_first() {
-                    return Err(ModelError::BadBatch(format!("range {} takes hidden states, not tokens", self.range)));
+                    return Err(ModelError::BadBatch(format!(
+                        "range {} takes hidden states, not tokens",
+                        self.range
+                    )));
                 }
                 if t.len() != rows {
-                    return Err(ModelError::BadBatch(format!("{} tokens for {rows} rows", t.len())));
+                    return Err(ModelError::BadBatch(format!(
+                        "{} tokens for {rows} rows",
+                        t.len()
+                    )));
                 }
                 if let Some(&bad) = t.iter().find(|&&t| t as usize >= self.cfg.vocab) {
                     return Err(ModelError::InvalidRequest(format!(
@@ -193,10 +225,16 @@ impl CpuShard {
             }
             ShardInput::Hidden(x) => {
                 if self.range.is_first() {
-                    return Err(ModelError::BadBatch(format!("range {} takes tokens", self.range)));
+                    return Err(ModelError::BadBatch(format!(
+                        "range {} takes tokens",
+                        self.range
+                    )));
                 }
                 if x.len() != rows * h {
-                    return Err(ModelError::BadBatch(format!("{} hidden floats for {rows} rows of {h}", x.len())));
+                    return Err(ModelError::BadBatch(format!(
+                        "{} hidden floats for {rows} rows of {h}",
+                        x.len()
+                    )));
                 }
             }
         }
@@ -215,14 +253,17 @@ impl CpuShard {
                 None => extra += SeqKv::new(n_layers, kv_dim).bytes_for(want),
             }
         }
-        if let Some(budget) = self.kv_budget {
-            if self.kv_bytes() + extra > budget {
-                return Err(ModelError::KvBudget { budget });
-            }
+        if let Some(budget) = self.kv_budget
+            && self.kv_bytes() + extra > budget
+        {
+            return Err(ModelError::KvBudget { budget });
         }
         for st in batch {
             let want = SeqKv::capacity_for((st.pos + st.n_tokens) as usize);
-            self.seqs.entry(st.seq).or_insert_with(|| SeqKv::new(n_layers, kv_dim)).reserve(want);
+            self.seqs
+                .entry(st.seq)
+                .or_insert_with(|| SeqKv::new(n_layers, kv_dim))
+                .reserve(want);
         }
         Ok(())
     }
@@ -237,7 +278,11 @@ impl ShardRuntime for CpuShard {
         self.range
     }
 
-    fn forward(&mut self, batch: &[SeqStep], input: ShardInput<'_>) -> Result<ShardOutput<'_>, ModelError> {
+    fn forward(
+        &mut self,
+        batch: &[SeqStep],
+        input: ShardInput<'_>,
+    ) -> Result<ShardOutput<'_>, ModelError> {
         let n = self.validate(batch, &input)?;
         self.reserve_kv(batch)?;
         let cfg = &self.cfg;
@@ -247,14 +292,19 @@ impl ShardRuntime for CpuShard {
 
         s.rows.clear();
         for (i, st) in batch.iter().enumerate() {
-            s.rows.extend((st.pos..st.pos + st.n_tokens).map(|p| (i, p as usize)));
+            s.rows
+                .extend((st.pos..st.pos + st.n_tokens).map(|p| (i, p as usize)));
         }
         rope_table(cfg, &s.rows, &mut s.rope);
 
         let x = grow(&mut s.x, n * h);
         match input {
             ShardInput::Tokens(tokens) => {
-                let embed = self.weights.embed.as_ref().ok_or_else(|| ModelError::BadBatch("no embedding".into()))?;
+                let embed = self
+                    .weights
+                    .embed
+                    .as_ref()
+                    .ok_or_else(|| ModelError::BadBatch("no embedding".into()))?;
                 let view = embed.view(bytes)?;
                 for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
                     shoal_kernels::dequantize_row(embed.dtype, view.row_data(t as usize), row)?;
@@ -264,7 +314,12 @@ impl ShardRuntime for CpuShard {
         }
 
         for (li, lw) in self.weights.layers.iter().enumerate() {
-            layer_forward(cfg, &self.pool, bytes, lw, li, batch, &mut self.seqs, s, n)?;
+            let ctx = Ctx {
+                cfg,
+                pool: &self.pool,
+                bytes,
+            };
+            layer_forward(ctx, lw, li, batch, &mut self.seqs, s, n)?;
         }
         for st in batch {
             if let Some(kv) = self.seqs.get_mut(&st.seq) {
@@ -295,7 +350,8 @@ impl ShardRuntime for CpuShard {
             rms_norm_in_place(row, norm, cfg.norm_eps);
         }
         let logits = grow(&mut s.logits, m * cfg.vocab);
-        s.acts.quantize(&self.pool, head.dtype, &xn[..m * h], m, h)?;
+        s.acts
+            .quantize(&self.pool, head.dtype, &xn[..m * h], m, h)?;
         shoal_kernels::matmul(&self.pool, &head.view(bytes)?, &s.acts, logits)?;
         Ok(ShardOutput::Logits(&s.logits[..m * cfg.vocab]))
     }
@@ -377,10 +433,17 @@ fn add_bias(x: &mut [f32], bias: Option<&Vec<f32>>) {
     }
 }
 
-/// `out = w · xs` for `n` rows, quantizing the activations for `w`'s type.
+/// What every step of a forward pass reads: the shape, the compute pool, the weights' bytes.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    cfg: &'a ModelConfig,
+    pool: &'a ThreadPool,
+    bytes: &'a [u8],
+}
+
+/// `out = w · xs` for `n` rows, quantizing the activations for `w`'s type unless they already are.
 fn project(
-    pool: &ThreadPool,
-    bytes: &[u8],
+    ctx: Ctx<'_>,
     acts: &mut QuantizedActs,
     quantized_for: &mut Option<GgmlType>,
     w: &Matrix,
@@ -389,19 +452,16 @@ fn project(
     out: &mut [f32],
 ) -> Result<(), ModelError> {
     if *quantized_for != Some(w.dtype) {
-        acts.quantize(pool, w.dtype, xs, n, w.cols)?;
+        acts.quantize(ctx.pool, w.dtype, xs, n, w.cols)?;
         *quantized_for = Some(w.dtype);
     }
-    shoal_kernels::matmul(pool, &w.view(bytes)?, acts, out)?;
+    shoal_kernels::matmul(ctx.pool, &w.view(ctx.bytes)?, acts, out)?;
     Ok(())
 }
 
 /// One transformer block over the batch's `n` rows in `s.x`.
-#[allow(clippy::too_many_arguments)] // the pieces of one executor, split to satisfy the borrow checker
 fn layer_forward(
-    cfg: &ModelConfig,
-    pool: &ThreadPool,
-    bytes: &[u8],
+    ctx: Ctx<'_>,
     lw: &LayerWeights,
     li: usize,
     batch: &[SeqStep],
@@ -409,6 +469,7 @@ fn layer_forward(
     s: &mut Scratch,
     n: usize,
 ) -> Result<(), ModelError> {
+    let cfg = ctx.cfg;
     let (h, kvd, hd) = (cfg.hidden, cfg.kv_dim(), cfg.head_dim);
     let pairs = cfg.rope_dims / 2;
 
@@ -419,11 +480,11 @@ fn layer_forward(
     }
     let mut qf = None;
     let q = grow(&mut s.q, n * h);
-    project(pool, bytes, &mut s.acts, &mut qf, &lw.wq, xn, n, q)?;
+    project(ctx, &mut s.acts, &mut qf, &lw.wq, xn, n, q)?;
     let k = grow(&mut s.k, n * kvd);
-    project(pool, bytes, &mut s.acts, &mut qf, &lw.wk, xn, n, k)?;
+    project(ctx, &mut s.acts, &mut qf, &lw.wk, xn, n, k)?;
     let v = grow(&mut s.v, n * kvd);
-    project(pool, bytes, &mut s.acts, &mut qf, &lw.wv, xn, n, v)?;
+    project(ctx, &mut s.acts, &mut qf, &lw.wv, xn, n, v)?;
     add_bias(q, lw.bq.as_ref());
     add_bias(k, lw.bk.as_ref());
     add_bias(v, lw.bv.as_ref());
@@ -439,17 +500,26 @@ fn layer_forward(
     // Append this step's keys and values to each sequence's cache.
     for (r, &(bi, pos)) in s.rows.iter().enumerate() {
         let Some(kv) = seqs.get_mut(&batch[bi].seq) else {
-            return Err(ModelError::BadBatch(format!("{} has no cache", batch[bi].seq)));
+            return Err(ModelError::BadBatch(format!(
+                "{} has no cache",
+                batch[bi].seq
+            )));
         };
         let layer = &mut kv.layers[li];
-        shoal_kernels::f32_to_f16(&k[r * kvd..(r + 1) * kvd], &mut layer.k[pos * kvd..(pos + 1) * kvd]);
-        shoal_kernels::f32_to_f16(&v[r * kvd..(r + 1) * kvd], &mut layer.v[pos * kvd..(pos + 1) * kvd]);
+        shoal_kernels::f32_to_f16(
+            &k[r * kvd..(r + 1) * kvd],
+            &mut layer.k[pos * kvd..(pos + 1) * kvd],
+        );
+        shoal_kernels::f32_to_f16(
+            &v[r * kvd..(r + 1) * kvd],
+            &mut layer.v[pos * kvd..(pos + 1) * kvd],
+        );
     }
-    attention(cfg, pool, li, batch, seqs, s, n)?;
+    attention(ctx, li, batch, seqs, s, n)?;
 
     let mut of = None;
     let tmp = grow(&mut s.tmp, n * h);
-    project(pool, bytes, &mut s.acts, &mut of, &lw.wo, &s.att[..n * h], n, tmp)?;
+    project(ctx, &mut s.acts, &mut of, &lw.wo, &s.att[..n * h], n, tmp)?;
     for (x, &t) in s.x[..n * h].iter_mut().zip(tmp.iter()) {
         *x += t;
     }
@@ -461,15 +531,15 @@ fn layer_forward(
     }
     let mut ff = None;
     let gate = grow(&mut s.gate, n * cfg.ffn);
-    project(pool, bytes, &mut s.acts, &mut ff, &lw.gate, xn, n, gate)?;
+    project(ctx, &mut s.acts, &mut ff, &lw.gate, xn, n, gate)?;
     let up = grow(&mut s.up, n * cfg.ffn);
-    project(pool, bytes, &mut s.acts, &mut ff, &lw.up, xn, n, up)?;
+    project(ctx, &mut s.acts, &mut ff, &lw.up, xn, n, up)?;
     for (g, &u) in gate.iter_mut().zip(up.iter()) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
     let mut df = None;
     let tmp = grow(&mut s.tmp, n * h);
-    project(pool, bytes, &mut s.acts, &mut df, &lw.down, gate, n, tmp)?;
+    project(ctx, &mut s.acts, &mut df, &lw.down, gate, n, tmp)?;
     for (x, &t) in s.x[..n * h].iter_mut().zip(tmp.iter()) {
         *x += t;
     }
@@ -480,20 +550,22 @@ fn layer_forward(
 /// against the query rounded to f16, softmax weights are rounded to f16 before weighting the
 /// f16 values: the precision the reference implementation computes with.
 fn attention(
-    cfg: &ModelConfig,
-    pool: &ThreadPool,
+    ctx: Ctx<'_>,
     li: usize,
     batch: &[SeqStep],
     seqs: &HashMap<SeqId, SeqKv>,
     s: &mut Scratch,
     n: usize,
 ) -> Result<(), ModelError> {
+    let (cfg, pool) = (ctx.cfg, ctx.pool);
     let (h, kvd, hd) = (cfg.hidden, cfg.kv_dim(), cfg.head_dim);
     let group = cfg.n_heads / cfg.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut layers = Vec::with_capacity(batch.len());
     for st in batch {
-        let kv = seqs.get(&st.seq).ok_or_else(|| ModelError::BadBatch(format!("{} has no cache", st.seq)))?;
+        let kv = seqs
+            .get(&st.seq)
+            .ok_or_else(|| ModelError::BadBatch(format!("{} has no cache", st.seq)))?;
         layers.push(&kv.layers[li]);
     }
     let tasks = n * cfg.n_heads;
@@ -501,7 +573,9 @@ fn attention(
     let rows = &s.rows;
     let attn = &s.attn;
     pool.run(|t, nt| {
-        let Ok(mut guard) = attn[t].lock() else { return };
+        let Ok(mut guard) = attn[t].lock() else {
+            return;
+        };
         let sc = &mut *guard;
         sc.out.clear();
         let mut task = t;
@@ -544,7 +618,9 @@ fn attention(
     let nt = pool.n_threads();
     let att = grow(&mut s.att, n * h);
     for (t, m) in s.attn.iter().enumerate() {
-        let guard = m.lock().map_err(|_| ModelError::BadBatch("attention worker panicked".into()))?;
+        let guard = m
+            .lock()
+            .map_err(|_| ModelError::BadBatch("attention worker panicked".into()))?;
         for (k, chunk) in guard.out.chunks_exact(hd).enumerate() {
             let task = t + k * nt;
             att[task * hd..(task + 1) * hd].copy_from_slice(chunk);

@@ -2,10 +2,10 @@
 //! streaming detokenization, stop tokens and stop strings. Used by `shoal generate` and as the
 //! reference the cluster's schedulers are tested against.
 
+use crate::ModelError;
 use crate::exec::{SeqStep, ShardInput, ShardOutput, ShardRuntime};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::{StopMatcher, StopScan};
-use crate::ModelError;
 use shoal_tokenizer::{StreamDecoder, Tokenizer};
 use shoal_types::SeqId;
 use std::time::{Duration, Instant};
@@ -92,14 +92,20 @@ fn run(
     let cfg = rt.config().clone();
     let range = rt.layers();
     if !range.is_first() || !range.is_last(cfg.n_layers) {
-        return Err(ModelError::BadBatch(format!("generation needs the whole model, this runtime runs {range}")));
+        return Err(ModelError::BadBatch(format!(
+            "generation needs the whole model, this runtime runs {range}"
+        )));
     }
     if prompt.is_empty() {
         return Err(ModelError::InvalidRequest("the prompt is empty".into()));
     }
     let context = cfg.context_length;
     if prompt.len() >= context as usize {
-        return Err(ModelError::ContextOverflow { seq, needed: prompt.len() as u32 + 1, context });
+        return Err(ModelError::ContextOverflow {
+            seq,
+            needed: prompt.len() as u32 + 1,
+            context,
+        });
     }
     let mut sampler = Sampler::new(opts.sampling.clone())?;
     let start = Instant::now();
@@ -110,12 +116,17 @@ fn run(
     let mut pos = 0usize;
     for part in prompt.chunks(chunk) {
         let last = pos + part.len() == prompt.len();
-        let step = SeqStep { seq, pos: pos as u32, n_tokens: part.len() as u32, logits: last };
-        if let ShardOutput::Logits(l) = rt.forward(&[step], ShardInput::Tokens(part))? {
-            if last {
-                logits.clear();
-                logits.extend_from_slice(l);
-            }
+        let step = SeqStep {
+            seq,
+            pos: pos as u32,
+            n_tokens: part.len() as u32,
+            logits: last,
+        };
+        if let ShardOutput::Logits(l) = rt.forward(&[step], ShardInput::Tokens(part))?
+            && last
+        {
+            logits.clear();
+            logits.extend_from_slice(l);
         }
         pos += part.len();
     }
@@ -124,14 +135,18 @@ fn run(
     let mut history: Vec<u32> = prompt.to_vec();
     let mut tokens = Vec::new();
     let mut text = String::new();
-    let mut decoder = StreamDecoder::new(tok);
+    let mut decoder = StreamDecoder::new(tok, true);
     let mut stops = StopMatcher::new(&opts.stop);
     let mut ttft = None;
     let mut finish = FinishReason::Length;
     let room = (context as usize - prompt.len()).min(opts.max_tokens as usize);
     while tokens.len() < room {
         if logits.len() != cfg.vocab {
-            return Err(ModelError::BadBatch(format!("expected {} logits, got {}", cfg.vocab, logits.len())));
+            return Err(ModelError::BadBatch(format!(
+                "expected {} logits, got {}",
+                cfg.vocab,
+                logits.len()
+            )));
         }
         let next = sampler.sample(&logits, &history, tokens.len() as u64);
         ttft.get_or_insert_with(|| start.elapsed());
@@ -162,20 +177,28 @@ fn run(
         if tokens.len() == room {
             break;
         }
-        let step = SeqStep { seq, pos: (prompt.len() + tokens.len() - 1) as u32, n_tokens: 1, logits: true };
+        let step = SeqStep {
+            seq,
+            pos: (prompt.len() + tokens.len() - 1) as u32,
+            n_tokens: 1,
+            logits: true,
+        };
         match rt.forward(&[step], ShardInput::Tokens(&[next]))? {
             ShardOutput::Logits(l) => {
                 logits.clear();
                 logits.extend_from_slice(l);
             }
-            ShardOutput::Hidden(_) => return Err(ModelError::BadBatch("whole model returned hidden states".into())),
+            ShardOutput::Hidden(_) => {
+                return Err(ModelError::BadBatch(
+                    "whole model returned hidden states".into(),
+                ));
+            }
         }
     }
     if finish == FinishReason::Length {
         let mut tail = decoder.finish();
-        if let StopScan::Continue(t) | StopScan::Stopped(t) = stops.push(&tail) {
-            tail = t;
-        }
+        let (StopScan::Continue(t) | StopScan::Stopped(t)) = stops.push(&tail);
+        tail = t;
         tail.push_str(&stops.finish());
         if !tail.is_empty() {
             on_text(&tail);

@@ -27,7 +27,12 @@ pub(crate) struct SeqKv {
 
 impl SeqKv {
     pub(crate) fn new(n_layers: usize, kv_dim: usize) -> Self {
-        Self { layers: (0..n_layers).map(|_| LayerKv::default()).collect(), len: 0, capacity: 0, kv_dim }
+        Self {
+            layers: (0..n_layers).map(|_| LayerKv::default()).collect(),
+            len: 0,
+            capacity: 0,
+            kv_dim,
+        }
     }
 
     /// Capacity in tokens needed to hold `tokens`, rounded up to the growth chunk.

@@ -26,5 +26,5 @@ pub use generate::{FinishReason, GenerateOptions, Generation, generate};
 pub use model::{Model, Prompt};
 pub use sampling::{Sampler, SamplingParams, argmax};
 pub use shoal_kernels::ThreadPool;
-pub use shoal_tokenizer::{ChatMessage, Tokenizer};
+pub use shoal_tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
 pub use stop::{StopMatcher, StopScan};

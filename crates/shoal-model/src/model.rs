@@ -1,9 +1,9 @@
 //! A loaded model: the GGUF file (memory-mapped), its validated shape, its tokenizer and chat
 //! template. Shards for any layer range are cut from it without copying weights.
 
+use crate::ModelError;
 use crate::config::ModelConfig;
 use crate::exec::{CpuShard, ShardOptions};
-use crate::ModelError;
 use shoal_gguf::GgufFile;
 use shoal_kernels::ThreadPool;
 use shoal_tokenizer::{ChatMessage, ChatTemplate, Tokenizer, TokenizerSpec};
@@ -39,7 +39,11 @@ impl Model {
     pub fn from_file(file: GgufFile) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_gguf(&file)?;
         let spec = tokenizer_spec(&file)?;
-        let template = spec.chat_template.as_deref().map(ChatTemplate::new).transpose()?;
+        let template = spec
+            .chat_template
+            .as_deref()
+            .map(ChatTemplate::new)
+            .transpose()?;
         let tokenizer = Tokenizer::new(spec)?;
         if tokenizer.vocab_size() > cfg.vocab {
             return Err(ModelError::Metadata(format!(
@@ -50,7 +54,12 @@ impl Model {
         }
         // Bind every layer once so a missing or misshapen tensor is reported at load, not on first use.
         crate::weights::ShardWeights::bind(&file, &cfg, LayerRange::full(cfg.n_layers)?)?;
-        Ok(Self { file: Arc::new(file), cfg, tokenizer: Arc::new(tokenizer), template })
+        Ok(Self {
+            file: Arc::new(file),
+            cfg,
+            tokenizer: Arc::new(tokenizer),
+            template,
+        })
     }
 
     /// The model's shape.
@@ -74,7 +83,12 @@ impl Model {
     }
 
     /// A runtime for `range` computing on `pool`.
-    pub fn shard(&self, range: LayerRange, pool: Arc<ThreadPool>, opts: ShardOptions) -> Result<CpuShard, ModelError> {
+    pub fn shard(
+        &self,
+        range: LayerRange,
+        pool: Arc<ThreadPool>,
+        opts: ShardOptions,
+    ) -> Result<CpuShard, ModelError> {
         CpuShard::new(self.file.clone(), self.cfg.clone(), range, pool, opts)
     }
 
@@ -91,10 +105,15 @@ impl Model {
             .ok_or_else(|| ModelError::InvalidRequest("this model has no chat template".into()))?;
         let piece = |id: Option<u32>| -> String {
             id.and_then(|id| self.tokenizer.token_bytes(id).ok())
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default()
         };
-        Ok(template.render(messages, true, &piece(self.tokenizer.bos()), &piece(self.tokenizer.eos()))?)
+        Ok(template.render(
+            messages,
+            true,
+            &piece(self.tokenizer.bos()),
+            &piece(self.tokenizer.eos()),
+        )?)
     }
 
     /// Tokenizes a prompt: chat prompts are rendered and their special tokens parsed; the
@@ -121,9 +140,17 @@ fn tokenizer_spec(file: &GgufFile) -> Result<TokenizerSpec, ModelError> {
     Ok(TokenizerSpec {
         model: md.require_str("tokenizer.ggml.model")?.to_owned(),
         pre: md.get_str("tokenizer.ggml.pre")?.map(str::to_owned),
-        tokens: md.require_str_array("tokenizer.ggml.tokens")?.iter().map(str::to_owned).collect(),
-        scores: md.get_f32_array("tokenizer.ggml.scores")?.map(<[f32]>::to_vec),
-        token_types: md.get_i32_array("tokenizer.ggml.token_type")?.map(<[i32]>::to_vec),
+        tokens: md
+            .require_str_array("tokenizer.ggml.tokens")?
+            .iter()
+            .map(str::to_owned)
+            .collect(),
+        scores: md
+            .get_f32_array("tokenizer.ggml.scores")?
+            .map(<[f32]>::to_vec),
+        token_types: md
+            .get_i32_array("tokenizer.ggml.token_type")?
+            .map(<[i32]>::to_vec),
         merges: md
             .get_str_array("tokenizer.ggml.merges")?
             .map(|m| m.iter().map(str::to_owned).collect())
@@ -133,9 +160,15 @@ fn tokenizer_spec(file: &GgufFile) -> Result<TokenizerSpec, ModelError> {
         eot: id("tokenizer.ggml.eot_token_id")?,
         unk: id("tokenizer.ggml.unknown_token_id")?,
         pad: id("tokenizer.ggml.padding_token_id")?,
-        add_bos: md.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
-        add_eos: md.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
-        add_space_prefix: md.get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(false),
+        add_bos: md
+            .get_bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(false),
+        add_eos: md
+            .get_bool("tokenizer.ggml.add_eos_token")?
+            .unwrap_or(false),
+        add_space_prefix: md
+            .get_bool("tokenizer.ggml.add_space_prefix")?
+            .unwrap_or(false),
         chat_template: md.get_str("tokenizer.chat_template")?.map(str::to_owned),
     })
 }

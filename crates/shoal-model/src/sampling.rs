@@ -51,14 +51,20 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding.
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 
     /// Checks every parameter, reporting all problems together.
     pub fn validate(&self) -> Result<(), ModelError> {
         let mut problems = Vec::new();
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            problems.push(format!("temperature must be a number >= 0, got {}", self.temperature));
+            problems.push(format!(
+                "temperature must be a number >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             problems.push(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -67,18 +73,30 @@ impl SamplingParams {
             problems.push(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            problems.push(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            problems.push(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
-        for (name, v) in [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)] {
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
             if !(-2.0..=2.0).contains(&v) {
                 problems.push(format!("{name} must be in [-2, 2], got {v}"));
             }
         }
-        if problems.is_empty() { Ok(()) } else { Err(ModelError::InvalidRequest(problems.join("; "))) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ModelError::InvalidRequest(problems.join("; ")))
+        }
     }
 
     fn has_penalties(&self) -> bool {
-        self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
     }
 }
 
@@ -105,7 +123,11 @@ impl Sampler {
     /// A sampler for validated parameters.
     pub fn new(params: SamplingParams) -> Result<Self, ModelError> {
         params.validate()?;
-        Ok(Self { params, candidates: Vec::new(), counts: Vec::new() })
+        Ok(Self {
+            params,
+            candidates: Vec::new(),
+            counts: Vec::new(),
+        })
     }
 
     /// The parameters.
@@ -120,7 +142,8 @@ impl Sampler {
             return argmax(logits);
         }
         self.candidates.clear();
-        self.candidates.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        self.candidates
+            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         if p.has_penalties() {
             self.apply_penalties(history);
         }
@@ -135,7 +158,8 @@ impl Sampler {
         for c in &mut self.candidates {
             c.1 *= inv_t;
         }
-        let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let by_logit_desc =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && (p.top_k as usize) < self.candidates.len() {
             let k = p.top_k as usize;
             self.candidates.select_nth_unstable_by(k - 1, by_logit_desc);
@@ -166,7 +190,12 @@ impl Sampler {
         }
         if p.min_p > 0.0 {
             let floor = self.candidates[0].1 * p.min_p;
-            let keep = self.candidates.iter().take_while(|c| c.1 >= floor).count().max(1);
+            let keep = self
+                .candidates
+                .iter()
+                .take_while(|c| c.1 >= floor)
+                .count()
+                .max(1);
             self.candidates.truncate(keep);
         }
         let total: f64 = self.candidates.iter().map(|c| f64::from(c.1)).sum();
@@ -193,7 +222,9 @@ impl Sampler {
             }
         }
         for &(t, count) in &self.counts {
-            let Some(c) = self.candidates.get_mut(t as usize) else { continue };
+            let Some(c) = self.candidates.get_mut(t as usize) else {
+                continue;
+            };
             if c.1 > 0.0 {
                 c.1 /= p.repetition_penalty;
             } else {
@@ -221,7 +252,11 @@ mod tests {
 
     #[test]
     fn same_seed_and_step_give_the_same_token() {
-        let params = SamplingParams { temperature: 1.5, seed: 42, ..SamplingParams::default() };
+        let params = SamplingParams {
+            temperature: 1.5,
+            seed: 42,
+            ..SamplingParams::default()
+        };
         let mut a = Sampler::new(params.clone()).expect("valid");
         let mut b = Sampler::new(params).expect("valid");
         let l: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 10.0).collect();
@@ -234,7 +269,12 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = Sampler::new(SamplingParams { top_k: 1, seed: 7, ..SamplingParams::default() }).expect("valid");
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            seed: 7,
+            ..SamplingParams::default()
+        })
+        .expect("valid");
         for step in 0..20 {
             assert_eq!(s.sample(&logits(), &[], step), 1);
         }
@@ -243,8 +283,18 @@ mod tests {
     #[test]
     fn top_p_and_min_p_cut_the_tail() {
         let l = vec![10.0, 9.9, 0.0, -5.0];
-        let mut s = Sampler::new(SamplingParams { top_p: 0.9, seed: 1, ..SamplingParams::default() }).expect("valid");
-        let mut m = Sampler::new(SamplingParams { min_p: 0.5, seed: 1, ..SamplingParams::default() }).expect("valid");
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.9,
+            seed: 1,
+            ..SamplingParams::default()
+        })
+        .expect("valid");
+        let mut m = Sampler::new(SamplingParams {
+            min_p: 0.5,
+            seed: 1,
+            ..SamplingParams::default()
+        })
+        .expect("valid");
         for step in 0..200 {
             assert!(s.sample(&l, &[], step) < 2);
             assert!(m.sample(&l, &[], step) < 2);
@@ -253,16 +303,35 @@ mod tests {
 
     #[test]
     fn repetition_penalty_moves_greedy_off_a_seen_token() {
-        let params = SamplingParams { temperature: 0.0, repetition_penalty: 1.5, ..SamplingParams::default() };
+        let params = SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 1.5,
+            ..SamplingParams::default()
+        };
         let mut s = Sampler::new(params).expect("valid");
         assert_eq!(s.sample(&logits(), &[1], 0), 4);
     }
 
     #[test]
     fn invalid_parameters_are_all_reported() {
-        let bad = SamplingParams { temperature: -1.0, top_p: 0.0, min_p: 2.0, ..SamplingParams::default() };
+        let bad = SamplingParams {
+            temperature: -1.0,
+            top_p: 0.0,
+            min_p: 2.0,
+            ..SamplingParams::default()
+        };
         let err = bad.validate().expect_err("invalid").to_string();
-        assert!(err.contains("temperature") && err.contains("top_p") && err.contains("min_p"), "{err}");
-        assert!(SamplingParams { temperature: f32::NAN, ..SamplingParams::default() }.validate().is_err());
+        assert!(
+            err.contains("temperature") && err.contains("top_p") && err.contains("min_p"),
+            "{err}"
+        );
+        assert!(
+            SamplingParams {
+                temperature: f32::NAN,
+                ..SamplingParams::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 }

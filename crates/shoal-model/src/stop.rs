@@ -20,7 +20,10 @@ pub struct StopMatcher {
 impl StopMatcher {
     /// A matcher for `stops` (empty strings are ignored).
     pub fn new(stops: &[String]) -> Self {
-        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() }
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+        }
     }
 
     /// Feeds newly decoded text.
@@ -29,7 +32,11 @@ impl StopMatcher {
         if self.stops.is_empty() {
             return StopScan::Continue(std::mem::take(&mut self.pending));
         }
-        let first = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min();
+        let first = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
         if let Some(at) = first {
             let out = self.pending[..at].to_owned();
             self.pending.clear();
@@ -79,7 +86,10 @@ mod tests {
 
     #[test]
     fn stop_split_across_chunks_is_never_emitted() {
-        assert_eq!(run(&["</end>"], &["hello </", "en", "d> more"]), ("hello ".into(), true));
+        assert_eq!(
+            run(&["</end>"], &["hello </", "en", "d> more"]),
+            ("hello ".into(), true)
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Binding of a layer range's tensors: names, shapes and types checked once at load, so the
 //! forward pass never looks a tensor up by name or re-validates it.
 
-use crate::config::{Arch, ModelConfig};
 use crate::ModelError;
+use crate::config::{Arch, ModelConfig};
 use shoal_gguf::{GgmlType, GgufFile};
 use shoal_kernels::WeightMatrix;
 use shoal_types::LayerRange;
@@ -65,19 +65,33 @@ impl Binder<'_> {
     fn info(&self, name: &str) -> Result<&shoal_gguf::TensorInfo, ModelError> {
         self.file
             .tensor_info(name)
-            .ok_or_else(|| ModelError::MissingTensor { name: name.to_owned() })
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_owned(),
+            })
     }
 
     fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Matrix, ModelError> {
         let info = self.info(name)?;
         let expected = vec![cols as u64, rows as u64];
         if info.dims != expected {
-            return Err(ModelError::TensorShape { name: name.into(), found: info.dims.clone(), expected });
+            return Err(ModelError::TensorShape {
+                name: name.into(),
+                found: info.dims.clone(),
+                expected,
+            });
         }
         if info.dtype == GgmlType::Q8K {
-            return Err(ModelError::TensorType { name: name.into(), dtype: info.dtype });
+            return Err(ModelError::TensorType {
+                name: name.into(),
+                dtype: info.dtype,
+            });
         }
-        Ok(Matrix { dtype: info.dtype, rows, cols, bytes: info.offset..info.offset + info.n_bytes })
+        Ok(Matrix {
+            dtype: info.dtype,
+            rows,
+            cols,
+            bytes: info.offset..info.offset + info.n_bytes,
+        })
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
@@ -151,7 +165,12 @@ impl ShardWeights {
         } else {
             (None, None)
         };
-        Ok(Self { embed: range.is_first().then_some(embed), layers, output_norm, output })
+        Ok(Self {
+            embed: range.is_first().then_some(embed),
+            layers,
+            output_norm,
+            output,
+        })
     }
 
     /// Bytes of weights this shard reads per token (a measure of its memory traffic).

@@ -53,7 +53,9 @@ pub fn code_for_class(c: ErrorClass) -> Code {
 /// (transport failures, peers of other implementations).
 pub fn class_for_code(code: Code) -> ErrorClass {
     match code {
-        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => ErrorClass::InvalidRequest,
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+            ErrorClass::InvalidRequest
+        }
         Code::NotFound => ErrorClass::NotFound,
         Code::Unavailable | Code::Aborted => ErrorClass::Unavailable,
         Code::ResourceExhausted => ErrorClass::CapacityExhausted,

@@ -13,7 +13,7 @@ pub mod v1 {
 
 mod convert;
 
-pub use convert::{class_from_wire, class_to_wire, code_for_class, class_for_code};
+pub use convert::{class_for_code, class_from_wire, class_to_wire, code_for_class};
 
 /// Major protocol version. Peers of another major version refuse each other.
 pub const PROTOCOL_VERSION: u32 = 1;

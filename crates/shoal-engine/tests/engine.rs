@@ -1,0 +1,257 @@
+//! The engine against real (random-weight) models: batched generations equal one-at-a-time
+//! generations, cancellation and dropped receivers free KV caches, full queues refuse work.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shoal_engine::{Engine, EngineConfig, EngineError, EngineEvent, EngineRequest};
+use shoal_model::{FinishReason, GenerateOptions, Model, SamplingParams, ShardOptions, ThreadPool};
+use shoal_synth::SynthSpec;
+use shoal_types::{RequestId, SeqId};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn tiny_model(dir: &tempfile::TempDir, spec: SynthSpec) -> Model {
+    let path = dir.path().join("tiny.gguf");
+    shoal_synth::write_model(&spec, &path).unwrap();
+    Model::open(&path).unwrap()
+}
+
+fn engine(model: &Model, cfg: EngineConfig) -> Engine {
+    let pool = Arc::new(ThreadPool::new(2).unwrap());
+    let rt = model.whole(pool, ShardOptions::default()).unwrap();
+    Engine::start(Box::new(rt), model.tokenizer().clone(), cfg).unwrap()
+}
+
+fn request(i: usize, prompt: Vec<u32>, max_tokens: u32, sampling: SamplingParams) -> EngineRequest {
+    EngineRequest {
+        id: RequestId::new(format!("req-{i}")),
+        prompt,
+        options: GenerateOptions {
+            max_tokens,
+            sampling,
+            ignore_eos: true,
+            ..GenerateOptions::default()
+        },
+    }
+}
+
+/// Collects a request's events until it ends; returns the token ids and the final event.
+async fn collect(mut rx: mpsc::Receiver<EngineEvent>) -> (Vec<u32>, EngineEvent) {
+    let mut ids = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("engine event timed out")
+            .expect("channel open");
+        match ev {
+            EngineEvent::Started { .. } => {}
+            EngineEvent::Token { id, .. } => ids.push(id),
+            other => return (ids, other),
+        }
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    (0..6)
+        .map(|i| {
+            (0..(5 + i * 7))
+                .map(|j| (3 + (i * 31 + j * 17) % 250) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_generations_equal_sequential_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    for spec in [SynthSpec::tiny_llama(), SynthSpec::tiny_qwen2()] {
+        let model = tiny_model(&dir, spec);
+        let samplings = [
+            SamplingParams::greedy(),
+            SamplingParams {
+                temperature: 0.9,
+                seed: 7,
+                ..Default::default()
+            },
+        ];
+        // Reference: each prompt alone through the single-sequence loop.
+        let pool = Arc::new(ThreadPool::new(2).unwrap());
+        let mut rt = model.whole(pool, ShardOptions::default()).unwrap();
+        let mut expected = Vec::new();
+        for (i, p) in prompts().iter().enumerate() {
+            let opts = GenerateOptions {
+                max_tokens: 24,
+                sampling: samplings[i % 2].clone(),
+                ignore_eos: true,
+                ..GenerateOptions::default()
+            };
+            let g = shoal_model::generate(&mut rt, model.tokenizer(), SeqId(9), p, &opts, |_| true)
+                .unwrap();
+            expected.push(g.tokens);
+        }
+        // All at once through the engine, with a small step budget so prefill is chunked.
+        let eng = engine(
+            &model,
+            EngineConfig {
+                step_tokens: 16,
+                ..EngineConfig::default()
+            },
+        );
+        let rxs: Vec<_> = prompts()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                eng.submit(
+                    request(i, p, 24, samplings[i % 2].clone()),
+                    CancellationToken::new(),
+                )
+                .unwrap()
+            })
+            .collect();
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let (ids, last) = collect(rx).await;
+            assert_eq!(ids, expected[i], "request {i} differs when batched");
+            match last {
+                EngineEvent::Finished { reason, usage, .. } => {
+                    assert_eq!(reason, FinishReason::Length);
+                    assert_eq!(usage.completion_tokens, 24);
+                    assert_eq!(usage.prompt_tokens as usize, prompts()[i].len());
+                }
+                other => panic!("request {i} ended with {other:?}"),
+            }
+        }
+        assert!(
+            eng.stats().steps.load(Ordering::Relaxed) < 6 * 24,
+            "requests were not batched together"
+        );
+        wait_idle(&eng, 6).await;
+    }
+}
+
+/// Waits until `finished` requests have ended and nothing holds a KV cache.
+async fn wait_idle(eng: &Engine, finished: u64) {
+    tokio::time::timeout(WAIT, async {
+        let s = eng.stats();
+        while s.finished.load(Ordering::Relaxed) < finished
+            || s.kv_bytes.load(Ordering::Relaxed) != 0
+            || s.active.load(Ordering::Relaxed) != 0
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("KV caches were not freed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_or_dropping_frees_the_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir, SynthSpec::tiny_llama());
+    let eng = engine(&model, EngineConfig::default());
+    let cancel = CancellationToken::new();
+    let mut rx = eng
+        .submit(
+            request(0, vec![5, 6, 7], 400, SamplingParams::greedy()),
+            cancel.clone(),
+        )
+        .unwrap();
+    // Read a few tokens, then cancel.
+    let mut seen = 0;
+    while seen < 3 {
+        if let EngineEvent::Token { .. } = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            seen += 1;
+        }
+    }
+    assert!(eng.stats().kv_bytes.load(Ordering::Relaxed) > 0);
+    cancel.cancel();
+    wait_idle(&eng, 1).await;
+
+    // A receiver dropped mid-generation does the same.
+    let mut rx = eng
+        .submit(
+            request(1, vec![5, 6, 7], 400, SamplingParams::greedy()),
+            CancellationToken::new(),
+        )
+        .unwrap();
+    while !matches!(
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        EngineEvent::Token { .. }
+    ) {}
+    drop(rx);
+    wait_idle(&eng, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_and_full_queues_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir, SynthSpec::tiny_llama());
+    let context = model.config().context_length as usize;
+    let eng = engine(
+        &model,
+        EngineConfig {
+            max_active: 1,
+            max_waiting: 2,
+            ..EngineConfig::default()
+        },
+    );
+    let empty = eng.submit(
+        request(0, vec![], 4, SamplingParams::greedy()),
+        CancellationToken::new(),
+    );
+    assert!(matches!(empty, Err(EngineError::Invalid(_))));
+    let bad = SamplingParams {
+        top_p: 0.0,
+        ..SamplingParams::greedy()
+    };
+    assert!(matches!(
+        eng.submit(request(0, vec![1], 4, bad), CancellationToken::new()),
+        Err(EngineError::Invalid(_))
+    ));
+
+    let long = eng.submit(
+        request(1, vec![3; context + 1], 4, SamplingParams::greedy()),
+        CancellationToken::new(),
+    );
+    let (_, last) = collect(long.unwrap()).await;
+    assert!(
+        matches!(last, EngineEvent::Failed(EngineError::Invalid(ref m)) if m.contains("context")),
+        "{last:?}"
+    );
+
+    // Flood: one runs, two wait in the queue, the rest are refused with Busy.
+    let mut accepted = Vec::new();
+    let mut busy = 0;
+    for i in 0..20 {
+        match eng.submit(
+            request(i, vec![4, 5], 200, SamplingParams::greedy()),
+            CancellationToken::new(),
+        ) {
+            Ok(rx) => accepted.push(rx),
+            Err(EngineError::Busy { .. }) => busy += 1,
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert!(busy > 0, "a full queue must refuse work");
+    for rx in accepted {
+        let (ids, last) = collect(rx).await;
+        assert_eq!(ids.len(), 200);
+        assert!(matches!(
+            last,
+            EngineEvent::Finished {
+                reason: FinishReason::Length,
+                ..
+            }
+        ));
+    }
+}
