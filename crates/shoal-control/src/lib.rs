@@ -1,0 +1,43 @@
+//! The coordinator of a shoal cluster: who is in it, what each node serves, and where each
+//! request goes.
+//!
+//! - [`store`]: durable state behind the [`StateStore`] trait (memory, redb; etcd-shaped).
+//! - [`membership`]: an actor owning the node table — joins, heartbeats with leases, failure
+//!   detection, drain, leave — that re-plans on every membership change and publishes a
+//!   [`ClusterView`].
+//! - [`placement`]: the pure planner ([`place`]): models, nodes, pins and policy in; a [`Plan`]
+//!   and its explanation out.
+//! - [`router`]: picks the replica with the least expected latency for each request.
+//! - [`service`]: the `shoal.v1.Coordinator` gRPC service over membership.
+//! - [`config`]: the coordinator's TOML-friendly configuration, validated once.
+//!
+//! This crate holds no transport (shoal-net serves the service over mTLS) and no model code.
+//! Invariants: the planner is pure and deterministic; only the membership actor mutates the
+//! node table; a plan's epoch increases exactly when its assignments change; bad input from a
+//! peer is an error value, never a panic.
+
+pub mod config;
+mod ids;
+pub mod membership;
+mod persist;
+pub mod placement;
+pub mod router;
+pub mod service;
+pub mod store;
+pub mod wire;
+
+pub use config::{
+    ConfigError, ConfigProblem, CoordinatorConfig, StoreChoice, ValidatedCoordinatorConfig,
+};
+pub use ids::{MAX_NODE_ID_LEN, NodeIdProblem, check_node_id};
+pub use membership::{
+    ClusterView, HeartbeatInfo, HeartbeatReply, JoinAccepted, JoinInfo, MembershipConfig,
+    MembershipError, MembershipEvent, MembershipHandle, NodeState, NodeView,
+};
+pub use placement::{
+    Assignment, ModelSpec, NodeHealth, NodeInput, Placement, PlacementInput, PlacementPolicy, Plan,
+    place,
+};
+pub use router::{RouteError, RouteGuard, Router};
+pub use service::CoordinatorService;
+pub use store::{MemoryStore, RedbStore, StateStore, StoreError, Txn};
