@@ -189,3 +189,259 @@ impl Coordinator for CoordinatorService {
         .await
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use crate::membership::{self, MembershipConfig};
+    use crate::placement::{ModelSpec, PlacementPolicy};
+    use crate::store::MemoryStore;
+    use shoal_proto::v1;
+    use shoal_types::ModelId;
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    const GB: u64 = 1 << 30;
+    const SHA: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    async fn service() -> (CoordinatorService, MembershipHandle, CancellationToken) {
+        let config = MembershipConfig {
+            models: vec![ModelSpec {
+                id: ModelId::new("smollm2"),
+                sha256: SHA.into(),
+                file_bytes: GB,
+                n_layers: 30,
+                layer_bytes: GB / 40,
+                kv_bytes_per_token: 1024,
+            }],
+            policy: PlacementPolicy {
+                replicas: None,
+                kv_reserve_tokens: 1024,
+            },
+            ..Default::default()
+        };
+        let cancel = CancellationToken::new();
+        let (handle, _task) =
+            membership::start(config, Arc::new(MemoryStore::new()), cancel.clone())
+                .await
+                .unwrap();
+        (CoordinatorService::new(handle.clone()), handle, cancel)
+    }
+
+    fn join_req(id: &str, addr: &str) -> v1::JoinRequest {
+        v1::JoinRequest {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: id.into(),
+            data_addr: addr.into(),
+            capability: Some(v1::Capability {
+                cores: 4,
+                memory_available_bytes: 4 * GB,
+                ..Default::default()
+            }),
+            models: vec![],
+            http_addr: String::new(),
+        }
+    }
+
+    fn hb_req(id: &str, sequence: u64) -> v1::HeartbeatRequest {
+        v1::HeartbeatRequest {
+            node_id: id.into(),
+            sequence,
+            ..Default::default()
+        }
+    }
+
+    fn headers(s: &Status) -> (String, String) {
+        let get = |h| {
+            s.metadata()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        (get(ERROR_CLASS_HEADER), get(ERROR_REASON_HEADER))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn join_heartbeat_and_leave_through_the_service() {
+        let (svc, handle, cancel) = service().await;
+        let joined = svc
+            .join(Request::new(join_req("pi-1", "10.0.0.1:7070")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(joined.lease_ms, 3000);
+        assert_eq!(joined.heartbeat_interval_ms, 500);
+        assert_eq!(joined.cluster_id, handle.view().cluster_id);
+
+        let hb = svc
+            .heartbeat(Request::new(hb_req("pi-1", 1)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!hb.rejoin && !hb.drain);
+        assert_eq!(hb.lease_ms, 3000);
+        assert_eq!(
+            hb.assignments,
+            [v1::ShardAssignment {
+                model_id: "smollm2".into(),
+                model_sha256: SHA.into(),
+                layers: Some(v1::LayerRange { start: 0, end: 30 }),
+                plan_epoch: handle.view().plan.epoch,
+            }]
+        );
+
+        handle.drain(NodeId::new("pi-1")).await.unwrap();
+        let hb = svc
+            .heartbeat(Request::new(hb_req("pi-1", 2)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(hb.drain);
+        assert!(
+            hb.assignments.is_empty(),
+            "idle while draining: nothing kept"
+        );
+
+        svc.leave(Request::new(v1::LeaveRequest {
+            node_id: "pi-1".into(),
+            reason: "shutdown".into(),
+        }))
+        .await
+        .unwrap();
+        let hb = svc
+            .heartbeat(Request::new(hb_req("pi-1", 3)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(hb.rejoin);
+        assert!(hb.assignments.is_empty());
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_whose_lease_ran_out_is_told_to_rejoin() {
+        let (svc, _handle, cancel) = service().await;
+        svc.join(Request::new(join_req("pi-1", "10.0.0.1:7070")))
+            .await
+            .unwrap();
+        svc.heartbeat(Request::new(hb_req("pi-1", 1)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+        let hb = svc
+            .heartbeat(Request::new(hb_req("pi-1", 2)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(hb.rejoin);
+        // Joining again restores service.
+        svc.join(Request::new(join_req("pi-1", "10.0.0.1:7070")))
+            .await
+            .unwrap();
+        let hb = svc
+            .heartbeat(Request::new(hb_req("pi-1", 1)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!hb.rejoin);
+        assert_eq!(hb.assignments.len(), 1);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_protocol_version_is_a_failed_precondition() {
+        let (svc, _handle, cancel) = service().await;
+        let req = v1::JoinRequest {
+            protocol_version: PROTOCOL_VERSION + 1,
+            ..join_req("pi-1", "a:1")
+        };
+        let err = svc.join(Request::new(req)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert_eq!(
+            headers(&err),
+            ("invalid_request".into(), "protocol_version_mismatch".into())
+        );
+
+        // The header is checked on every call, before the message is looked at.
+        let mut req = Request::new(hb_req("pi-1", 1));
+        req.metadata_mut()
+            .insert(VERSION_HEADER, MetadataValue::from_static("7"));
+        assert_eq!(
+            svc.heartbeat(req).await.unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+        let mut req = Request::new(hb_req("pi-1", 1));
+        req.metadata_mut()
+            .insert(VERSION_HEADER, MetadataValue::from_static("one"));
+        assert_eq!(
+            svc.heartbeat(req).await.unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+        let mut req = Request::new(join_req("pi-1", "a:1"));
+        req.metadata_mut()
+            .insert(VERSION_HEADER, MetadataValue::from_static("1"));
+        assert!(svc.join(req).await.is_ok());
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_messages_and_duplicate_ids_are_refused_with_their_class() {
+        let (svc, _handle, cancel) = service().await;
+        let err = svc
+            .join(Request::new(join_req("no spaces", "a:1")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(
+            headers(&err),
+            ("invalid_request".into(), "invalid_node_id".into())
+        );
+
+        let err = svc
+            .heartbeat(Request::new(hb_req("", 1)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+
+        let err = svc
+            .leave(Request::new(v1::LeaveRequest {
+                node_id: "../etc".into(),
+                reason: String::new(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+
+        svc.join(Request::new(join_req("pi-1", "10.0.0.1:7070")))
+            .await
+            .unwrap();
+        let err = svc
+            .join(Request::new(join_req("pi-1", "10.0.0.9:7070")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists);
+        assert_eq!(
+            headers(&err),
+            ("invalid_request".into(), "duplicate_node_id".into())
+        );
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_membership_is_unavailable() {
+        let (svc, _handle, cancel) = service().await;
+        // Whether the actor has exited yet or not, a cancelled actor answers nothing.
+        cancel.cancel();
+        let err = svc
+            .join(Request::new(join_req("pi-1", "a:1")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert_eq!(
+            headers(&err),
+            ("unavailable".into(), "shutting_down".into())
+        );
+    }
+}
