@@ -186,7 +186,7 @@ mod tests {
     use crate::membership::{
         ModelSpeed, NodeCapability, NodeLoad, NodeView, ShardReport, ShardState,
     };
-    use crate::placement::{Assignment, ModelSpec, Plan};
+    use crate::placement::{Assignment, ModelSpec, Placement, Plan};
     use std::collections::BTreeMap;
 
     const M: &str = "m";
@@ -257,6 +257,10 @@ mod tests {
         let view = ClusterView {
             cluster_id: "c".into(),
             version: 1,
+            placement: Arc::new(Placement {
+                plan: plan.clone(),
+                outcomes: vec![],
+            }),
             plan,
             nodes: nodes.into_iter().map(|n| (n.id.clone(), n)).collect(),
             models: BTreeMap::from([(spec.id.clone(), spec)]),

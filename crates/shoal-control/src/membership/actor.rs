@@ -6,7 +6,9 @@ use super::{
     MembershipError, MembershipEvent, NodeLoad, NodeState, NodeView,
 };
 use crate::persist::{self, Batch, NodeRecord};
-use crate::placement::{self, Assignment, ModelSpec, NodeHealth, NodeInput, PlacementInput, Plan};
+use crate::placement::{
+    self, Assignment, ModelSpec, NodeHealth, NodeInput, Placement, PlacementInput, Plan,
+};
 use crate::store::{StateStore, StoreError};
 use shoal_types::{ModelId, NodeId};
 use std::collections::BTreeMap;
@@ -24,7 +26,16 @@ pub(super) struct Actor {
     cluster_id: String,
     nodes: BTreeMap<NodeId, NodeView>,
     plan: Plan,
+    /// The latest planning, with its reasons (also when it left the plan unchanged).
+    placement: Arc<Placement>,
     version: u64,
+}
+
+/// What a refused change restores.
+struct Checkpoint {
+    nodes: BTreeMap<NodeId, NodeView>,
+    plan: Plan,
+    placement: Arc<Placement>,
 }
 
 impl Actor {
@@ -64,6 +75,10 @@ impl Actor {
             .iter()
             .map(|m| (m.id.clone(), m.clone()))
             .collect();
+        let placement = Arc::new(Placement {
+            plan: plan.clone(),
+            outcomes: Vec::new(),
+        });
         let mut actor = Actor {
             config,
             catalogue,
@@ -73,6 +88,7 @@ impl Actor {
             cluster_id,
             nodes,
             plan,
+            placement,
             version: 0,
         };
         tracing::info!(
@@ -137,6 +153,14 @@ impl Actor {
                 theirs: info.protocol_version,
             });
         }
+        // The gRPC layer checks ids too; in-process callers reach this directly, and ids become
+        // store keys.
+        if let Err(problem) = crate::check_node_id(info.node.as_str()) {
+            return Err(MembershipError::InvalidNodeId {
+                node: info.node,
+                problem,
+            });
+        }
         let existing = self.nodes.get(&info.node);
         if let Some(e) = existing.filter(|e| e.state.is_live() && e.data_addr != info.data_addr) {
             return Err(MembershipError::DuplicateNode {
@@ -166,7 +190,7 @@ impl Actor {
             lease_deadline: Instant::now() + self.config.lease,
             kept_while_draining: Vec::new(),
         };
-        let saved = (self.nodes.clone(), self.plan.clone());
+        let saved = self.checkpoint();
         self.nodes.insert(id.clone(), view);
         match self.settle(std::slice::from_ref(&id), &[]).await {
             Ok(changed) => {
@@ -181,7 +205,7 @@ impl Actor {
                 })
             }
             Err(e) => {
-                (self.nodes, self.plan) = saved;
+                self.rollback(saved);
                 Err(e.into())
             }
         }
@@ -258,7 +282,7 @@ impl Actor {
             return Ok(());
         };
         let previous = node.state;
-        let saved = (self.nodes.clone(), self.plan.clone());
+        let saved = self.checkpoint();
         self.set_state(&id, NodeState::Left);
         match self.settle(&[], std::slice::from_ref(&id)).await {
             Ok(changed) => {
@@ -269,7 +293,7 @@ impl Actor {
                 Ok(())
             }
             Err(e) => {
-                (self.nodes, self.plan) = saved;
+                self.rollback(saved);
                 Err(e.into())
             }
         }
@@ -282,7 +306,7 @@ impl Actor {
             Some(NodeState::Joining | NodeState::Alive) => {}
             _ => return Err(MembershipError::NotLive { node: id }),
         }
-        let saved = (self.nodes.clone(), self.plan.clone());
+        let saved = self.checkpoint();
         let kept: Vec<Assignment> = self.plan.for_node(&id).cloned().collect();
         if let Some(n) = self.nodes.get_mut(&id) {
             n.state = NodeState::Draining;
@@ -297,7 +321,7 @@ impl Actor {
             Some(NodeState::Joining | NodeState::Alive) => return Ok(()),
             _ => return Err(MembershipError::NotLive { node: id }),
         }
-        let saved = (self.nodes.clone(), self.plan.clone());
+        let saved = self.checkpoint();
         self.set_state(&id, NodeState::Alive);
         self.transition(id, saved, MembershipEvent::Undrained).await
     }
@@ -306,7 +330,7 @@ impl Actor {
     async fn transition(
         &mut self,
         id: NodeId,
-        saved: (BTreeMap<NodeId, NodeView>, Plan),
+        saved: Checkpoint,
         event: fn(NodeId) -> MembershipEvent,
     ) -> Result<(), MembershipError> {
         match self.settle(std::slice::from_ref(&id), &[]).await {
@@ -317,7 +341,7 @@ impl Actor {
                 Ok(())
             }
             Err(e) => {
-                (self.nodes, self.plan) = saved;
+                self.rollback(saved);
                 Err(e.into())
             }
         }
@@ -384,6 +408,8 @@ impl Actor {
             batch.put_plan(&placement.plan)?;
         }
         batch.commit(self.store.as_ref()).await?;
+        let placement = Arc::new(placement);
+        self.placement = Arc::clone(&placement);
         if !changed {
             return Ok(None);
         }
@@ -396,8 +422,22 @@ impl Actor {
         for o in placement.unplaced() {
             tracing::warn!(model = %o.model, "model has no replica");
         }
-        self.plan = placement.plan;
+        self.plan = placement.plan.clone();
         Ok(Some(self.plan.epoch))
+    }
+
+    fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            nodes: self.nodes.clone(),
+            plan: self.plan.clone(),
+            placement: Arc::clone(&self.placement),
+        }
+    }
+
+    fn rollback(&mut self, c: Checkpoint) {
+        self.nodes = c.nodes;
+        self.plan = c.plan;
+        self.placement = c.placement;
     }
 
     fn placement_input(&self) -> PlacementInput {
@@ -454,6 +494,7 @@ impl Actor {
             cluster_id: self.cluster_id.clone(),
             version: self.version,
             plan: self.plan.clone(),
+            placement: Arc::clone(&self.placement),
             nodes: self.nodes.clone(),
             models: self.catalogue.clone(),
         })

@@ -12,7 +12,7 @@ mod actor;
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests;
 
-use crate::placement::{Assignment, ModelSpec, PlacementPolicy, Plan};
+use crate::placement::{Assignment, ModelSpec, Placement, PlacementPolicy, Plan};
 use crate::store::{StateStore, StoreError};
 use serde::{Deserialize, Serialize};
 use shoal_types::{ErrorClass, LayerRange, ModelId, NodeId};
@@ -305,6 +305,9 @@ pub struct ClusterView {
     pub version: u64,
     /// The plan in force.
     pub plan: Plan,
+    /// The latest planning and its reasons ([`Placement::explain`]); its plan equals `plan`
+    /// once the coordinator has planned at least once.
+    pub placement: Arc<Placement>,
     /// Every known node.
     pub nodes: BTreeMap<NodeId, NodeView>,
     /// The model catalogue.
@@ -349,6 +352,14 @@ pub enum MembershipError {
         /// The node's version.
         theirs: u32,
     },
+    /// The node id is not acceptable.
+    #[error("node id {node:?} {problem}")]
+    InvalidNodeId {
+        /// The id.
+        node: NodeId,
+        /// What is wrong with it.
+        problem: crate::NodeIdProblem,
+    },
     /// Another live node already uses this id from another address.
     #[error("node id {node} is in use by a live node at another address")]
     DuplicateNode {
@@ -375,9 +386,9 @@ impl MembershipError {
     /// The error's class on the wire.
     pub fn class(&self) -> ErrorClass {
         match self {
-            MembershipError::VersionMismatch { .. } | MembershipError::DuplicateNode { .. } => {
-                ErrorClass::InvalidRequest
-            }
+            MembershipError::VersionMismatch { .. }
+            | MembershipError::InvalidNodeId { .. }
+            | MembershipError::DuplicateNode { .. } => ErrorClass::InvalidRequest,
             MembershipError::NotLive { .. } => ErrorClass::NotFound,
             MembershipError::Store(_) => ErrorClass::Internal,
             MembershipError::ShuttingDown => ErrorClass::Unavailable,
@@ -388,6 +399,7 @@ impl MembershipError {
     pub fn reason(&self) -> &'static str {
         match self {
             MembershipError::VersionMismatch { .. } => "protocol_version_mismatch",
+            MembershipError::InvalidNodeId { .. } => "invalid_node_id",
             MembershipError::DuplicateNode { .. } => "duplicate_node_id",
             MembershipError::NotLive { .. } => "node_not_live",
             MembershipError::Store(_) => "state_store_failed",
@@ -484,6 +496,10 @@ pub async fn start(
         cluster_id: String::new(),
         version: 0,
         plan: Plan::default(),
+        placement: Arc::new(Placement {
+            plan: Plan::default(),
+            outcomes: Vec::new(),
+        }),
         nodes: BTreeMap::new(),
         models: BTreeMap::new(),
     };

@@ -145,6 +145,32 @@ async fn a_joined_node_turns_alive_on_its_first_heartbeat_and_gets_its_shards() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_view_explains_why_a_node_got_nothing() {
+    let run = start_with(config(None), Arc::new(MemoryStore::new())).await;
+    let h = &run.handle;
+    let mut small = join_info("tiny", "t:1", 1.0);
+    small.capability.memory_available_bytes = GB / 2;
+    h.join(small).await.unwrap();
+    let view = h.view();
+    assert!(view.plan.assignments.is_empty());
+    let text = view.placement.explain();
+    assert!(
+        text.contains("model m (needs 1073741824 B): NOT PLACED"),
+        "{text}"
+    );
+    assert!(text.contains("tiny: not enough memory"), "{text}");
+
+    let bad = join_info("../tiny", "t:1", 1.0);
+    let err = h.join(bad).await.unwrap_err();
+    assert!(
+        matches!(err, MembershipError::InvalidNodeId { .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.reason(), "invalid_node_id");
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_wrong_protocol_version_is_refused() {
     let run = start_with(config(None), Arc::new(MemoryStore::new())).await;
     let info = JoinInfo {
