@@ -1,6 +1,9 @@
 //! Prints the speed of `matmul` on the default model's shapes, as GB/s of weight data streamed.
 //!
-//! Run with `cargo run --release -p shoal-kernels --example kernel_speed [-- --quick]`.
+//! Run with `cargo run --release -p shoal-kernels --example kernel_speed [-- OPTIONS]`:
+//! `--quick` (shorter runs), `--only TEXT` (shapes whose name contains TEXT; `decode` for the
+//! decode step alone), `--median` (report the median call instead of the fastest one; on a
+//! machine shared with other work the fastest is the better estimate of the kernels' speed).
 //!
 //! Three views:
 //! - hot: one matrix multiplied over and over (it stays in cache: the kernels' compute ceiling);
@@ -48,10 +51,10 @@ fn thread_cpu_ns() -> Option<u64> {
     s.split_whitespace().next()?.parse().ok()
 }
 
-/// Runs `f` repeatedly for about `budget`; returns the median wall time per call and the
-/// calling thread's mean CPU time per call (equal to wall time on an idle machine with one
-/// thread; with more threads it includes the wait for the others).
-fn time(budget: Duration, mut f: impl FnMut()) -> (Duration, Duration) {
+/// Runs `f` repeatedly for about `budget`; returns the fastest (or with `median`, the median)
+/// wall time per call and the calling thread's mean CPU time per call (equal to wall time on
+/// an idle machine with one thread; with more threads it includes the wait for the others).
+fn time(budget: Duration, median: bool, mut f: impl FnMut()) -> (Duration, Duration) {
     f();
     let mut samples = Vec::new();
     let start = Instant::now();
@@ -66,7 +69,14 @@ fn time(budget: Duration, mut f: impl FnMut()) -> (Duration, Duration) {
         _ => Duration::ZERO,
     };
     samples.sort();
-    (samples[samples.len() / 2], cpu)
+    (
+        if median {
+            samples[samples.len() / 2]
+        } else {
+            samples[0]
+        },
+        cpu,
+    )
 }
 
 struct Shape {
@@ -104,10 +114,21 @@ const SHAPES: [Shape; 4] = [
 ];
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let median = args.iter().any(|a| a == "--median");
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_default();
     let budget = Duration::from_millis(if quick { 100 } else { 400 });
     let isa = Isa::detected();
-    println!("kernels: {isa:?}; GB/s = weight bytes streamed per second");
+    println!(
+        "kernels: {isa:?}; GB/s = weight bytes streamed per second; times are the {} call",
+        if median { "median" } else { "fastest" }
+    );
     let mut rng = Lcg(42);
     let pools = [ThreadPool::new(1), ThreadPool::new(2)];
     let pools: Vec<ThreadPool> = pools.into_iter().filter_map(Result::ok).collect();
@@ -116,7 +137,7 @@ fn main() {
         "\n{:<20} {:>2} {:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "shape", "n", "thr", "hot us", "GB/s", "cpu GB/s", "cold us", "GB/s", "cpu GB/s"
     );
-    for s in &SHAPES {
+    for s in SHAPES.iter().filter(|s| s.name.contains(&only)) {
         let one = random_matrix(s.dtype, s.rows, s.cols, &mut rng);
         let bytes = one.len();
         // Enough distinct copies to overflow the last-level cache.
@@ -132,11 +153,11 @@ fn main() {
                 let mut acts = QuantizedActs::new();
                 let mut out = vec![0.0; n * s.rows];
                 let _ = acts.quantize(pool, s.dtype, &x, n, s.cols);
-                let (hot, hot_cpu) = time(budget, || {
+                let (hot, hot_cpu) = time(budget, median, || {
                     let _ = matmul_with(pool, &mats[0], &acts, &mut out, isa);
                 });
                 let mut k = 0;
-                let (cold, cold_cpu) = time(budget, || {
+                let (cold, cold_cpu) = time(budget, median, || {
                     k = (k + 1) % mats.len();
                     let _ = matmul_with(pool, &mats[k], &acts, &mut out, isa);
                 });
@@ -157,11 +178,13 @@ fn main() {
         }
     }
 
-    decode_step(&pools, &mut rng, budget, isa);
+    if only.is_empty() || "decode".contains(&only) {
+        decode_step(&pools, &mut rng, budget, median, isa);
+    }
 }
 
 /// All matrix products of one token of SmolLM2-135M (Q4_1 layers, Q8_0 head).
-fn decode_step(pools: &[ThreadPool], rng: &mut Lcg, budget: Duration, isa: Isa) {
+fn decode_step(pools: &[ThreadPool], rng: &mut Lcg, budget: Duration, median: bool, isa: Isa) {
     const LAYERS: usize = 30;
     // (rows, cols) of q, k, v, o, gate, up, down.
     const LAYER: [(usize, usize); 7] = [
@@ -192,7 +215,7 @@ fn decode_step(pools: &[ThreadPool], rng: &mut Lcg, budget: Duration, isa: Isa) 
     for pool in pools {
         let mut acts = QuantizedActs::new();
         let mut out = vec![0.0; 49152];
-        let (t, cpu) = time(budget * 3, || {
+        let (t, cpu) = time(budget * 3, median, || {
             for layer in &layer_data {
                 for (m, &(r, c)) in layer.iter().zip(&LAYER) {
                     let x = if c == 576 { &x576 } else { &x1536 };

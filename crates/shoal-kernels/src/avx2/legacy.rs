@@ -14,6 +14,15 @@ use crate::acts::ActRow;
 use crate::quant::QK;
 use crate::quant::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
 
+// Software prefetch distances, in blocks ahead in the same row. Weights stream from memory once
+// per token, and on the machines measured (Zen 4 VMs) the hardware prefetchers alone left much
+// of the bandwidth unused: prefetching cut the 30 MB Q8_0 output head from ~6 ms to ~2.5 ms on
+// one thread. Both shorter and longer distances measured slower. The address may lie past the
+// row (prefetches never fault), hence `wrapping_add`.
+const Q8_0_PREFETCH: usize = 8;
+const Q4_1_PREFETCH: usize = 24;
+const Q4_0_PREFETCH: usize = 24;
+
 /// Pointers to one activation vector's fields.
 #[derive(Clone, Copy)]
 struct Y {
@@ -104,6 +113,7 @@ unsafe fn q4_1_impl<const R: usize, const C: usize>(
             // SAFETY: block b of row r is in bounds.
             let (d0, m0, qx) = unsafe {
                 let blk = w[r].add(b * Q4_1_BYTES);
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(Q4_1_PREFETCH * Q4_1_BYTES).cast());
                 let (d0, m0) = f16x2_at(blk);
                 (d0, m0, nibbles_32(blk.add(4)))
             };
@@ -150,6 +160,7 @@ unsafe fn q8_0_impl<const R: usize, const C: usize>(
             // SAFETY: block b of row r is in bounds.
             let (d0, qx) = unsafe {
                 let blk = w[r].add(b * Q8_0_BYTES);
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(Q8_0_PREFETCH * Q8_0_BYTES).cast());
                 (f16_at(blk), _mm256_loadu_si256(blk.add(2).cast()))
             };
             // maddubs needs one unsigned operand: move x's sign onto y.
@@ -195,6 +206,7 @@ unsafe fn q4_0_impl<const R: usize, const C: usize>(
             // SAFETY: block b of row r is in bounds.
             let (d0, qx) = unsafe {
                 let blk = w[r].add(b * Q4_0_BYTES);
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(Q4_0_PREFETCH * Q4_0_BYTES).cast());
                 (f16_at(blk), _mm256_sub_epi8(nibbles_32(blk.add(2)), eight))
             };
             let d0v = _mm256_set1_ps(d0);
