@@ -67,7 +67,10 @@ impl<'a> WeightMatrix<'a> {
     /// The bytes of row `r` (empty if `r` is out of range).
     pub fn row_data(&self, r: usize) -> &'a [u8] {
         let rb = self.row_bytes();
-        self.data.get(r * rb..(r + 1) * rb).unwrap_or(&[])
+        let start = r.saturating_mul(rb);
+        self.data
+            .get(start..start.saturating_add(rb))
+            .unwrap_or(&[])
     }
 }
 

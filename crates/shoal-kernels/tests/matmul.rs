@@ -228,6 +228,7 @@ fn mismatches_are_errors() {
     let w = WeightMatrix::new(GgmlType::Q4_1, 2, 32, &bytes).unwrap();
     assert_eq!(w.row_data(1).len(), 20);
     assert!(w.row_data(2).is_empty());
+    assert!(w.row_data(usize::MAX).is_empty());
     let mut acts = QuantizedActs::new();
     let mut out = vec![0.0; 2];
     assert!(matches!(
