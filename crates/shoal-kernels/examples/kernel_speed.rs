@@ -86,7 +86,7 @@ struct Shape {
     cols: usize,
 }
 
-const SHAPES: [Shape; 4] = [
+const SHAPES: [Shape; 6] = [
     Shape {
         name: "attn 576x576",
         dtype: GgmlType::Q4_1,
@@ -110,6 +110,19 @@ const SHAPES: [Shape; 4] = [
         dtype: GgmlType::Q8_0,
         rows: 49152,
         cols: 576,
+    },
+    // Not in the default model: the K formats of a typical 1B Q4_K_M model.
+    Shape {
+        name: "q4_k 2048x2048",
+        dtype: GgmlType::Q4K,
+        rows: 2048,
+        cols: 2048,
+    },
+    Shape {
+        name: "q6_k 2048x2048",
+        dtype: GgmlType::Q6K,
+        rows: 2048,
+        cols: 2048,
     },
 ];
 

@@ -12,6 +12,21 @@ use crate::acts::ActRow;
 use crate::quant::QK_K;
 use crate::quant::kquants::{Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, scale_min_k4};
 
+/// Super-blocks ahead to prefetch (see the note on prefetching in `legacy.rs`).
+const K_PREFETCH: usize = 2;
+
+/// Prefetches every cache line of a block; the address may lie past the row (prefetches never
+/// fault).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn prefetch_block(p: *const u8, bytes: usize) {
+    let mut off = 0;
+    while off < bytes {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
+        off += 64;
+    }
+}
+
 fn check(w: &[u8], y: &ActRow<'_>, nb: usize, block_bytes: usize, needs_bsums: bool) {
     assert!(w.len() >= nb * block_bytes, "weight row too short");
     assert!(
@@ -73,6 +88,7 @@ unsafe fn q4_k_impl<const FIVE: bool>(w: *const u8, y: &ActRow<'_>, nb: usize) -
         // SAFETY: super-block b is within the bounds the caller guarantees.
         unsafe {
             let blk = w.add(b * block_bytes);
+            prefetch_block(blk.wrapping_add(K_PREFETCH * block_bytes), block_bytes);
             let q8 = y.qs.as_ptr().add(b * QK_K);
             let yd = *y.d.as_ptr().add(b);
             let d = yd * f16_at(blk);
@@ -149,6 +165,7 @@ unsafe fn q6_k_impl(w: *const u8, y: &ActRow<'_>, nb: usize) -> f32 {
         // SAFETY: super-block b is within the bounds the caller guarantees.
         unsafe {
             let blk = w.add(b * Q6_K_BYTES);
+            prefetch_block(blk.wrapping_add(K_PREFETCH * Q6_K_BYTES), Q6_K_BYTES);
             let q8 = y.qs.as_ptr().add(b * QK_K);
             let d = *y.d.as_ptr().add(b) * f16_at(blk.add(208));
             let sc = blk.add(192).cast::<i8>();
