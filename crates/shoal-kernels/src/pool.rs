@@ -367,6 +367,29 @@ mod tests {
     }
 
     #[test]
+    fn stress_each_index_runs_exactly_once_while_workers_park_and_wake() {
+        // A tiny spin makes workers park between most runs, exercising wake-ups and late
+        // claims; uneven work makes the caller steal some indices and not others.
+        let pool = ThreadPool::with_spin(4, Duration::from_micros(2)).unwrap();
+        let seen = AtomicUsize::new(0);
+        for round in 0..5000 {
+            pool.run(|i, n| {
+                assert_eq!(n, 4);
+                let before = seen.fetch_or(1 << i, Ordering::Relaxed);
+                assert_eq!(before & (1 << i), 0, "index {i} ran twice in round {round}");
+                if (round + i) % 7 == 0 {
+                    std::hint::black_box((0..200).sum::<u64>());
+                }
+            });
+            // Every index ran, and all of them finished before `run` returned.
+            assert_eq!(seen.swap(0, Ordering::Relaxed), 0b1111, "round {round}");
+            if round % 500 == 0 {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    #[test]
     fn zero_threads_is_an_error() {
         assert!(matches!(ThreadPool::new(0), Err(KernelError::NoThreads)));
     }
