@@ -1,7 +1,7 @@
 //! Prints the speed of `matmul` on the default model's shapes, as GB/s of weight data streamed.
 //!
 //! Run with `cargo run --release -p shoal-kernels --example kernel_speed [-- OPTIONS]`:
-//! `--quick` (shorter runs), `--only TEXT` (shapes whose name contains TEXT; `decode` for the
+//! `--quick` (shorter runs), `--scalar` (the portable kernels instead of SIMD), `--only TEXT` (shapes whose name contains TEXT; `decode` for the
 //! decode step alone), `--median` (report the median call instead of the fastest one; on a
 //! machine shared with other work the fastest is the better estimate of the kernels' speed).
 //!
@@ -137,7 +137,11 @@ fn main() {
         .cloned()
         .unwrap_or_default();
     let budget = Duration::from_millis(if quick { 100 } else { 400 });
-    let isa = Isa::detected();
+    let isa = if args.iter().any(|a| a == "--scalar") {
+        Isa::Scalar
+    } else {
+        Isa::detected()
+    };
     println!(
         "kernels: {isa:?}; GB/s = weight bytes streamed per second; times are the {} call",
         if median { "median" } else { "fastest" }

@@ -45,6 +45,18 @@ pub(crate) fn dot(dtype: GgmlType, w: &[u8], y: &ActRow<'_>) -> f32 {
     }
 }
 
+/// Σ (lo(q[j]) - off)·y[j] + (hi(q[j]) - off)·y[j+16] over one 32-element block; written over
+/// fixed-size arrays so the compiler vectorizes it on any target.
+#[inline]
+fn nibble_isum(qs: &[u8; 16], y: &[i8; QK], off: i32) -> i32 {
+    let mut s = 0i32;
+    for j in 0..16 {
+        s += (i32::from(qs[j] & 15) - off) * i32::from(y[j]);
+        s += (i32::from(qs[j] >> 4) - off) * i32::from(y[j + 16]);
+    }
+    s
+}
+
 fn q8_0(w: &[u8], y: &ActRow<'_>) -> f32 {
     let mut sum = 0.0f32;
     for ((b, qy), yd) in w
@@ -54,11 +66,10 @@ fn q8_0(w: &[u8], y: &ActRow<'_>) -> f32 {
         .zip(y.qs.as_chunks::<QK>().0)
         .zip(y.d)
     {
-        let isum: i32 = b[2..]
-            .iter()
-            .zip(qy)
-            .map(|(&q, &v)| i32::from(q as i8) * i32::from(v))
-            .sum();
+        let mut isum = 0i32;
+        for j in 0..QK {
+            isum += i32::from(b[2 + j] as i8) * i32::from(qy[j]);
+        }
         sum += f16_from([b[0], b[1]]) * yd * isum as f32;
     }
     sum
@@ -73,12 +84,9 @@ fn q4_0(w: &[u8], y: &ActRow<'_>) -> f32 {
         .zip(y.qs.as_chunks::<QK>().0)
         .zip(y.d)
     {
-        let mut isum = 0i32;
-        for (j, &q) in b[2..].iter().enumerate() {
-            isum += (i32::from(q & 15) - 8) * i32::from(qy[j]);
-            isum += (i32::from(q >> 4) - 8) * i32::from(qy[j + 16]);
-        }
-        sum += f16_from([b[0], b[1]]) * yd * isum as f32;
+        let mut qs = [0u8; 16];
+        qs.copy_from_slice(&b[2..]);
+        sum += f16_from([b[0], b[1]]) * yd * nibble_isum(&qs, qy, 8) as f32;
     }
     sum
 }
@@ -87,11 +95,9 @@ fn q4_1(w: &[u8], y: &ActRow<'_>) -> f32 {
     let mut sum = 0.0f32;
     let blocks = w.as_chunks::<20>().0.iter().zip(y.qs.as_chunks::<QK>().0);
     for ((b, qy), (yd, ys)) in blocks.zip(y.d.iter().zip(y.s)) {
-        let mut isum = 0i32;
-        for (j, &q) in b[4..].iter().enumerate() {
-            isum += i32::from(q & 15) * i32::from(qy[j]);
-            isum += i32::from(q >> 4) * i32::from(qy[j + 16]);
-        }
+        let mut qs = [0u8; 16];
+        qs.copy_from_slice(&b[4..]);
+        let isum = nibble_isum(&qs, qy, 0);
         // x = d*q + m, so Σ x·y = d·dy·Σ q·qy + m·(dy·Σ qy), the last factor being the sum s.
         sum += f16_from([b[0], b[1]]) * yd * isum as f32 + f16_from([b[2], b[3]]) * ys;
     }
