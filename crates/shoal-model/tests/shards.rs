@@ -1,0 +1,116 @@
+//! A model split into layer ranges computes exactly what the whole model computes: the logits
+//! of `[0, k) + [k, n)` equal those of `[0, n)` bit for bit, for prefill and decode steps and for
+//! batches of several sequences.
+
+mod common;
+
+use shoal_model::{
+    Model, SeqStep, ShardInput, ShardOptions, ShardOutput, ShardRuntime, ThreadPool,
+};
+use shoal_types::{LayerRange, SeqId};
+use std::sync::Arc;
+
+/// Runs `steps` (batch, tokens) through a chain of runtimes; returns the logits of each step.
+fn run_chain(
+    chain: &mut [Box<dyn ShardRuntime>],
+    steps: &[(Vec<SeqStep>, Vec<u32>)],
+) -> Vec<Vec<f32>> {
+    let mut out = Vec::new();
+    for (batch, tokens) in steps {
+        let mut hidden: Vec<f32> = Vec::new();
+        for (i, rt) in chain.iter_mut().enumerate() {
+            let input = if i == 0 {
+                ShardInput::Tokens(tokens)
+            } else {
+                ShardInput::Hidden(&hidden)
+            };
+            match rt.forward(batch, input).unwrap() {
+                ShardOutput::Hidden(h) => hidden = h.to_vec(),
+                ShardOutput::Logits(l) => out.push(l.to_vec()),
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn split_logits_equal_whole_model_logits_bit_for_bit() {
+    let model = Model::open(common::default_model_path()).unwrap();
+    let n = model.config().n_layers;
+    let pool = Arc::new(ThreadPool::new(2).unwrap());
+    let (a, b) = (SeqId(1), SeqId(2));
+    let p1: Vec<u32> = vec![504, 3575, 282, 4649, 314, 7042, 30];
+    let p2: Vec<u32> = vec![1, 9690, 198, 2683, 359, 253, 5356];
+    let mut steps = vec![(
+        vec![
+            SeqStep {
+                seq: a,
+                pos: 0,
+                n_tokens: 7,
+                logits: true,
+            },
+            SeqStep {
+                seq: b,
+                pos: 0,
+                n_tokens: 7,
+                logits: true,
+            },
+        ],
+        [p1.clone(), p2.clone()].concat(),
+    )];
+    for i in 0..4u32 {
+        steps.push((
+            vec![
+                SeqStep {
+                    seq: a,
+                    pos: 7 + i,
+                    n_tokens: 1,
+                    logits: true,
+                },
+                SeqStep {
+                    seq: b,
+                    pos: 7 + i,
+                    n_tokens: 1,
+                    logits: true,
+                },
+            ],
+            vec![100 + i, 200 + i],
+        ));
+    }
+    let whole: Vec<Box<dyn ShardRuntime>> = vec![Box::new(
+        model.whole(pool.clone(), ShardOptions::default()).unwrap(),
+    )];
+    let reference = run_chain(&mut { whole }, &steps);
+    for cuts in [
+        vec![1],
+        vec![15],
+        vec![29],
+        vec![10, 20],
+        vec![6, 12, 18, 24],
+    ] {
+        let mut bounds = vec![0];
+        bounds.extend(&cuts);
+        bounds.push(n);
+        let mut chain: Vec<Box<dyn ShardRuntime>> = bounds
+            .windows(2)
+            .map(|w| {
+                let range = LayerRange::new(w[0], w[1]).unwrap();
+                Box::new(
+                    model
+                        .shard(range, pool.clone(), ShardOptions::default())
+                        .unwrap(),
+                ) as Box<dyn ShardRuntime>
+            })
+            .collect();
+        let got = run_chain(&mut chain, &steps);
+        assert_eq!(got.len(), reference.len());
+        for (s, (g, r)) in got.iter().zip(&reference).enumerate() {
+            let same =
+                g.len() == r.len() && g.iter().zip(r).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "split at {cuts:?}: step {s} logits differ from the whole model"
+            );
+        }
+    }
+}
