@@ -54,11 +54,10 @@ pub struct Figures {
     model_bytes: u64,
 }
 
-/// Prompt token `i`, identical in both engines' benchmarks.
-fn prompt(n: usize, salt: usize) -> Vec<u32> {
-    (0..n)
-        .map(|i| (100 + ((i + salt * 977) * 7919) % 30000) as u32)
-        .collect()
+/// `n` prompt tokens starting at global index `first`: token `i` is `100 + (i * 7919) % 30000`,
+/// as in the reference script, so both engines see the same prompts.
+fn prompt(n: usize, first: usize) -> Vec<u32> {
+    (first..first + n).map(|i| (100 + (i * 7919) % 30000) as u32).collect()
 }
 
 fn best_of(repeats: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
@@ -124,7 +123,7 @@ fn measure(path: &std::path::Path, threads: usize, repeats: usize) -> Result<Fig
         let seqs: Vec<SeqId> = (0..n_seqs).map(|_| next_seq()).collect();
         let mut last = Vec::with_capacity(n_seqs);
         for (i, &seq) in seqs.iter().enumerate() {
-            let p = prompt(16, i);
+            let p = prompt(16, i * 16);
             match rt.forward(
                 &[SeqStep {
                     seq,

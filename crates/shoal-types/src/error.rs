@@ -60,7 +60,10 @@ impl ErrorClass {
 
     /// Whether the same request may succeed if retried elsewhere or later.
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorClass::Unavailable | ErrorClass::CapacityExhausted)
+        matches!(
+            self,
+            ErrorClass::Unavailable | ErrorClass::CapacityExhausted
+        )
     }
 }
 

@@ -49,7 +49,10 @@ impl TryFrom<RawRange> for LayerRange {
 
 impl From<LayerRange> for RawRange {
     fn from(r: LayerRange) -> Self {
-        RawRange { start: r.start, end: r.end }
+        RawRange {
+            start: r.start,
+            end: r.end,
+        }
     }
 }
 
@@ -70,7 +73,11 @@ impl LayerRange {
     /// Checks that the range lies inside a model of `n_layers` layers.
     pub fn check_within(self, n_layers: u32) -> Result<Self, LayerRangeError> {
         if self.end > n_layers {
-            return Err(LayerRangeError::OutOfModel { start: self.start, end: self.end, n_layers });
+            return Err(LayerRangeError::OutOfModel {
+                start: self.start,
+                end: self.end,
+                n_layers,
+            });
         }
         Ok(self)
     }
@@ -122,7 +129,10 @@ mod tests {
 
     #[test]
     fn empty_and_out_of_model_are_refused() {
-        assert!(matches!(LayerRange::new(3, 3), Err(LayerRangeError::Empty { .. })));
+        assert!(matches!(
+            LayerRange::new(3, 3),
+            Err(LayerRangeError::Empty { .. })
+        ));
         assert!(matches!(
             LayerRange::new(0, 31).and_then(|r| r.check_within(30)),
             Err(LayerRangeError::OutOfModel { .. })
