@@ -30,6 +30,13 @@ struct Merge {
 pub(crate) struct Bpe {
     pre: PreTokenizer,
     bytes: ByteMap,
+    table: MergeTable,
+}
+
+/// The merge rules resolved to symbol ids, and the symbols of single bytes. Built apart from the
+/// pre-tokenizer so the two can be built at the same time.
+#[derive(Debug)]
+pub(crate) struct MergeTable {
     merges: HashMap<u64, Merge, FastBuild>,
     /// Symbol id of each byte's character.
     byte_symbol: [u32; 256],
@@ -67,12 +74,9 @@ fn pair_key(left: u32, right: u32) -> u64 {
     (u64::from(left) << 32) | u64::from(right)
 }
 
-impl Bpe {
-    pub(crate) fn new(
-        vocab: &Vocab,
-        merges: &[String],
-        pre: PreTokenizer,
-    ) -> Result<Self, TokenizerError> {
+impl MergeTable {
+    /// Resolves `merges` ("left right" rules, highest priority first) against `vocab`.
+    pub(crate) fn new(vocab: &Vocab, merges: &[String]) -> Result<Self, TokenizerError> {
         if merges.is_empty() {
             return Err(TokenizerError::MissingMerges);
         }
@@ -99,33 +103,55 @@ impl Bpe {
 
         let mut table: HashMap<u64, Merge, FastBuild> =
             HashMap::with_capacity_and_hasher(merges.len(), FastBuild::default());
+        // Rules are resolved a chunk at a time: the three lookups of every rule in the chunk go
+        // to the vocabulary as one batch (see `Vocab::lookup_batch`).
+        const CHUNK: usize = 64;
+        let mut splits = Vec::with_capacity(CHUNK);
         let mut joined = String::new();
-        for (index, line) in merges.iter().enumerate() {
-            // The separator is the first space after the first byte (a rule may start with a
-            // literal space).
-            let split = line
-                .as_bytes()
-                .iter()
-                .skip(1)
-                .position(|&b| b == b' ')
-                .map(|p| p + 1);
-            let (Some(pos), Ok(rank)) = (split, u32::try_from(index)) else {
-                return Err(TokenizerError::BadMerge {
-                    index,
-                    line: line.clone(),
-                });
-            };
-            let (left, right) = (&line[..pos], &line[pos + 1..]);
+        let mut found = Vec::with_capacity(3 * CHUNK);
+        for (chunk_index, chunk) in merges.chunks(CHUNK).enumerate() {
+            splits.clear();
             joined.clear();
-            joined.push_str(left);
-            joined.push_str(right);
-            let left = symbol_of(left)?;
-            let right = symbol_of(right)?;
-            let result = symbol_of(&joined)?;
-            // The first rule for a pair wins, as with llama.cpp's map insertion.
-            table
-                .entry(pair_key(left, right))
-                .or_insert(Merge { rank, result });
+            for (offset, line) in chunk.iter().enumerate() {
+                let index = chunk_index * CHUNK + offset;
+                // The separator is the first space after the first byte (a rule may start with
+                // a literal space).
+                let split = line
+                    .as_bytes()
+                    .get(1..)
+                    .and_then(|rest| rest.iter().position(|&b| b == b' '))
+                    .map(|p| p + 1);
+                let Some(pos) = split.filter(|_| u32::try_from(index).is_ok()) else {
+                    return Err(TokenizerError::BadMerge {
+                        index,
+                        line: line.clone(),
+                    });
+                };
+                let start = joined.len();
+                joined.push_str(&line[..pos]);
+                joined.push_str(&line[pos + 1..]);
+                splits.push((pos, start..joined.len()));
+            }
+            let mut keys: Vec<&str> = Vec::with_capacity(3 * chunk.len());
+            for (line, (pos, range)) in chunk.iter().zip(&splits) {
+                keys.extend([&line[..*pos], &line[*pos + 1..], &joined[range.clone()]]);
+            }
+            found.clear();
+            vocab.lookup_batch(&keys, &mut found);
+            for (offset, ids) in found.chunks_exact(3).enumerate() {
+                let key = &keys[3 * offset..3 * offset + 3];
+                let mut id = |i: usize| match ids[i] {
+                    Some(id) => Ok(id),
+                    None => symbol_of(key[i]),
+                };
+                let (left, right, result) = (id(0)?, id(1)?, id(2)?);
+                // Fits: checked while splitting.
+                let rank = (chunk_index * CHUNK + offset) as u32;
+                // The first rule for a pair wins, as with llama.cpp's map insertion.
+                table
+                    .entry(pair_key(left, right))
+                    .or_insert(Merge { rank, result });
+            }
         }
 
         let bytes = ByteMap::new();
@@ -144,18 +170,21 @@ impl Bpe {
             *slot = vocab.lookup(s).unwrap_or(NONE);
         }
         Ok(Self {
-            pre,
-            bytes,
             merges: table,
             byte_symbol,
             ascii_token,
             vocab_size,
         })
     }
+}
 
-    /// The GPT-2 byte table, for rendering token texts.
-    pub(crate) fn byte_map(&self) -> &ByteMap {
-        &self.bytes
+impl Bpe {
+    pub(crate) fn new(pre: PreTokenizer, table: MergeTable) -> Self {
+        Self {
+            pre,
+            bytes: ByteMap::new(),
+            table,
+        }
     }
 
     /// The pre-tokenizer name.
@@ -200,7 +229,7 @@ impl Bpe {
             }
         }
         if let [b] = word {
-            self.emit(word, self.byte_symbol[usize::from(*b)], out);
+            self.emit(word, self.table.byte_symbol[usize::from(*b)], out);
             return;
         }
         let symbols = &mut scratch.symbols;
@@ -211,7 +240,7 @@ impl Bpe {
         symbols.extend(word.iter().enumerate().map(|(i, &b)| Symbol {
             start: i,
             len: 1,
-            id: self.byte_symbol[usize::from(b)],
+            id: self.table.byte_symbol[usize::from(b)],
             prev: if i == 0 { END } else { i - 1 },
             next: if i + 1 == n { END } else { i + 1 },
         }));
@@ -251,13 +280,13 @@ impl Bpe {
         if l.id == NONE || r.id == NONE {
             return;
         }
-        if let Some(m) = self.merges.get(&pair_key(l.id, r.id)) {
+        if let Some(m) = self.table.merges.get(&pair_key(l.id, r.id)) {
             queue.push(Reverse((m.rank, left, right, m.result, l.len + r.len)));
         }
     }
 
     fn emit(&self, bytes: &[u8], id: u32, out: &mut Vec<u32>) {
-        if id < self.vocab_size {
+        if id < self.table.vocab_size {
             out.push(id);
             return;
         }
@@ -265,7 +294,7 @@ impl Bpe {
         for &b in bytes {
             let c = self.bytes.char_of(b);
             if c.is_ascii() {
-                let t = self.ascii_token[c as usize];
+                let t = self.table.ascii_token[c as usize];
                 if t != NONE {
                     out.push(t);
                 }
@@ -284,7 +313,8 @@ mod tests {
         let texts: Vec<String> = tokens.iter().map(|s| s.to_string()).collect();
         let vocab = Vocab::new(&texts, vec![TokenType::Normal; texts.len()]).unwrap();
         let merges: Vec<String> = merges.iter().map(|s| s.to_string()).collect();
-        let bpe = Bpe::new(&vocab, &merges, PreTokenizer::new(Some(pre)).unwrap()).unwrap();
+        let table = MergeTable::new(&vocab, &merges).unwrap();
+        let bpe = Bpe::new(PreTokenizer::new(Some(pre)).unwrap(), table);
         (vocab, bpe)
     }
 
@@ -336,7 +366,7 @@ mod tests {
         let texts = vec!["a".to_string()];
         let vocab = Vocab::new(&texts, vec![TokenType::Normal]).unwrap();
         let merges = vec!["a a".to_string(), "aa".to_string()];
-        let err = Bpe::new(&vocab, &merges, PreTokenizer::new(None).unwrap()).unwrap_err();
+        let err = MergeTable::new(&vocab, &merges).unwrap_err();
         assert!(matches!(err, TokenizerError::BadMerge { index: 1, ref line } if line == "aa"));
     }
 }

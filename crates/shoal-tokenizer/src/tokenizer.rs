@@ -4,12 +4,13 @@
 use std::fmt;
 
 use crate::TokenizerError;
-use crate::bpe::{Bpe, BpeScratch};
+use crate::bpe::{Bpe, BpeScratch, MergeTable};
+use crate::bytes::ByteMap;
 use crate::pretokenize::PreTokenizer;
 use crate::spec::{TokenType, TokenizerSpec};
 use crate::special::{Fragment, SpecialMatcher};
 use crate::spm::{SPACE_MARK, Spm, SpmScratch};
-use crate::vocab::Vocab;
+use crate::vocab::{Pieces, Vocab};
 
 /// Texts llama.cpp treats as end of generation (and forces to control tokens) when present.
 const END_OF_GENERATION_TEXTS: &[&str] = &[
@@ -65,6 +66,7 @@ enum Algorithm {
 /// Immutable after construction and `Send + Sync`: share one behind an `Arc`.
 pub struct Tokenizer {
     vocab: Vocab,
+    pieces: Pieces,
     algorithm: Algorithm,
     specials: SpecialMatcher,
     model: String,
@@ -153,17 +155,9 @@ impl Tokenizer {
             return Err(TokenizerError::MissingSpecialToken { role: "eos" });
         }
 
-        let algorithm = match spec.model.as_str() {
-            "gpt2" => {
-                let pre = PreTokenizer::new(spec.pre.as_deref())?;
-                Algorithm::Bpe(Box::new(Bpe::new(&vocab, &spec.merges, pre)?))
-            }
-            "llama" => Algorithm::Spm(Box::new(Spm::new(
-                &vocab,
-                spec.scores,
-                unk,
-                spec.add_space_prefix,
-            ))),
+        let is_bpe = match spec.model.as_str() {
+            "gpt2" => true,
+            "llama" => false,
             other => {
                 return Err(TokenizerError::UnknownModel {
                     model: other.to_owned(),
@@ -186,41 +180,40 @@ impl Tokenizer {
         end_of_generation.sort_unstable();
         end_of_generation.dedup();
 
-        match &algorithm {
-            Algorithm::Bpe(bpe) => {
-                let bytes = bpe.byte_map();
-                vocab.render_pieces(|text, ty, out| match ty {
-                    TokenType::Normal => bytes.decode_into(text, out),
-                    TokenType::Control | TokenType::Unknown | TokenType::UserDefined => {
-                        out.extend_from_slice(text.as_bytes());
-                    }
-                    // llama.cpp renders nothing for these in byte-level vocabularies.
-                    TokenType::Byte | TokenType::Unused | TokenType::Undefined => {}
+        // The merge table (the bulk of the work) is built here while a helper thread compiles
+        // the pre-tokenizer and renders the token pieces: model load time is what this saves.
+        let vocab_ref = &vocab;
+        let pre_name = spec.pre.as_deref();
+        let merges = &spec.merges;
+        let ((pre, pieces), main) = concurrently(
+            || {
+                let pre = is_bpe.then(|| PreTokenizer::new(pre_name)).transpose();
+                (pre, render_pieces(vocab_ref, is_bpe))
+            },
+            || {
+                if is_bpe {
+                    MergeTable::new(vocab_ref, merges).map(|t| Built::Merges(Box::new(t)))
+                } else {
+                    let spm = Spm::new(vocab_ref, spec.scores, unk, spec.add_space_prefix);
+                    Ok(Built::Spm(Box::new(spm)))
+                }
+            },
+        );
+        let algorithm = match (pre?, main?) {
+            (Some(pre), Built::Merges(table)) => Algorithm::Bpe(Box::new(Bpe::new(pre, *table))),
+            (_, Built::Spm(spm)) => Algorithm::Spm(spm),
+            // A merge table is only built for byte-level BPE, which always has a pre-tokenizer.
+            (None, Built::Merges(_)) => {
+                return Err(TokenizerError::UnknownPreTokenizer {
+                    pre: pre_name.unwrap_or("default").to_owned(),
                 });
             }
-            Algorithm::Spm(_) => {
-                vocab.render_pieces(|text, ty, out| match ty {
-                    TokenType::Normal => {
-                        for c in text.chars() {
-                            let c = if c == SPACE_MARK { ' ' } else { c };
-                            out.extend_from_slice(c.encode_utf8(&mut [0u8; 4]).as_bytes());
-                        }
-                    }
-                    TokenType::Control | TokenType::Unknown | TokenType::UserDefined => {
-                        out.extend_from_slice(text.as_bytes());
-                    }
-                    TokenType::Byte => match parse_byte_token(text) {
-                        Some(b) => out.push(b),
-                        None => out.extend_from_slice(text.as_bytes()),
-                    },
-                    TokenType::Unused | TokenType::Undefined => {}
-                });
-            }
-        }
+        };
         let specials = SpecialMatcher::new(&vocab);
 
         Ok(Self {
             vocab,
+            pieces,
             algorithm,
             specials,
             model: spec.model,
@@ -298,7 +291,7 @@ impl Tokenizer {
     /// The bytes token `id` stands for, special tokens rendered as their text. Unused and
     /// undefined tokens are empty. A piece may be part of a UTF-8 sequence.
     pub fn token_bytes(&self, id: u32) -> Result<&[u8], TokenizerError> {
-        self.vocab.piece(id).ok_or(TokenizerError::TokenOutOfRange {
+        self.pieces.get(id).ok_or(TokenizerError::TokenOutOfRange {
             id,
             vocab_size: self.vocab.len(),
         })
@@ -415,6 +408,62 @@ impl Tokenizer {
     /// The chat template from the metadata, if any.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
+    }
+}
+
+/// What the main thread of construction builds.
+enum Built {
+    Merges(Box<MergeTable>),
+    Spm(Box<Spm>),
+}
+
+/// Runs `side` on a scoped helper thread while `main` runs on this one; if no thread can be
+/// started, runs `side` here afterwards.
+fn concurrently<A: Send, B>(side: impl Fn() -> A + Sync, main: impl FnOnce() -> B) -> (A, B) {
+    std::thread::scope(|scope| {
+        let helper = std::thread::Builder::new()
+            .name("tokenizer-build".into())
+            .spawn_scoped(scope, &side);
+        let b = main();
+        let a = match helper {
+            Ok(handle) => handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Err(_) => side(),
+        };
+        (a, b)
+    })
+}
+
+/// The bytes each token stands for, as llama.cpp renders them.
+fn render_pieces(vocab: &Vocab, is_bpe: bool) -> Pieces {
+    if is_bpe {
+        let bytes = ByteMap::new();
+        Pieces::render(vocab, |text, ty, out| match ty {
+            TokenType::Normal => bytes.decode_into(text, out),
+            TokenType::Control | TokenType::Unknown | TokenType::UserDefined => {
+                out.extend_from_slice(text.as_bytes());
+            }
+            // llama.cpp renders nothing for these in byte-level vocabularies.
+            TokenType::Byte | TokenType::Unused | TokenType::Undefined => {}
+        })
+    } else {
+        Pieces::render(vocab, |text, ty, out| match ty {
+            TokenType::Normal => {
+                for c in text.chars() {
+                    let c = if c == SPACE_MARK { ' ' } else { c };
+                    out.extend_from_slice(c.encode_utf8(&mut [0u8; 4]).as_bytes());
+                }
+            }
+            TokenType::Control | TokenType::Unknown | TokenType::UserDefined => {
+                out.extend_from_slice(text.as_bytes());
+            }
+            TokenType::Byte => match parse_byte_token(text) {
+                Some(b) => out.push(b),
+                None => out.extend_from_slice(text.as_bytes()),
+            },
+            TokenType::Unused | TokenType::Undefined => {}
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! Token storage: every token's text and rendered bytes in two flat arenas, the token types, and
 //! an open-addressing index from text to id. Flat arenas keep construction to a handful of
-//! allocations for a 50k-token vocabulary and make lookups by `&str` slices of the input free of
-//! allocation.
+//! allocations for a 50k-token vocabulary, keep lookups (150k of them while resolving merge
+//! rules) cache-friendly, and make lookups by `&str` slices of the input free of allocation.
 
 use crate::TokenizerError;
 use crate::hash::hash_bytes;
@@ -15,8 +15,6 @@ pub(crate) struct Vocab {
     text: String,
     text_ends: Vec<usize>,
     types: Vec<TokenType>,
-    pieces: Vec<u8>,
-    piece_ends: Vec<usize>,
     slots: Vec<u32>,
     mask: usize,
 }
@@ -38,17 +36,16 @@ impl Vocab {
             text.push_str(t);
             text_ends.push(text.len());
         }
-        let capacity = (tokens.len() * 2).next_power_of_two();
+        let n = tokens.len();
+        let capacity = (n * 2).next_power_of_two();
         let mut vocab = Self {
             text,
             text_ends,
             types,
-            pieces: Vec::new(),
-            piece_ends: Vec::new(),
             slots: vec![EMPTY; capacity],
             mask: capacity - 1,
         };
-        for id in 0..tokens.len() as u32 {
+        for id in 0..n as u32 {
             vocab.insert(id);
         }
         Ok(vocab)
@@ -93,6 +90,39 @@ impl Vocab {
         }
     }
 
+    /// Looks up many keys, appending one result per key to `out`: the same answers as
+    /// [`Vocab::lookup`], but the loads of different keys are issued stage by stage so their
+    /// cache misses overlap instead of queuing (tokenizer construction is bound by them).
+    pub(crate) fn lookup_batch(&self, keys: &[&str], out: &mut Vec<Option<u32>>) {
+        const BATCH: usize = 32;
+        for chunk in keys.chunks(BATCH) {
+            let mut slot = [0usize; BATCH];
+            let mut first = [EMPTY; BATCH];
+            for (k, key) in chunk.iter().enumerate() {
+                slot[k] = hash_bytes(key.as_bytes()) as usize & self.mask;
+            }
+            for k in 0..chunk.len() {
+                first[k] = self.slots[slot[k]];
+            }
+            for (k, key) in chunk.iter().enumerate() {
+                let key = key.as_bytes();
+                let mut s = slot[k];
+                let mut id = first[k];
+                let found = loop {
+                    if id == EMPTY {
+                        break None;
+                    }
+                    if self.text_of(id).as_bytes() == key {
+                        break Some(id);
+                    }
+                    s = (s + 1) & self.mask;
+                    id = self.slots[s];
+                };
+                out.push(found);
+            }
+        }
+    }
+
     /// The stored text of token `id` (which must be in range).
     #[inline]
     pub(crate) fn text_of(&self, id: u32) -> &str {
@@ -111,26 +141,37 @@ impl Vocab {
     pub(crate) fn set_type(&mut self, id: u32, ty: TokenType) {
         self.types[id as usize] = ty;
     }
+}
 
-    /// Renders every token's bytes once, with `render(id, text, type, out)` appending them.
-    pub(crate) fn render_pieces(&mut self, mut render: impl FnMut(&str, TokenType, &mut Vec<u8>)) {
-        let mut pieces = Vec::with_capacity(self.text.len());
-        let mut ends = Vec::with_capacity(self.len());
-        for id in 0..self.len() as u32 {
-            render(self.text_of(id), self.type_of(id), &mut pieces);
-            ends.push(pieces.len());
+/// The bytes every token stands for, in one arena: what decoding concatenates.
+#[derive(Debug)]
+pub(crate) struct Pieces {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Pieces {
+    /// Renders every token of `vocab` once, `render(text, type, out)` appending its bytes.
+    pub(crate) fn render(
+        vocab: &Vocab,
+        mut render: impl FnMut(&str, TokenType, &mut Vec<u8>),
+    ) -> Self {
+        let mut bytes = Vec::with_capacity(vocab.text.len());
+        let mut ends = Vec::with_capacity(vocab.len());
+        for id in 0..vocab.len() as u32 {
+            render(vocab.text_of(id), vocab.type_of(id), &mut bytes);
+            ends.push(bytes.len());
         }
-        self.pieces = pieces;
-        self.piece_ends = ends;
+        Self { bytes, ends }
     }
 
-    /// The rendered bytes of token `id`, if it is in range.
+    /// The bytes of token `id`, if it is in range.
     #[inline]
-    pub(crate) fn piece(&self, id: u32) -> Option<&[u8]> {
+    pub(crate) fn get(&self, id: u32) -> Option<&[u8]> {
         let i = id as usize;
-        let end = *self.piece_ends.get(i)?;
-        let start = if i == 0 { 0 } else { self.piece_ends[i - 1] };
-        Some(&self.pieces[start..end])
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.bytes[start..end])
     }
 }
 
@@ -147,12 +188,24 @@ mod tests {
 
     #[test]
     fn lookup_finds_every_token_and_nothing_else() {
-        let v = vocab(&["a", "b", "ab", "", "héllo", "<|x|>"]);
-        for (id, t) in ["a", "b", "ab", "", "héllo", "<|x|>"].iter().enumerate() {
+        let texts = ["a", "b", "ab", "", "héllo", "<|x|>"];
+        let v = vocab(&texts);
+        for (id, t) in texts.iter().enumerate() {
             assert_eq!(v.lookup(t), Some(id as u32));
             assert_eq!(v.text_of(id as u32), *t);
         }
         assert_eq!(v.lookup("abc"), None);
+        let keys: Vec<&str> = texts
+            .iter()
+            .chain(&["abc", "A"])
+            .copied()
+            .cycle()
+            .take(100)
+            .collect();
+        let mut batch = Vec::new();
+        v.lookup_batch(&keys, &mut batch);
+        let single: Vec<Option<u32>> = keys.iter().map(|k| v.lookup(k)).collect();
+        assert_eq!(batch, single);
         assert_eq!(v.lookup("A"), None);
     }
 
