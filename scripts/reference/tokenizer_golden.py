@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import json
 import os
+import random
 import re
 import sys
 import tempfile
@@ -79,6 +80,45 @@ TEXTS = [
     "Привет, мир! Γειά σου κόσμε. مرحبا بالعالم",
 ]
 
+# Random strings drawn from pieces that stress pre-tokenizers (whitespace runs, digits,
+# contractions, scripts, special-token fragments) and from all of Unicode; seeded, so the golden
+# files are reproducible.
+FUZZ_ATOMS = [
+    " ", "  ", "\t", "\n", "\r\n", "\n\n", " \n", "\u00a0", "\u3000", "\u2003", "'s", "'S", "'ll",
+    "'LL", "'re", "'", "''", "1", "12", "123", "1234", "3.14", "٣", "½", "²", "Ⅻ", "a", "abc", "Hello",
+    " world", "É", "é", "e\u0301", "日本", "中文", "🎉", "👨‍👩‍👧", "\u200d", "!", "?!", "...", "$", "+",
+    "<", "=", ">", "^", "~", "|", "`", "#", "@", "%", "&", "*", "(", ")", "<|im_start|>", "<|im_end|>",
+    "<|im_", "<s>", "</s>", "<|user|>", "<|end|>", "\x00", "\x7f", "\x85", "\x1c", "ǅ", "ﬁ", "ß",
+    "İ", "K", "Ω", "ſ", "\u0300", "\ufeff", "\u2581", "_", "-", "x", "the", " the", "zqjx",
+]
+
+
+def fuzz_texts(count, seed=20240229):
+    rng = random.Random(seed)
+
+    def code_point(lo, hi):
+        while True:
+            c = rng.randint(lo, hi)
+            if not 0xD800 <= c <= 0xDFFF:
+                return chr(c)
+
+    texts = []
+    for _ in range(count):
+        parts = []
+        for _ in range(rng.randint(1, 16)):
+            r = rng.random()
+            if r < 0.7:
+                parts.append(rng.choice(FUZZ_ATOMS))
+            elif r < 0.85:
+                parts.append(code_point(0x20, 0x2FF))
+            elif r < 0.95:
+                parts.append(code_point(0x300, 0xFFFD))
+            else:
+                parts.append(code_point(0x10000, 0x10FFFF))
+        texts.append("".join(parts))
+    return texts
+
+
 # Appended to the SmolLM2 vocabulary in the rewritten-pre copies, so that the pre-tokenizers that
 # differ only in how they group digits (llama-bpe: up to three, qwen2: one) and in whether a word
 # that is a token skips merging (llama-bpe) produce different tokens.
@@ -136,9 +176,10 @@ class Vocab:
 
 
 def detok(vocab, ids, special):
-    """Concatenated pieces, the way llama-server streams generated text."""
+    """Concatenated pieces, the way llama-server streams generated text (bytes the vocabulary
+    has no token for are dropped by llama.cpp, which can leave invalid UTF-8: replaced)."""
     raw = b"".join(vocab.piece(t, special) for t in ids)
-    return raw.decode("utf-8", errors="strict")
+    return raw.decode("utf-8", errors="replace")
 
 
 def cases_for(vocab, texts):
@@ -469,7 +510,7 @@ def main():
                     "extra_tokens": extra_tokens,
                     "extra_merges": extra_merges,
                     "eog_ids": [t for t in range(n_vocab) if vocab.is_eog(t)],
-                    "cases": cases_for(vocab, TEXTS),
+                    "cases": cases_for(vocab, TEXTS + fuzz_texts(100 if pre == "smollm" else 40)),
                     "pieces": piece_samples(vocab, sample_ids + list(range(n_vocab, vocab.n_tokens))),
                 },
             )
@@ -497,7 +538,7 @@ def main():
                         "add_space_prefix": prefix,
                     },
                     "eog_ids": [t for t in range(len(tokens)) if vocab.is_eog(t)],
-                    "cases": cases_for(vocab, TEXTS + SPM_EXTRA_TEXTS),
+                    "cases": cases_for(vocab, TEXTS + SPM_EXTRA_TEXTS + fuzz_texts(60)),
                     "pieces": piece_samples(vocab, list(range(len(tokens)))),
                 },
             )

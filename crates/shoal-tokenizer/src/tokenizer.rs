@@ -56,7 +56,7 @@ const FIM_END_TEXTS: &[&str] = &[
 
 #[derive(Debug)]
 enum Algorithm {
-    // Boxed: the byte tables make the BPE model much larger than the SentencePiece one.
+    // Boxed: both carry kilobytes of per-byte tables.
     Bpe(Box<Bpe>),
     Spm(Box<Spm>),
 }
@@ -121,6 +121,16 @@ impl Tokenizer {
     /// Builds a tokenizer. Fails on an unknown model or pre-tokenizer type, arrays whose length
     /// does not match the vocabulary, malformed merge rules and special ids out of range.
     pub fn new(spec: TokenizerSpec) -> Result<Self, TokenizerError> {
+        let is_bpe = match spec.model.as_str() {
+            "gpt2" => true,
+            "llama" => false,
+            other => {
+                return Err(TokenizerError::UnknownModel {
+                    model: other.to_owned(),
+                });
+            }
+        };
+
         let n = spec.tokens.len();
         let types: Vec<TokenType> = match &spec.token_types {
             Some(t) if t.len() != n => {
@@ -154,16 +164,6 @@ impl Tokenizer {
         if spec.add_eos && eos.is_none() {
             return Err(TokenizerError::MissingSpecialToken { role: "eos" });
         }
-
-        let is_bpe = match spec.model.as_str() {
-            "gpt2" => true,
-            "llama" => false,
-            other => {
-                return Err(TokenizerError::UnknownModel {
-                    model: other.to_owned(),
-                });
-            }
-        };
 
         // Well-known end markers stop generation and are control tokens whatever the file says.
         let mut end_of_generation: Vec<u32> = eos.into_iter().collect();
