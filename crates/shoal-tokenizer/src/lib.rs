@@ -29,6 +29,6 @@ mod vocab;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use error::TokenizerError;
-pub use spec::{TokenType, TokenizerSpec};
+pub use spec::{TokenType, TokenizerDefaults, TokenizerSpec};
 pub use stream::StreamDecoder;
 pub use tokenizer::Tokenizer;

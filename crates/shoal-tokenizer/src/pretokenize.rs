@@ -84,6 +84,12 @@ impl Family {
     }
 }
 
+/// Whether llama.cpp adds BOS for this pre-tokenizer when the metadata does not say (it does for
+/// the Llama 3 family).
+pub(crate) fn adds_bos_by_default(name: &str) -> bool {
+    Family::from_name(name) == Some(Family::Llama3)
+}
+
 /// A compiled pre-tokenizer.
 #[derive(Debug)]
 pub(crate) struct PreTokenizer {

@@ -39,6 +39,60 @@ pub struct TokenizerSpec {
     pub chat_template: Option<String>,
 }
 
+/// What llama.cpp assumes for tokenizer metadata a model file leaves out. Whoever fills a
+/// [`TokenizerSpec`] from a file should fall back to these for missing keys, or tokenization
+/// will differ from llama.cpp's (a SentencePiece file without `add_bos_token`, for instance,
+/// still gets a BOS there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenizerDefaults {
+    /// For a missing `tokenizer.ggml.bos_token_id`.
+    pub bos: Option<u32>,
+    /// For a missing `tokenizer.ggml.eos_token_id`.
+    pub eos: Option<u32>,
+    /// For a missing `tokenizer.ggml.unknown_token_id`.
+    pub unk: Option<u32>,
+    /// For a missing `tokenizer.ggml.add_bos_token`.
+    pub add_bos: bool,
+    /// For a missing `tokenizer.ggml.add_eos_token`.
+    pub add_eos: bool,
+    /// For a missing `tokenizer.ggml.add_space_prefix`.
+    pub add_space_prefix: bool,
+}
+
+impl TokenizerDefaults {
+    /// The defaults for a `tokenizer.ggml.model` / `tokenizer.ggml.pre` pair. Byte-level BPE
+    /// defaults BOS and EOS to token 11 (a llama.cpp legacy) and adds BOS only for Llama 3 style
+    /// pre-tokenizers; SentencePiece defaults to ids 1/2/0 with BOS and a space prefix.
+    pub fn for_model(model: &str, pre: Option<&str>) -> Self {
+        match model {
+            "llama" => Self {
+                bos: Some(1),
+                eos: Some(2),
+                unk: Some(0),
+                add_bos: true,
+                add_eos: false,
+                add_space_prefix: true,
+            },
+            "gpt2" => Self {
+                bos: Some(11),
+                eos: Some(11),
+                unk: None,
+                add_bos: crate::pretokenize::adds_bos_by_default(pre.unwrap_or("default")),
+                add_eos: false,
+                add_space_prefix: false,
+            },
+            _ => Self {
+                bos: None,
+                eos: None,
+                unk: None,
+                add_bos: false,
+                add_eos: false,
+                add_space_prefix: false,
+            },
+        }
+    }
+}
+
 /// What a token is, from `tokenizer.ggml.token_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TokenType {
@@ -81,5 +135,33 @@ impl TokenType {
     /// True for tokens matched verbatim in input text before pre-tokenization.
     pub(crate) fn is_matched_verbatim(self) -> bool {
         matches!(self, Self::Control | Self::Unknown | Self::UserDefined)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_llama_cpp() {
+        // Observed with llama.cpp on vocabulary-only files stripped of these keys.
+        let spm = TokenizerDefaults::for_model("llama", None);
+        assert_eq!((spm.bos, spm.eos, spm.unk), (Some(1), Some(2), Some(0)));
+        assert!(spm.add_bos && spm.add_space_prefix && !spm.add_eos);
+        for (pre, add_bos) in [
+            ("smollm", false),
+            ("llama-bpe", true),
+            ("qwen2", false),
+            ("gpt-2", false),
+        ] {
+            let bpe = TokenizerDefaults::for_model("gpt2", Some(pre));
+            assert_eq!(
+                (bpe.bos, bpe.eos, bpe.add_bos),
+                (Some(11), Some(11), add_bos),
+                "{pre}"
+            );
+        }
+        assert!(!TokenizerDefaults::for_model("gpt2", None).add_bos);
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use shoal_gguf::GgufFile;
-use shoal_tokenizer::TokenizerSpec;
+use shoal_tokenizer::{TokenizerDefaults, TokenizerSpec};
 
 pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -40,9 +40,14 @@ pub fn spec_from_gguf(path: &Path) -> TokenizerSpec {
             .map(|a| a.iter().map(str::to_owned).collect())
             .unwrap_or_default()
     };
+    let model = m.require_str("tokenizer.ggml.model").unwrap().to_owned();
+    let pre = m.get_str("tokenizer.ggml.pre").unwrap().map(str::to_owned);
+    // Missing keys take llama.cpp's defaults.
+    let defaults = TokenizerDefaults::for_model(&model, pre.as_deref());
+    let flag = |key: &str, default: bool| m.get_bool(key).unwrap().unwrap_or(default);
     TokenizerSpec {
-        model: m.require_str("tokenizer.ggml.model").unwrap().to_owned(),
-        pre: m.get_str("tokenizer.ggml.pre").unwrap().map(str::to_owned),
+        model,
+        pre,
         tokens: strings("tokenizer.ggml.tokens"),
         scores: m
             .get_f32_array("tokenizer.ggml.scores")
