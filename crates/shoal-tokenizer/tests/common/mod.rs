@@ -58,23 +58,23 @@ pub fn spec_from_gguf(path: &Path) -> TokenizerSpec {
             .unwrap()
             .map(<[i32]>::to_vec),
         merges: strings("tokenizer.ggml.merges"),
-        bos: m.get_u32("tokenizer.ggml.bos_token_id").unwrap(),
-        eos: m.get_u32("tokenizer.ggml.eos_token_id").unwrap(),
+        bos: m
+            .get_u32("tokenizer.ggml.bos_token_id")
+            .unwrap()
+            .or(defaults.bos),
+        eos: m
+            .get_u32("tokenizer.ggml.eos_token_id")
+            .unwrap()
+            .or(defaults.eos),
         eot: m.get_u32("tokenizer.ggml.eot_token_id").unwrap(),
-        unk: m.get_u32("tokenizer.ggml.unknown_token_id").unwrap(),
+        unk: m
+            .get_u32("tokenizer.ggml.unknown_token_id")
+            .unwrap()
+            .or(defaults.unk),
         pad: m.get_u32("tokenizer.ggml.padding_token_id").unwrap(),
-        add_bos: m
-            .get_bool("tokenizer.ggml.add_bos_token")
-            .unwrap()
-            .unwrap_or(false),
-        add_eos: m
-            .get_bool("tokenizer.ggml.add_eos_token")
-            .unwrap()
-            .unwrap_or(false),
-        add_space_prefix: m
-            .get_bool("tokenizer.ggml.add_space_prefix")
-            .unwrap()
-            .unwrap_or(false),
+        add_bos: flag("tokenizer.ggml.add_bos_token", defaults.add_bos),
+        add_eos: flag("tokenizer.ggml.add_eos_token", defaults.add_eos),
+        add_space_prefix: flag("tokenizer.ggml.add_space_prefix", defaults.add_space_prefix),
         chat_template: m
             .get_str("tokenizer.chat_template")
             .unwrap()
