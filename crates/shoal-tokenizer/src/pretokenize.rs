@@ -5,6 +5,12 @@
 //! with it is the point: a type may chain several patterns, each one splitting every piece the
 //! previous one produced, and text a pattern does not match stays a piece of its own. Pieces are
 //! searched independently, so a lookahead such as `\s+(?!\S)` stops at a piece's end.
+//!
+//! The lookahead `\s+(?!\S)` ("a whitespace run, minus its last character when a non-space
+//! follows") is not left to a backtracking engine: that needs stack in proportion to a run's
+//! length and gives up on long inputs. Each pattern is run as a plain regular expression with
+//! `\s+` in its place (linear time, leftmost-first like a backtracking engine), and a
+//! whitespace match that the lookahead would have shortened is shortened by one character here.
 
 use std::ops::Range;
 
@@ -12,13 +18,54 @@ use fancy_regex::Regex;
 
 use crate::TokenizerError;
 
-const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
-const DIGIT: &str = r"\p{N}";
-const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const DEFAULT_PUNCT: &str = r"[\p{P}\$\+<=>\^~\|]+";
-const DIGITS: &str = r"\p{N}+";
-const ASCII_TRIPLE: &str = r"[0-9][0-9][0-9]";
+/// A pre-tokenizer pattern: as llama.cpp writes it, as it is run here, and which whitespace
+/// matches stand for the `\s+(?!\S)` alternative.
+#[derive(Debug, Clone, Copy)]
+struct Pattern {
+    llama_cpp: &'static str,
+    engine: &'static str,
+    trim: Trim,
+}
+
+/// Which whitespace-only matches came from `\s+(?!\S)` (and so lose their last character when
+/// something follows them in the piece).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trim {
+    /// The pattern has no lookahead.
+    Never,
+    /// Every whitespace-only match.
+    WhitespaceRuns,
+    /// Whitespace-only matches without `\r`/`\n` (those came from `\s*[\r\n]+`).
+    WhitespaceRunsWithoutNewlines,
+}
+
+const fn plain(pattern: &'static str) -> Pattern {
+    Pattern {
+        llama_cpp: pattern,
+        engine: pattern,
+        trim: Trim::Never,
+    }
+}
+
+const GPT2: Pattern = Pattern {
+    llama_cpp: r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    engine: r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+",
+    trim: Trim::WhitespaceRuns,
+};
+const LLAMA3: Pattern = Pattern {
+    llama_cpp: r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    engine: r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+",
+    trim: Trim::WhitespaceRunsWithoutNewlines,
+};
+const QWEN2: Pattern = Pattern {
+    llama_cpp: r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    engine: r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+",
+    trim: Trim::WhitespaceRunsWithoutNewlines,
+};
+const DIGIT: Pattern = plain(r"\p{N}");
+const DEFAULT_PUNCT: Pattern = plain(r"[\p{P}\$\+<=>\^~\|]+");
+const DIGITS: Pattern = plain(r"\p{N}+");
+const ASCII_TRIPLE: Pattern = plain(r"[0-9][0-9][0-9]");
 
 /// Code points Unicode 16 added to the letter, number and punctuation categories. llama.cpp's
 /// character tables are Unicode 15.1, so to it these are unassigned (neither letter, number nor
@@ -73,7 +120,7 @@ impl Family {
         })
     }
 
-    fn patterns(self) -> &'static [&'static str] {
+    fn patterns(self) -> &'static [Pattern] {
         match self {
             Self::Default => &[DEFAULT_PUNCT, GPT2, DIGITS, ASCII_TRIPLE],
             Self::Gpt2 => &[GPT2],
@@ -94,7 +141,7 @@ pub(crate) fn adds_bos_by_default(name: &str) -> bool {
 #[derive(Debug)]
 pub(crate) struct PreTokenizer {
     name: String,
-    patterns: Vec<(&'static str, Regex)>,
+    patterns: Vec<(Pattern, Regex)>,
     ignore_merges: bool,
 }
 
@@ -110,10 +157,10 @@ impl PreTokenizer {
             .patterns()
             .iter()
             .map(|&pattern| {
-                Regex::new(&with_llama_cpp_categories(pattern))
+                Regex::new(&with_llama_cpp_categories(pattern.engine))
                     .map(|re| (pattern, re))
                     .map_err(|e| TokenizerError::PatternCompile {
-                        pattern,
+                        pattern: pattern.llama_cpp,
                         source: Box::new(e),
                     })
             })
@@ -153,30 +200,72 @@ impl PreTokenizer {
             std::mem::swap(words, scratch);
             words.clear();
             for piece in scratch.iter() {
-                let base = piece.start;
-                let mut last = 0;
-                let slice = &text[piece.clone()];
-                for m in re.find_iter(slice) {
-                    let m = m.map_err(|e| TokenizerError::PreTokenize {
-                        pattern,
-                        source: Box::new(e),
-                    })?;
-                    if m.start() == m.end() {
-                        continue;
-                    }
-                    if m.start() > last {
-                        words.push(base + last..base + m.start());
-                    }
-                    words.push(base + m.start()..base + m.end());
-                    last = m.end();
-                }
-                if last < slice.len() {
-                    words.push(base + last..piece.end);
-                }
+                split_piece(text, piece.clone(), pattern, re, words)?;
             }
         }
         Ok(())
     }
+}
+
+/// Splits `text[piece]` by one pattern, appending matches and the gaps between them to `words`.
+fn split_piece(
+    text: &str,
+    piece: Range<usize>,
+    pattern: &Pattern,
+    re: &Regex,
+    words: &mut Vec<Range<usize>>,
+) -> Result<(), TokenizerError> {
+    let base = piece.start;
+    let slice = &text[piece];
+    let (mut last, mut pos) = (0, 0);
+    while pos < slice.len() {
+        let found = re
+            .find_from_pos(slice, pos)
+            .map_err(|e| TokenizerError::PreTokenize {
+                pattern: pattern.llama_cpp,
+                source: Box::new(e),
+            })?;
+        let Some(m) = found else { break };
+        let (start, mut end) = (m.start(), m.end());
+        if end < slice.len() && shortened_by_lookahead(&slice[start..end], pattern.trim) {
+            // `\s+(?!\S)`: the run's last character stays for what follows.
+            end = start
+                + slice[start..end]
+                    .char_indices()
+                    .last()
+                    .map_or(0, |(i, _)| i);
+        }
+        if end == start {
+            // No pattern here matches empty text; step over a character if one ever did.
+            pos = start + slice[start..].chars().next().map_or(1, char::len_utf8);
+            continue;
+        }
+        if start > last {
+            words.push(base + last..base + start);
+        }
+        words.push(base + start..base + end);
+        last = end;
+        pos = end;
+    }
+    if last < slice.len() {
+        words.push(base + last..base + slice.len());
+    }
+    Ok(())
+}
+
+/// Whether a match, followed by more text, is one `\s+(?!\S)` would have stopped a character
+/// short of: a whitespace run of two or more characters from that alternative.
+fn shortened_by_lookahead(matched: &str, trim: Trim) -> bool {
+    let mut chars = matched.chars();
+    let two_or_more = chars.next().is_some() && chars.next().is_some();
+    two_or_more
+        && match trim {
+            Trim::Never => false,
+            Trim::WhitespaceRuns => matched.chars().all(char::is_whitespace),
+            Trim::WhitespaceRunsWithoutNewlines => matched
+                .chars()
+                .all(|c| c.is_whitespace() && c != '\r' && c != '\n'),
+        }
 }
 
 #[cfg(test)]
@@ -242,11 +331,30 @@ mod tests {
     }
 
     #[test]
-    fn long_whitespace_runs_do_not_exhaust_backtracking() {
-        let text = format!("{}x{}", " ".repeat(200_000), "\t".repeat(200_000));
+    fn whitespace_runs_keep_their_last_character_for_what_follows() {
+        assert_eq!(split("gpt-2", "a   b"), ["a", "  ", " b"]);
+        assert_eq!(split("gpt-2", "a \t\nb"), ["a", " \t", "\n", "b"]);
+        assert_eq!(split("gpt-2", "a   "), ["a", "   "]);
+        // Newline runs belong to `\s*[\r\n]+` in the Llama 3 pattern and are not shortened.
+        assert_eq!(split("llama-bpe", "a  \n\nb"), ["a", "  \n\n", "b"]);
+        assert_eq!(split("llama-bpe", "a \u{3000} b"), ["a", " \u{3000}", " b"]);
+    }
+
+    #[test]
+    fn megabyte_runs_split_without_running_out_of_stack() {
+        let runs = [
+            "a".repeat(1 << 20),
+            " ".repeat(1 << 20),
+            "7".repeat(1 << 20),
+            "!?".repeat(1 << 19),
+            " \n".repeat(1 << 19),
+            format!("{}x{}", " ".repeat(1 << 19), "\t".repeat(1 << 19)),
+        ];
         for pre in ["gpt-2", "llama-bpe", "qwen2", "smollm", "default"] {
-            let words = split(pre, &text);
-            assert_eq!(words.concat(), text, "{pre}");
+            for text in &runs {
+                let words = split(pre, text);
+                assert_eq!(words.concat(), *text, "{pre}");
+            }
         }
     }
 }
