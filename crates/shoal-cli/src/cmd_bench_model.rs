@@ -57,7 +57,9 @@ pub struct Figures {
 /// `n` prompt tokens starting at global index `first`: token `i` is `100 + (i * 7919) % 30000`,
 /// as in the reference script, so both engines see the same prompts.
 fn prompt(n: usize, first: usize) -> Vec<u32> {
-    (first..first + n).map(|i| (100 + (i * 7919) % 30000) as u32).collect()
+    (first..first + n)
+        .map(|i| (100 + (i * 7919) % 30000) as u32)
+        .collect()
 }
 
 fn best_of(repeats: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {

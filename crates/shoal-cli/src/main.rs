@@ -5,6 +5,7 @@ mod catalog;
 mod cmd_bench_model;
 mod cmd_generate;
 mod cmd_model;
+mod cmd_serve;
 mod env;
 
 use anyhow::Result;
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt on this machine, streaming tokens to stdout.
     Generate(cmd_generate::GenerateArgs),
+    /// Serve a model from this machine over the OpenAI-compatible HTTP API.
+    Serve(cmd_serve::ServeArgs),
     /// Fetch, inspect, synthesize and benchmark models.
     #[command(subcommand)]
     Model(cmd_model::ModelCommand),
@@ -38,6 +41,7 @@ fn main() -> std::process::ExitCode {
     let result: Result<()> = match cli.command {
         Command::Generate(args) => cmd_generate::run(args),
         Command::Model(cmd) => cmd_model::run(cmd),
+        Command::Serve(args) => cmd_serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

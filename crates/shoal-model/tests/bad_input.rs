@@ -1,5 +1,6 @@
 //! Bad input is a clear error, never a panic: corrupt or inconsistent model files, prompts that
 //! are empty or longer than the context, invalid sampling parameters, malformed batches.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shoal_gguf::{GgufFile, GgufWriter, MetaValue};
 use shoal_model::{

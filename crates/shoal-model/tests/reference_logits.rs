@@ -1,6 +1,7 @@
 //! Bit-level fidelity on both architectures: the tiny random-weight models (regenerated here
 //! from their seeds) give llama.cpp's logits at every prompt position (tests/golden/, made by
 //! scripts/reference/make_synth_golden.py with llama.cpp's classic attention path).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

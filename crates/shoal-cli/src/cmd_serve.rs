@@ -1,0 +1,100 @@
+//! `shoal serve`: one machine serving one model over the OpenAI-compatible API.
+
+use crate::catalog;
+use anyhow::{Context, Result};
+use clap::Args;
+use shoal_api::{ApiConfig, ApiState};
+use shoal_engine::EngineConfig;
+use shoal_model::Model;
+use shoal_node::{LocalBackend, LocalBackendConfig};
+use shoal_types::ModelId;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Arguments of `shoal serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Model name from the catalogue, or a path to a GGUF file.
+    #[arg(long, default_value = catalog::DEFAULT_MODEL)]
+    model: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Compute threads (default: every core).
+    #[arg(long, env = crate::env::SHOAL_THREADS)]
+    threads: Option<usize>,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Requests in flight at most; more get 429.
+    #[arg(long, default_value_t = 64)]
+    max_in_flight: usize,
+    /// Completion length when a request gives none.
+    #[arg(long, default_value_t = 256)]
+    default_max_tokens: u32,
+}
+
+/// Runs `shoal serve` until Ctrl-C.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let path = catalog::resolve(&args.model, true)?;
+    let model =
+        Arc::new(Model::open(&path).with_context(|| format!("loading {}", path.display()))?);
+    let model_id = ModelId::new(model_name(&args.model, &path));
+    let cfg = LocalBackendConfig {
+        model_id: model_id.clone(),
+        threads: crate::threads_or_default(args.threads),
+        engine: EngineConfig {
+            max_active: args.max_batch,
+            ..EngineConfig::default()
+        },
+        default_max_tokens: args.default_max_tokens,
+    };
+    let backend = Arc::new(LocalBackend::start(model, cfg).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let stop = CancellationToken::new();
+        let api = ApiConfig {
+            bind: args.listen,
+            max_in_flight: args.max_in_flight,
+            ..ApiConfig::default()
+        };
+        let state = ApiState::try_new(api, backend.clone(), stop.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        println!("serving {model_id} at http://{addr}/v1 (OpenAI-compatible); Ctrl-C stops");
+        let server = tokio::spawn(shoal_api::serve(
+            listener,
+            shoal_api::router(state),
+            stop.clone(),
+        ));
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        eprintln!("stopping: finishing requests in flight");
+        stop.cancel();
+        server
+            .await
+            .context("the server task failed")?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        backend.drain().await;
+        Ok(())
+    })
+}
+
+/// The name clients use: the catalogue name, or the file's stem for a path.
+fn model_name(arg: &str, path: &Path) -> String {
+    if catalog::lookup(arg).is_some() {
+        return arg.to_owned();
+    }
+    path.file_stem()
+        .map_or_else(|| arg.to_owned(), |s| s.to_string_lossy().into_owned())
+}
