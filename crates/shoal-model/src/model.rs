@@ -6,7 +6,7 @@ use crate::config::ModelConfig;
 use crate::exec::{CpuShard, ShardOptions};
 use shoal_gguf::GgufFile;
 use shoal_kernels::ThreadPool;
-use shoal_tokenizer::{ChatMessage, ChatTemplate, Tokenizer, TokenizerSpec};
+use shoal_tokenizer::{ChatMessage, ChatTemplate, Tokenizer, TokenizerDefaults, TokenizerSpec};
 use shoal_types::LayerRange;
 use std::path::Path;
 use std::sync::Arc;
@@ -137,9 +137,11 @@ impl Model {
 fn tokenizer_spec(file: &GgufFile) -> Result<TokenizerSpec, ModelError> {
     let md = file.metadata();
     let id = |key: &str| md.get_u32(key);
+    let model = md.require_str("tokenizer.ggml.model")?.to_owned();
+    let pre = md.get_str("tokenizer.ggml.pre")?.map(str::to_owned);
+    // Keys a file leaves out take the values llama.cpp assumes for that kind of tokenizer.
+    let d = TokenizerDefaults::for_model(&model, pre.as_deref());
     Ok(TokenizerSpec {
-        model: md.require_str("tokenizer.ggml.model")?.to_owned(),
-        pre: md.get_str("tokenizer.ggml.pre")?.map(str::to_owned),
         tokens: md
             .require_str_array("tokenizer.ggml.tokens")?
             .iter()
@@ -155,20 +157,22 @@ fn tokenizer_spec(file: &GgufFile) -> Result<TokenizerSpec, ModelError> {
             .get_str_array("tokenizer.ggml.merges")?
             .map(|m| m.iter().map(str::to_owned).collect())
             .unwrap_or_default(),
-        bos: id("tokenizer.ggml.bos_token_id")?,
-        eos: id("tokenizer.ggml.eos_token_id")?,
+        bos: id("tokenizer.ggml.bos_token_id")?.or(d.bos),
+        eos: id("tokenizer.ggml.eos_token_id")?.or(d.eos),
         eot: id("tokenizer.ggml.eot_token_id")?,
-        unk: id("tokenizer.ggml.unknown_token_id")?,
+        unk: id("tokenizer.ggml.unknown_token_id")?.or(d.unk),
         pad: id("tokenizer.ggml.padding_token_id")?,
         add_bos: md
             .get_bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(false),
+            .unwrap_or(d.add_bos),
         add_eos: md
             .get_bool("tokenizer.ggml.add_eos_token")?
-            .unwrap_or(false),
+            .unwrap_or(d.add_eos),
         add_space_prefix: md
             .get_bool("tokenizer.ggml.add_space_prefix")?
-            .unwrap_or(false),
+            .unwrap_or(d.add_space_prefix),
         chat_template: md.get_str("tokenizer.chat_template")?.map(str::to_owned),
+        model,
+        pre,
     })
 }
