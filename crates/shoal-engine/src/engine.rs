@@ -193,6 +193,7 @@ impl Engine {
             waiting: VecDeque::new(),
             active: Vec::new(),
             next_seq: 0,
+            logits: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("shoal-engine".into())
@@ -297,6 +298,8 @@ struct Worker {
     waiting: VecDeque<Submission>,
     active: Vec<Active>,
     next_seq: u64,
+    /// Logits of the last step, reused so a step allocates nothing.
+    logits: Vec<f32>,
 }
 
 impl Worker {
@@ -448,7 +451,11 @@ impl Worker {
             .step_rows
             .fetch_add(tokens.len() as u64, Ordering::Relaxed);
         let logits = match self.rt.forward(&batch, ShardInput::Tokens(&tokens)) {
-            Ok(ShardOutput::Logits(l)) => l.to_vec(),
+            Ok(ShardOutput::Logits(l)) => {
+                self.logits.clear();
+                self.logits.extend_from_slice(l);
+                &self.logits
+            }
             Ok(ShardOutput::Hidden(_)) => {
                 self.fail_members(
                     &members,

@@ -561,12 +561,9 @@ fn attention(
     let (h, kvd, hd) = (cfg.hidden, cfg.kv_dim(), cfg.head_dim);
     let group = cfg.n_heads / cfg.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut layers = Vec::with_capacity(batch.len());
-    for st in batch {
-        let kv = seqs
-            .get(&st.seq)
-            .ok_or_else(|| ModelError::BadBatch(format!("{} has no cache", st.seq)))?;
-        layers.push(&kv.layers[li]);
+    // Every sequence's cache exists (created by `reserve_kv`); checked here so workers need not.
+    if let Some(st) = batch.iter().find(|st| !seqs.contains_key(&st.seq)) {
+        return Err(ModelError::BadBatch(format!("{} has no cache", st.seq)));
     }
     let tasks = n * cfg.n_heads;
     let q = &s.q[..n * h];
@@ -582,7 +579,10 @@ fn attention(
         while task < tasks {
             let (r, head) = (task / cfg.n_heads, task % cfg.n_heads);
             let (bi, pos) = rows[r];
-            let layer = layers[bi];
+            let Some(kv) = seqs.get(&batch[bi].seq) else {
+                return;
+            };
+            let layer = &kv.layers[li];
             let kvh = head / group;
             let len = pos + 1;
             sc.q16.resize(hd, f16::ZERO);
