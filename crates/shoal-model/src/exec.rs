@@ -330,24 +330,25 @@ impl ShardRuntime for CpuShard {
         let (Some(norm), Some(head)) = (&self.weights.output_norm, &self.weights.output) else {
             return Ok(ShardOutput::Hidden(&s.x[..n * h]));
         };
-        // Only rows that asked for logits go through the output head.
+        // Only rows that asked for logits are normalized and go through the output head.
         let xn = grow(&mut s.xn, n * h);
         let mut m = 0;
         let mut end = 0usize;
         for st in batch {
             end += st.n_tokens as usize;
             if st.logits {
-                let last = end - 1;
-                let (dst, src) = (m * h, last * h);
-                xn[dst..dst + h].copy_from_slice(&s.x[src..src + h]);
+                let (dst, src) = (m * h, (end - 1) * h);
+                rms_norm(
+                    &s.x[src..src + h],
+                    norm,
+                    cfg.norm_eps,
+                    &mut xn[dst..dst + h],
+                );
                 m += 1;
             }
         }
         if m == 0 {
             return Ok(ShardOutput::Logits(&[]));
-        }
-        for row in xn[..m * h].chunks_exact_mut(h) {
-            rms_norm_in_place(row, norm, cfg.norm_eps);
         }
         let logits = grow(&mut s.logits, m * cfg.vocab);
         s.acts
@@ -383,15 +384,6 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let scale = 1.0 / (mean + eps).sqrt();
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
         *o = (v * scale) * g;
-    }
-}
-
-fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
-    let sum: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
-    let mean = (sum / x.len() as f64) as f32;
-    let scale = 1.0 / (mean + eps).sqrt();
-    for (v, &g) in x.iter_mut().zip(w) {
-        *v = (*v * scale) * g;
     }
 }
 
