@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/shoal/v1/common.proto",
         "proto/shoal/v1/control.proto",
         "proto/shoal/v1/node.proto",
+        "proto/shoal/v1/admin.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -35,6 +35,8 @@ mod config;
 mod error;
 mod generate;
 pub mod metrics;
+/// The metrics library the gateway registers with (for [`metrics::Metrics::with_extension`]).
+pub use prometheus_client;
 mod routes;
 mod server;
 mod state;

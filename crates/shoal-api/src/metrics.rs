@@ -180,7 +180,15 @@ impl Metrics {
     /// Creates the metrics and registers them, with one outcome series per class pre-created so
     /// dashboards see zeros rather than gaps.
     pub fn new() -> Self {
+        Self::with_extension(|_| {})
+    }
+
+    /// Like [`Metrics::new`], letting the embedding process register its own metrics (a node's
+    /// queue depth, a coordinator's heartbeat ages) in the same registry, so one `GET /metrics`
+    /// exposes them all. Their names must follow the same rules (module constants, `shoal_`).
+    pub fn with_extension(extend: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::default();
+        extend(&mut registry);
         let http_requests = Family::<HttpLabels, Counter>::default();
         registry.register(
             counter_base(HTTP_REQUESTS_TOTAL),

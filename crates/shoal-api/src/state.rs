@@ -53,6 +53,17 @@ impl ApiState {
         backend: Arc<dyn InferenceBackend>,
         cancel: CancellationToken,
     ) -> Result<Self, ApiError> {
+        Self::try_new_with_metrics(config, backend, cancel, Arc::new(Metrics::new()))
+    }
+
+    /// Like [`ApiState::try_new`], exposing `metrics` (built with
+    /// [`Metrics::with_extension`] to carry the embedding process's own metrics).
+    pub fn try_new_with_metrics(
+        config: ApiConfig,
+        backend: Arc<dyn InferenceBackend>,
+        cancel: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ApiError> {
         config
             .validate()
             .map_err(|problems| ApiError::InvalidConfig { problems })?;
@@ -61,7 +72,7 @@ impl ApiState {
                 admission: Arc::new(Semaphore::new(config.max_in_flight)),
                 config,
                 backend,
-                metrics: Arc::new(Metrics::new()),
+                metrics,
                 cancel,
             }),
         })

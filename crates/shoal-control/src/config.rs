@@ -414,6 +414,7 @@ mod tests {
                     n_layers: 0,
                     layer_bytes: 1,
                     kv_bytes_per_token: 0,
+                    context_length: 2048,
                 },
                 ModelSpec {
                     id: ModelId::new("m"),
@@ -422,6 +423,7 @@ mod tests {
                     n_layers: 4,
                     layer_bytes: 3,
                     kv_bytes_per_token: 0,
+                    context_length: 2048,
                 },
             ],
             pins: [

@@ -253,6 +253,7 @@ mod tests {
             n_layers: 4,
             layer_bytes: 0,
             kv_bytes_per_token: 0,
+            context_length: 2048,
         };
         let view = ClusterView {
             cluster_id: "c".into(),

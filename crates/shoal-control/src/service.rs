@@ -214,6 +214,7 @@ mod tests {
                 n_layers: 30,
                 layer_bytes: GB / 40,
                 kv_bytes_per_token: 1024,
+                context_length: 2048,
             }],
             policy: PlacementPolicy {
                 replicas: None,

@@ -16,6 +16,7 @@ fn spec(id: &str) -> ModelSpec {
         n_layers: 30,
         layer_bytes: GB / 40,
         kv_bytes_per_token: 0,
+        context_length: 2048,
     }
 }
 

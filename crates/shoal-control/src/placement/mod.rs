@@ -36,6 +36,9 @@ pub struct ModelSpec {
     pub layer_bytes: u64,
     /// KV-cache bytes one token of context costs across all layers.
     pub kv_bytes_per_token: u64,
+    /// Longest sequence (prompt plus completion) the model accepts, in tokens.
+    #[serde(default)]
+    pub context_length: u32,
 }
 
 impl ModelSpec {

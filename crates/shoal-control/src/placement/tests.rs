@@ -13,6 +13,7 @@ fn model(id: &str, file_gb: u64) -> ModelSpec {
         n_layers: 10,
         layer_bytes: file_gb * GB / 20,
         kv_bytes_per_token: 0,
+        context_length: 2048,
     }
 }
 
@@ -221,6 +222,7 @@ fn partial_ranges_are_priced_by_their_layers() {
         n_layers: 10,
         layer_bytes: 100,
         kv_bytes_per_token: 10,
+        context_length: 2048,
     };
     let r = |a, b| LayerRange::new(a, b).unwrap();
     assert_eq!(m.weight_bytes(r(0, 10)), 1100);
@@ -292,6 +294,7 @@ fn arb_input() -> impl Strategy<Value = PlacementInput> {
                     n_layers: 8,
                     layer_bytes: size * GB / 40,
                     kv_bytes_per_token: kv << 16,
+                    context_length: 2048,
                 }
             })
             .collect();
