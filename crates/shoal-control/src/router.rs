@@ -120,6 +120,16 @@ impl Router {
 
     /// Chooses the replica for one request to `model`.
     pub fn pick(&self, model: &ModelId) -> Result<RouteGuard, RouteError> {
+        self.pick_excluding(model, &[])
+    }
+
+    /// Like [`Router::pick`], never choosing a node in `exclude` (nodes a request already failed
+    /// on, which the membership view may still show alive until their lease runs out).
+    pub fn pick_excluding(
+        &self,
+        model: &ModelId,
+        exclude: &[NodeId],
+    ) -> Result<RouteGuard, RouteError> {
         let view = Arc::clone(&self.view.borrow());
         if !view.models.contains_key(model) {
             return Err(RouteError::UnknownModel {
@@ -134,7 +144,10 @@ impl Router {
             let Some(node) = view.nodes.get(&a.node) else {
                 continue;
             };
-            if node.state != NodeState::Alive || !node.is_ready(model, a.layers) {
+            if node.state != NodeState::Alive
+                || !node.is_ready(model, a.layers)
+                || exclude.contains(&a.node)
+            {
                 continue;
             }
             let ours = in_flight.get(&a.node).copied().unwrap_or(0);
