@@ -145,11 +145,14 @@ impl AccessPolicy {
     }
 
     /// shoal's policy: agents call the coordinator's `Join`, `Heartbeat` and `Leave`; the
-    /// coordinator and agents (pipeline peers) call the `Node` service.
+    /// coordinator and agents (pipeline peers) call the `Node` service; operator tooling (the
+    /// `client` role) calls the coordinator's `Admin` service and nothing else.
     pub fn shoal_default() -> Self {
         let coordinator = shoal_proto::v1::coordinator_server::SERVICE_NAME;
         let node = shoal_proto::v1::node_server::SERVICE_NAME;
+        let admin = shoal_proto::v1::admin_server::SERVICE_NAME;
         Self::deny_all()
+            .allow_service(admin, &[Role::Client])
             .allow_method(coordinator, "Join", &[Role::Agent])
             .allow_method(coordinator, "Heartbeat", &[Role::Agent])
             .allow_method(coordinator, "Leave", &[Role::Agent])

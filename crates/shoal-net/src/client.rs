@@ -3,7 +3,9 @@
 //! one, so no RPC can wait forever; tonic enforces the `grpc-timeout` deadline on the client
 //! and the server alike.
 
-use shoal_proto::v1::{coordinator_client::CoordinatorClient, node_client::NodeClient};
+use shoal_proto::v1::{
+    admin_client::AdminClient, coordinator_client::CoordinatorClient, node_client::NodeClient,
+};
 use shoal_proto::{PROTOCOL_VERSION, VERSION_HEADER};
 use std::time::Duration;
 use tonic::metadata::MetadataValue;
@@ -43,6 +45,15 @@ impl Interceptor for ClientInterceptor {
 pub type ShoalNodeClient = NodeClient<InterceptedService<Channel, ClientInterceptor>>;
 /// A `Coordinator` service client whose calls carry the version header and a deadline.
 pub type ShoalCoordinatorClient = CoordinatorClient<InterceptedService<Channel, ClientInterceptor>>;
+
+/// An `Admin` service client whose calls carry the version header and a deadline.
+pub type ShoalAdminClient = AdminClient<InterceptedService<Channel, ClientInterceptor>>;
+
+/// An `Admin` client on `channel` (operator tooling); calls without their own deadline get
+/// `default_deadline`.
+pub fn admin_client(channel: Channel, default_deadline: Duration) -> ShoalAdminClient {
+    AdminClient::with_interceptor(channel, ClientInterceptor::new(default_deadline))
+}
 
 /// A `Node` client on `channel`; calls without their own deadline get `default_deadline`.
 pub fn node_client(channel: Channel, default_deadline: Duration) -> ShoalNodeClient {

@@ -39,8 +39,8 @@ mod tls;
 
 pub use auth::{AccessPolicy, AuthLayer, AuthService, Rejection, Revocations, peer_identity};
 pub use client::{
-    ClientInterceptor, ShoalCoordinatorClient, ShoalNodeClient, coordinator_client, node_client,
-    with_deadline,
+    ClientInterceptor, ShoalAdminClient, ShoalCoordinatorClient, ShoalNodeClient, admin_client,
+    coordinator_client, node_client, with_deadline,
 };
 pub use error::{IdentityError, NetError};
 pub use identity::{CertificateInfo, PeerIdentity, Role};
