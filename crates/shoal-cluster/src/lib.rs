@@ -1,0 +1,25 @@
+//! The coordinator process of a shoal cluster, assembled from the libraries below it:
+//!
+//! - [`Coordinator`]: membership (shoal-control) and the `Coordinator` and `Admin` gRPC
+//!   services behind mTLS and the authorization layer (shoal-net), plus the OpenAI gateway
+//!   (shoal-api) on the same process, exposing one `/metrics`.
+//! - [`ClusterBackend`]: the gateway's backend: each request goes to the replica the router
+//!   picks, over the agent's `Node.Generate` stream; a request that cannot start on a node is
+//!   tried on another.
+//! - [`AdminService`] / [`cluster_status`]: what `shoal status` shows, and drain.
+//! - [`model_spec`]: a model file described for the planner.
+//!
+//! Invariants: the gateway never talks to a node the router did not pick; every generation
+//! call carries a deadline; a request counts as in flight on its node until its stream ends.
+
+mod admin;
+mod backend;
+mod coordinator;
+pub mod metrics;
+mod spec;
+mod wire;
+
+pub use admin::{AdminService, cluster_status};
+pub use backend::{ClusterBackend, ClusterBackendConfig};
+pub use coordinator::{ClusterError, Coordinator, CoordinatorOptions};
+pub use spec::{SpecError, model_spec};
