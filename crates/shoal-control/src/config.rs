@@ -273,6 +273,7 @@ impl CoordinatorConfig {
             policy: PlacementPolicy {
                 replicas: self.replicas,
                 kv_reserve_tokens: self.kv_reserve_tokens,
+                ..PlacementPolicy::default()
             },
             store,
             models: self.models,

@@ -7,7 +7,8 @@
 //!   [`ClusterView`].
 //! - [`placement`]: the pure planner ([`place`]): models, nodes, pins and policy in; a [`Plan`]
 //!   and its explanation out.
-//! - [`router`]: picks the replica with the least expected latency for each request.
+//! - [`router`]: picks the replica (a whole-model node or a pipeline of stages) with the least
+//!   expected latency for each request.
 //! - [`service`]: the `shoal.v1.Coordinator` gRPC service over membership.
 //! - [`config`]: the coordinator's TOML-friendly configuration, validated once.
 //!
@@ -35,9 +36,9 @@ pub use membership::{
     MembershipError, MembershipEvent, MembershipHandle, NodeState, NodeView,
 };
 pub use placement::{
-    Assignment, ModelSpec, NodeHealth, NodeInput, Placement, PlacementInput, PlacementPolicy, Plan,
-    place,
+    Alternative, Assignment, Chain, LayerSpeed, ModelSpec, NodeHealth, NodeInput, Placement,
+    PlacementInput, PlacementMode, PlacementPolicy, Plan, Prediction, StageChoice, Verdict, place,
 };
-pub use router::{RouteError, RouteGuard, Router};
+pub use router::{RouteError, RouteGuard, RouteStage, Router};
 pub use service::CoordinatorService;
 pub use store::{MemoryStore, RedbStore, StateStore, StoreError, Txn};

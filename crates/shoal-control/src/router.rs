@@ -1,18 +1,31 @@
 //! Routing: which replica serves the next request for a model.
 //!
-//! The router picks the ready replica with the least expected latency, estimated as the work
-//! ahead of the request divided by the node's measured speed:
+//! A replica is a whole-model node or a pipeline: a chain of stages on several nodes, each
+//! holding a contiguous layer range ([`Plan::chains`](crate::placement::Plan::chains)). The
+//! router considers only complete, ready replicas: every stage's node alive, reporting its
+//! range ready, and the ranges covering the model exactly once. Among those it picks the one
+//! with the least expected latency:
 //!
-//! `(queued + active + in flight from this router + 1) / decode tokens per second`
+//! `Σ over stages of (queued + active + in flight from this router + 1) × stage seconds`
+//!
+//! where a stage's seconds per token are its layers times the node's measured per-layer decode
+//! time (plus the head on the last stage), or for a whole-model replica `1 / decode tokens per
+//! second`. For a whole replica this is the familiar `work / speed`. The sum, not the slowest
+//! stage, is the right figure for one request: each of its tokens passes through every stage
+//! in turn, so it waits for each stage's share of work; the bottleneck stage bounds a
+//! pipeline's throughput, which the per-node work counts already reflect. Link latency is not
+//! known here and is left out (the planner weighs it when it builds pipelines).
 //!
 //! The `+ 1` is the request itself: without it every idle node would score zero and speed would
 //! stop mattering exactly when the cluster is quiet. Heartbeats report queue and active counts
 //! only every interval, so the router also counts the requests it sent and that have not
-//! finished ([`RouteGuard`]); that is what spreads a burst of concurrent requests before the next
-//! heartbeat shows it. Ties go to the faster node, then to the lower node id, so the choice is
-//! deterministic.
+//! finished ([`RouteGuard`]) on every node of the chosen replica; that is what spreads a burst
+//! of concurrent requests before the next heartbeat shows it. Ties go to the faster replica,
+//! then to measured over assumed speeds, then to the lower first-stage node id and replica id,
+//! so the choice is deterministic.
 
-use crate::membership::{ClusterView, NodeState};
+use crate::membership::{ClusterView, NodeState, NodeView};
+use crate::placement::Chain;
 use shoal_types::{ErrorClass, LayerRange, ModelId, NodeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -69,39 +82,104 @@ pub struct Router {
     in_flight: InFlight,
 }
 
-/// The replica chosen for one request. Holding it counts the request as in flight to the node;
-/// drop it when the request ends (finished, failed or cancelled).
-#[derive(Debug)]
-pub struct RouteGuard {
-    /// The node to send the request to.
+/// One stage of a chosen replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteStage {
+    /// The node running the stage.
     pub node: NodeId,
     /// Its data-plane address.
     pub data_addr: String,
-    /// The layers it serves (the whole model in v1).
+    /// The layers it runs.
     pub layers: LayerRange,
+}
+
+/// The replica chosen for one request. Holding it counts the request as in flight on every
+/// node of the replica; drop it when the request ends (finished, failed or cancelled).
+#[derive(Debug)]
+pub struct RouteGuard {
+    /// The node to send the request to: the first stage (the whole model for a replica of
+    /// one stage).
+    pub node: NodeId,
+    /// The first stage's data-plane address.
+    pub data_addr: String,
+    /// The layers the first stage serves.
+    pub layers: LayerRange,
+    /// Every stage in layer order; the first equals `node`/`data_addr`/`layers`, and a
+    /// whole-model replica has exactly that one.
+    pub stages: Vec<RouteStage>,
+    /// The replica's id in the plan ([`Assignment::pipeline`](crate::placement::Assignment)).
+    pub pipeline: u32,
     /// The plan epoch the choice was made under.
     pub plan_epoch: u64,
     in_flight: InFlight,
 }
 
+impl RouteGuard {
+    /// Whether the replica is a pipeline of more than one stage.
+    pub fn is_pipeline(&self) -> bool {
+        self.stages.len() > 1
+    }
+}
+
 impl Drop for RouteGuard {
     fn drop(&mut self) {
         let mut map = lock(&self.in_flight);
-        if let Some(n) = map.get_mut(&self.node) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.node);
+        for stage in &self.stages {
+            if let Some(n) = map.get_mut(&stage.node) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(&stage.node);
+                }
             }
         }
     }
 }
 
-struct Candidate<'a> {
-    node: &'a NodeId,
-    data_addr: &'a str,
+/// One ready stage of a candidate replica.
+struct StageCandidate<'a> {
+    node: &'a NodeView,
     layers: LayerRange,
     work: u64,
-    speed: Option<f64>,
+    seconds: Option<f64>,
+}
+
+struct Candidate<'a> {
+    id: u32,
+    stages: Vec<StageCandidate<'a>>,
+}
+
+/// Seconds per token `layers` of `model` take on `node`, from its measurements: the whole
+/// model as `1 / tokens per second`, a partial range as layers times the per-layer time (plus
+/// the head on the last stage), or its share of the whole when only tokens/s is known.
+fn stage_seconds(
+    node: &NodeView,
+    model: &ModelId,
+    layers: LayerRange,
+    n_layers: u32,
+) -> Option<f64> {
+    let usable = |s: f64| s.is_finite() && s > 0.0;
+    let speed = node.capability.speeds.iter().find(|s| &s.model == model)?;
+    let tps = speed.decode_tokens_per_second;
+    let whole = layers.start() == 0 && layers.end() >= n_layers;
+    if whole && usable(tps) {
+        return Some(1.0 / tps);
+    }
+    let len = f64::from(layers.len());
+    if usable(speed.layer_decode_seconds) {
+        let head = if layers.end() >= n_layers
+            && speed.head_seconds.is_finite()
+            && speed.head_seconds > 0.0
+        {
+            speed.head_seconds
+        } else {
+            0.0
+        };
+        return Some(len * speed.layer_decode_seconds + head);
+    }
+    if usable(tps) && n_layers > 0 {
+        return Some(len / (f64::from(n_layers) * tps));
+    }
+    None
 }
 
 impl Router {
@@ -113,7 +191,7 @@ impl Router {
         }
     }
 
-    /// Requests this router has sent to `node` that have not ended.
+    /// Requests this router has sent to `node` (as any stage) that have not ended.
     pub fn in_flight(&self, node: &NodeId) -> u64 {
         lock(&self.in_flight).get(node).copied().unwrap_or(0)
     }
@@ -123,57 +201,59 @@ impl Router {
         self.pick_excluding(model, &[])
     }
 
-    /// Like [`Router::pick`], never choosing a node in `exclude` (nodes a request already failed
-    /// on, which the membership view may still show alive until their lease runs out).
+    /// Like [`Router::pick`], never choosing a replica with a node in `exclude` (nodes a
+    /// request already failed on, which the membership view may still show alive until their
+    /// lease runs out).
     pub fn pick_excluding(
         &self,
         model: &ModelId,
         exclude: &[NodeId],
     ) -> Result<RouteGuard, RouteError> {
         let view = Arc::clone(&self.view.borrow());
-        if !view.models.contains_key(model) {
+        let Some(spec) = view.models.get(model) else {
             return Err(RouteError::UnknownModel {
                 model: model.clone(),
             });
-        }
+        };
         let mut in_flight = lock(&self.in_flight);
-        let mut assigned = 0;
-        let mut candidates = Vec::new();
-        for a in view.plan.for_model(model) {
-            assigned += 1;
-            let Some(node) = view.nodes.get(&a.node) else {
-                continue;
-            };
-            if node.state != NodeState::Alive
-                || !node.is_ready(model, a.layers)
-                || exclude.contains(&a.node)
-            {
-                continue;
-            }
-            let ours = in_flight.get(&a.node).copied().unwrap_or(0);
-            candidates.push(Candidate {
-                node: &node.id,
-                data_addr: &node.data_addr,
-                layers: a.layers,
-                work: node.load.in_flight().saturating_add(ours).saturating_add(1),
-                speed: node.capability.tokens_per_second(model),
-            });
-        }
-        // A node that has not measured this model yet is assumed as slow as the slowest one
-        // that has: it still gets work when the others are busy, never ahead of a known speed.
-        let fallback = candidates
+        let chains = view.plan.chains(model);
+        let assigned = chains.len();
+        let candidates: Vec<Candidate<'_>> = chains
             .iter()
-            .filter_map(|c| c.speed)
-            .min_by(f64::total_cmp)
-            .unwrap_or(1.0);
-        let best = candidates.into_iter().min_by(|a, b| {
-            let (sa, sb) = (a.speed.unwrap_or(fallback), b.speed.unwrap_or(fallback));
-            // Work is a small integer count, exact in f64.
-            let (wa, wb) = (a.work as f64 / sa, b.work as f64 / sb);
-            wa.total_cmp(&wb)
-                .then_with(|| sb.total_cmp(&sa))
-                .then_with(|| b.speed.is_some().cmp(&a.speed.is_some()))
-                .then_with(|| a.node.cmp(b.node))
+            .filter_map(|c| candidate(&view, c, spec.n_layers, exclude, &in_flight))
+            .collect();
+        // A stage whose node has not measured this model is assumed as slow per layer as the
+        // slowest measured stage: it still gets work when the others are busy, never ahead of
+        // a known speed.
+        let fallback_per_layer = candidates
+            .iter()
+            .flat_map(|c| c.stages.iter())
+            .filter_map(|s| s.seconds.map(|t| t / f64::from(s.layers.len())))
+            .max_by(f64::total_cmp)
+            .unwrap_or(1.0 / f64::from(spec.n_layers.max(1)));
+        let seconds = |s: &StageCandidate<'_>| {
+            s.seconds
+                .unwrap_or(fallback_per_layer * f64::from(s.layers.len()))
+        };
+        // Work is a small integer count, exact in f64.
+        let expected = |c: &Candidate<'_>| {
+            c.stages
+                .iter()
+                .map(|s| s.work as f64 * seconds(s))
+                .sum::<f64>()
+        };
+        let per_token = |c: &Candidate<'_>| c.stages.iter().map(seconds).sum::<f64>();
+        let measured = |c: &Candidate<'_>| c.stages.iter().all(|s| s.seconds.is_some());
+        fn head<'c>(c: &Candidate<'c>) -> Option<&'c NodeId> {
+            c.stages.first().map(|s| &s.node.id)
+        }
+        let best = candidates.iter().min_by(|a, b| {
+            expected(a)
+                .total_cmp(&expected(b))
+                .then_with(|| per_token(a).total_cmp(&per_token(b)))
+                .then_with(|| measured(b).cmp(&measured(a)))
+                .then_with(|| head(a).cmp(&head(b)))
+                .then_with(|| a.id.cmp(&b.id))
         });
         let Some(best) = best else {
             return Err(RouteError::NoReadyReplica {
@@ -181,15 +261,73 @@ impl Router {
                 assigned,
             });
         };
-        *in_flight.entry(best.node.clone()).or_insert(0) += 1;
+        let stages: Vec<RouteStage> = best
+            .stages
+            .iter()
+            .map(|s| RouteStage {
+                node: s.node.id.clone(),
+                data_addr: s.node.data_addr.clone(),
+                layers: s.layers,
+            })
+            .collect();
+        let Some(first) = stages.first().cloned() else {
+            // Unreachable: a complete chain has a stage. Kept as an error, not a panic.
+            return Err(RouteError::NoReadyReplica {
+                model: model.clone(),
+                assigned,
+            });
+        };
+        for s in &stages {
+            *in_flight.entry(s.node.clone()).or_insert(0) += 1;
+        }
         Ok(RouteGuard {
-            node: best.node.clone(),
-            data_addr: best.data_addr.to_owned(),
-            layers: best.layers,
+            node: first.node,
+            data_addr: first.data_addr,
+            layers: first.layers,
+            stages,
+            pipeline: best.id,
             plan_epoch: view.plan.epoch,
             in_flight: Arc::clone(&self.in_flight),
         })
     }
+}
+
+/// `chain` as a candidate when it is complete, every stage is ready on an alive node and none
+/// is excluded.
+fn candidate<'a>(
+    view: &'a ClusterView,
+    chain: &Chain<'_>,
+    n_layers: u32,
+    exclude: &[NodeId],
+    in_flight: &HashMap<NodeId, u64>,
+) -> Option<Candidate<'a>> {
+    if !chain.is_complete(n_layers) {
+        return None;
+    }
+    let mut stages = Vec::with_capacity(chain.stages.len());
+    for a in &chain.stages {
+        let node = view.nodes.get(&a.node)?;
+        if node.state != NodeState::Alive
+            || !node.is_ready(&a.model, a.layers)
+            || exclude.contains(&a.node)
+            || stages
+                .iter()
+                .any(|s: &StageCandidate<'_>| s.node.id == a.node)
+        {
+            return None;
+        }
+        let ours = in_flight.get(&a.node).copied().unwrap_or(0);
+        stages.push(StageCandidate {
+            node,
+            layers: a.layers,
+            work: node.load.in_flight().saturating_add(ours).saturating_add(1),
+            seconds: stage_seconds(node, &a.model, a.layers, n_layers),
+        });
+    }
+    Some(Candidate {
+        id: chain.id,
+        stages,
+    })
 }
 
 #[cfg(test)]
@@ -248,16 +386,26 @@ mod tests {
     }
 
     fn view(nodes: Vec<NodeView>) -> (watch::Sender<Arc<ClusterView>>, Router) {
+        let assignments = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Assignment {
+                node: n.id.clone(),
+                model: ModelId::new(M),
+                layers: full(),
+                pipeline: i as u32,
+            })
+            .collect();
+        view_plan(nodes, assignments)
+    }
+
+    fn view_plan(
+        nodes: Vec<NodeView>,
+        assignments: Vec<Assignment>,
+    ) -> (watch::Sender<Arc<ClusterView>>, Router) {
         let plan = Plan {
             epoch: 1,
-            assignments: nodes
-                .iter()
-                .map(|n| Assignment {
-                    node: n.id.clone(),
-                    model: ModelId::new(M),
-                    layers: full(),
-                })
-                .collect(),
+            assignments,
         };
         let spec = ModelSpec {
             id: ModelId::new(M),
@@ -384,5 +532,219 @@ mod tests {
         let err = r.pick(&ModelId::new("nope")).unwrap_err();
         assert_eq!(err.class(), ErrorClass::NotFound);
         assert_eq!(err.reason(), "model_not_found");
+    }
+
+    // ---- pipelines ----
+
+    fn range(a: u32, b: u32) -> LayerRange {
+        LayerRange::new(a, b).unwrap()
+    }
+
+    /// A node measured at `layer_ms` per layer that reports `ready` ranges of the model.
+    fn stage_node(id: &str, layer_ms: f64, load: u32, ready: &[LayerRange]) -> NodeView {
+        let mut n = node(id, Some(1e3 / (4.0 * layer_ms)), load);
+        n.capability.speeds[0].layer_decode_seconds = layer_ms / 1e3;
+        n.shards = ready
+            .iter()
+            .map(|r| ShardReport {
+                model: m(),
+                sha256: String::new(),
+                layers: *r,
+                plan_epoch: 1,
+                state: ShardState::Ready,
+                detail: String::new(),
+            })
+            .collect();
+        n
+    }
+
+    fn assign(node: &str, layers: LayerRange, pipeline: u32) -> Assignment {
+        Assignment {
+            node: NodeId::new(node),
+            model: m(),
+            layers,
+            pipeline,
+        }
+    }
+
+    /// Pipeline 0 over a [0, 2) and b [2, 4), whole replica 1 on c.
+    fn pipeline_and_whole(
+        a: NodeView,
+        b: NodeView,
+        c: NodeView,
+    ) -> (watch::Sender<Arc<ClusterView>>, Router) {
+        view_plan(
+            vec![a, b, c],
+            // Listed out of order: the router orders stages by layer.
+            vec![
+                assign("b", range(2, 4), 0),
+                assign("c", full(), 1),
+                assign("a", range(0, 2), 0),
+            ],
+        )
+    }
+
+    #[test]
+    fn a_pipeline_is_routed_through_its_stages_in_layer_order() {
+        let (_tx, r) = pipeline_and_whole(
+            stage_node("a", 5.0, 0, &[range(0, 2)]),
+            stage_node("b", 5.0, 0, &[range(2, 4)]),
+            stage_node("c", 50.0, 0, &[full()]),
+        );
+        let g = r.pick(&m()).unwrap();
+        assert!(g.is_pipeline());
+        assert_eq!(g.pipeline, 0);
+        assert_eq!(
+            (g.node.as_str(), g.data_addr.as_str(), g.layers),
+            ("a", "a:7000", range(0, 2))
+        );
+        let stages: Vec<(&str, &str, LayerRange)> = g
+            .stages
+            .iter()
+            .map(|s| (s.node.as_str(), s.data_addr.as_str(), s.layers))
+            .collect();
+        assert_eq!(
+            stages,
+            [("a", "a:7000", range(0, 2)), ("b", "b:7000", range(2, 4))]
+        );
+        // The request counts on every stage's node, and stops counting when it ends.
+        assert_eq!(r.in_flight(&NodeId::new("a")), 1);
+        assert_eq!(r.in_flight(&NodeId::new("b")), 1);
+        assert_eq!(r.in_flight(&NodeId::new("c")), 0);
+        drop(g);
+        assert_eq!(r.in_flight(&NodeId::new("a")), 0);
+        assert_eq!(r.in_flight(&NodeId::new("b")), 0);
+    }
+
+    #[test]
+    fn a_whole_replica_is_one_stage_naming_the_node() {
+        let (_tx, r) = view(vec![node("a", Some(10.0), 0)]);
+        let g = r.pick(&m()).unwrap();
+        assert!(!g.is_pipeline());
+        assert_eq!(
+            g.stages,
+            [RouteStage {
+                node: NodeId::new("a"),
+                data_addr: "a:7000".into(),
+                layers: full(),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_pipeline_with_a_stage_not_ready_or_not_alive_is_skipped() {
+        let (tx, r) = pipeline_and_whole(
+            stage_node("a", 1.0, 0, &[range(0, 2)]),
+            stage_node("b", 1.0, 0, &[]), // still loading its range
+            stage_node("c", 50.0, 0, &[full()]),
+        );
+        assert_eq!(r.pick(&m()).unwrap().node.as_str(), "c");
+
+        // Ready now, but reporting a different range than the plan's: still skipped.
+        tx.send_modify(|v| {
+            let v = Arc::make_mut(v);
+            if let Some(b) = v.nodes.get_mut(&NodeId::new("b")) {
+                *b = stage_node("b", 1.0, 0, &[range(1, 4)]);
+            }
+        });
+        assert_eq!(r.pick(&m()).unwrap().node.as_str(), "c");
+
+        tx.send_modify(|v| {
+            let v = Arc::make_mut(v);
+            if let Some(b) = v.nodes.get_mut(&NodeId::new("b")) {
+                *b = stage_node("b", 1.0, 0, &[range(2, 4)]);
+            }
+        });
+        assert_eq!(r.pick(&m()).unwrap().node.as_str(), "a");
+
+        for state in [NodeState::Draining, NodeState::Dead] {
+            tx.send_modify(|v| {
+                let v = Arc::make_mut(v);
+                if let Some(b) = v.nodes.get_mut(&NodeId::new("b")) {
+                    b.state = state;
+                }
+            });
+            assert_eq!(r.pick(&m()).unwrap().node.as_str(), "c", "{state:?}");
+        }
+    }
+
+    #[test]
+    fn an_incomplete_pipeline_is_never_picked() {
+        // Pipeline 0 lacks [2, 4) in the plan; pipeline 1 has a gap ([0, 1) then [2, 4)).
+        let (_tx, r) = view_plan(
+            vec![
+                stage_node("a", 1.0, 0, &[range(0, 2)]),
+                stage_node("b", 1.0, 0, &[range(0, 1)]),
+                stage_node("c", 1.0, 0, &[range(2, 4)]),
+            ],
+            vec![
+                assign("a", range(0, 2), 0),
+                assign("b", range(0, 1), 1),
+                assign("c", range(2, 4), 1),
+            ],
+        );
+        let err = r.pick(&m()).unwrap_err();
+        assert!(matches!(err, RouteError::NoReadyReplica { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn pipelines_and_whole_replicas_compete_on_expected_latency() {
+        // The pipeline: 2 × 10 ms on a, then 2 × 10 ms on b = 40 ms per token; c: 20 tok/s,
+        // 50 ms per token. Idle, the pipeline wins.
+        let (tx, r) = pipeline_and_whole(
+            stage_node("a", 10.0, 0, &[range(0, 2)]),
+            stage_node("b", 10.0, 0, &[range(2, 4)]),
+            node("c", Some(20.0), 0),
+        );
+        assert_eq!(r.pick(&m()).unwrap().node.as_str(), "a");
+        // One request queued on b: 20 ms + 2 × 20 ms = 60 ms against c's 50 ms.
+        tx.send_modify(|v| {
+            let v = Arc::make_mut(v);
+            if let Some(b) = v.nodes.get_mut(&NodeId::new("b")) {
+                b.load.queue_depth = 1;
+            }
+        });
+        assert_eq!(r.pick(&m()).unwrap().node.as_str(), "c");
+    }
+
+    #[test]
+    fn concurrent_requests_spread_between_a_pipeline_and_a_whole_replica() {
+        // Both take 40 ms per token when idle; each held request adds its share.
+        let (_tx, r) = pipeline_and_whole(
+            stage_node("a", 10.0, 0, &[range(0, 2)]),
+            stage_node("b", 10.0, 0, &[range(2, 4)]),
+            node("c", Some(25.0), 0),
+        );
+        let guards: Vec<RouteGuard> = (0..4).map(|_| r.pick(&m()).unwrap()).collect();
+        let heads: Vec<&str> = guards.iter().map(|g| g.node.as_str()).collect();
+        assert_eq!(heads, ["a", "c", "a", "c"]);
+        assert_eq!(r.in_flight(&NodeId::new("b")), 2);
+        drop(guards);
+        assert_eq!(r.in_flight(&NodeId::new("b")), 0);
+    }
+
+    #[test]
+    fn excluding_one_stage_node_excludes_its_whole_pipeline() {
+        let (_tx, r) = pipeline_and_whole(
+            stage_node("a", 1.0, 0, &[range(0, 2)]),
+            stage_node("b", 1.0, 0, &[range(2, 4)]),
+            node("c", Some(1.0), 0),
+        );
+        assert_eq!(r.pick(&m()).unwrap().node.as_str(), "a");
+        let g = r.pick_excluding(&m(), &[NodeId::new("b")]).unwrap();
+        assert_eq!(g.node.as_str(), "c");
+    }
+
+    #[test]
+    fn whole_replicas_of_a_plan_without_ids_are_still_separate_replicas() {
+        // Plans written before replica ids existed read every assignment as id 0.
+        let (_tx, r) = view_plan(
+            vec![node("a", Some(10.0), 0), node("b", Some(10.0), 0)],
+            vec![assign("a", full(), 0), assign("b", full(), 0)],
+        );
+        let first = r.pick(&m()).unwrap();
+        let second = r.pick(&m()).unwrap();
+        assert_eq!((first.node.as_str(), second.node.as_str()), ("a", "b"));
+        assert_eq!(first.stages.len(), 1);
     }
 }

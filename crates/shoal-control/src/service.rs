@@ -219,6 +219,7 @@ mod tests {
             policy: PlacementPolicy {
                 replicas: None,
                 kv_reserve_tokens: 1024,
+                ..Default::default()
             },
             ..Default::default()
         };

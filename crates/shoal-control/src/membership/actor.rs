@@ -7,7 +7,7 @@ use super::{
 };
 use crate::persist::{self, Batch, NodeRecord};
 use crate::placement::{
-    self, Assignment, ModelSpec, NodeHealth, NodeInput, Placement, PlacementInput, Plan,
+    self, Assignment, LayerSpeed, ModelSpec, NodeHealth, NodeInput, Placement, PlacementInput, Plan,
 };
 use crate::store::{StateStore, StoreError};
 use shoal_types::{ModelId, NodeId};
@@ -460,6 +460,20 @@ impl Actor {
                     .iter()
                     .map(|s| (s.model.clone(), s.decode_tokens_per_second))
                     .collect(),
+                layer_speeds: n
+                    .capability
+                    .speeds
+                    .iter()
+                    .map(|s| {
+                        let speed = LayerSpeed {
+                            layer_seconds: s.layer_decode_seconds,
+                            head_seconds: s.head_seconds,
+                        };
+                        (s.model.clone(), speed)
+                    })
+                    .collect(),
+                // Not measured yet: every link costs nothing until nodes report it.
+                link_latency_seconds: 0.0,
                 local_models: n
                     .local_models
                     .iter()

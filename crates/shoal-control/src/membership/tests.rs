@@ -26,6 +26,7 @@ fn config(replicas: Option<usize>) -> MembershipConfig {
         policy: PlacementPolicy {
             replicas,
             kv_reserve_tokens: 0,
+            ..Default::default()
         },
         ..Default::default()
     }

@@ -85,6 +85,7 @@ fn the_kv_reserve_counts_against_memory() {
     let policy = PlacementPolicy {
         replicas: None,
         kv_reserve_tokens: 2048,
+        ..Default::default()
     }; // 2 GiB reserve
     let input = PlacementInput {
         models: vec![m],
@@ -139,6 +140,7 @@ fn a_replica_limit_prefers_the_faster_node_then_sticks() {
     let policy = PlacementPolicy {
         replicas: Some(1),
         kv_reserve_tokens: 0,
+        ..Default::default()
     };
     let mut input = PlacementInput {
         models: vec![model("m", 1)],
@@ -237,78 +239,112 @@ fn partial_ranges_are_priced_by_their_layers() {
 
 // ---- properties ----
 
-fn arb_input() -> impl Strategy<Value = PlacementInput> {
+pub(super) fn arb_mode() -> impl Strategy<Value = PlacementMode> {
+    prop_oneof![
+        3 => Just(PlacementMode::Auto),
+        1 => Just(PlacementMode::Replicate),
+        1 => (0u32..5).prop_map(|max_stages| PlacementMode::Shard { max_stages }),
+    ]
+}
+
+/// Random clusters: `node_quarter_gb` bounds node memory in quarter-GiB, so small bounds make
+/// models outgrow single nodes (and get sharded).
+pub(super) fn arb_cluster(node_quarter_gb: u64) -> impl Strategy<Value = PlacementInput> {
     let models = prop::collection::vec((1u64..64, 0u64..8, prop::bool::weighted(0.3)), 1..5);
     let nodes = prop::collection::vec(
         (
-            0u64..160,
+            0u64..node_quarter_gb,
             0u8..6,
             prop::collection::vec(0.0f64..50.0, 5),
             prop::collection::vec(any::<bool>(), 5),
+            prop::collection::vec(
+                prop::option::weighted(0.5, (1e-4f64..0.05, 0.0f64..0.01)),
+                5,
+            ),
+            prop_oneof![Just(0.0), 0.0f64..0.02, Just(f64::NAN), Just(-1.0)],
         ),
         0..7,
     );
     let replicas = prop::option::of(1usize..4);
-    (models, nodes, replicas, 0u32..4).prop_map(|(models, nodes, replicas, kv)| {
-        let node_ids: Vec<NodeId> = (0..nodes.len())
-            .map(|i| NodeId::new(format!("n{i}")))
-            .collect();
-        let nodes: Vec<NodeInput> = nodes
-            .into_iter()
-            .enumerate()
-            .map(|(i, (mem, h, speeds, local))| {
-                let health = match h {
-                    0 => NodeHealth::Dead,
-                    1 => NodeHealth::Draining,
-                    _ => NodeHealth::Alive,
-                };
-                let mut n = NodeInput::new(node_ids[i].clone(), mem * GB / 4, health);
-                for (j, s) in speeds.into_iter().enumerate() {
-                    n.speeds.insert(ModelId::new(format!("m{j}")), s);
-                }
-                for (j, l) in local.into_iter().enumerate() {
-                    if l {
-                        n.local_models.insert(ModelId::new(format!("m{j}")));
+    (models, nodes, replicas, 0u32..4, arb_mode()).prop_map(
+        |(models, nodes, replicas, kv, mode)| {
+            let node_ids: Vec<NodeId> = (0..nodes.len())
+                .map(|i| NodeId::new(format!("n{i}")))
+                .collect();
+            let nodes: Vec<NodeInput> = nodes
+                .into_iter()
+                .enumerate()
+                .map(|(i, (mem, h, speeds, local, layer_speeds, latency))| {
+                    let health = match h {
+                        0 => NodeHealth::Dead,
+                        1 => NodeHealth::Draining,
+                        _ => NodeHealth::Alive,
+                    };
+                    let mut n = NodeInput::new(node_ids[i].clone(), mem * GB / 4, health);
+                    for (j, s) in speeds.into_iter().enumerate() {
+                        n.speeds.insert(ModelId::new(format!("m{j}")), s);
                     }
-                }
-                n
-            })
-            .collect();
-        let mut pins = BTreeMap::new();
-        let specs = models
-            .iter()
-            .enumerate()
-            .map(|(j, (size, kv, pinned))| {
-                let id = ModelId::new(format!("m{j}"));
-                if *pinned {
-                    // Pin to every other node (and one unknown name) so pins bite.
-                    let mut set: BTreeSet<NodeId> =
-                        node_ids.iter().skip(j % 2).step_by(2).cloned().collect();
-                    set.insert(NodeId::new("nowhere"));
-                    pins.insert(id.clone(), set);
-                }
-                ModelSpec {
-                    id,
-                    sha256: String::new(),
-                    file_bytes: size * GB / 4,
-                    n_layers: 8,
-                    layer_bytes: size * GB / 40,
-                    kv_bytes_per_token: kv << 16,
-                    context_length: 2048,
-                }
-            })
-            .collect();
-        PlacementInput {
-            models: specs,
-            nodes,
-            pins,
-            policy: PlacementPolicy {
-                replicas,
-                kv_reserve_tokens: kv * 1024,
-            },
-            previous: None,
-        }
-    })
+                    for (j, l) in local.into_iter().enumerate() {
+                        if l {
+                            n.local_models.insert(ModelId::new(format!("m{j}")));
+                        }
+                    }
+                    for (j, ls) in layer_speeds.into_iter().enumerate() {
+                        if let Some((layer_seconds, head_seconds)) = ls {
+                            n.layer_speeds.insert(
+                                ModelId::new(format!("m{j}")),
+                                LayerSpeed {
+                                    layer_seconds,
+                                    head_seconds,
+                                },
+                            );
+                        }
+                    }
+                    n.link_latency_seconds = latency;
+                    n
+                })
+                .collect();
+            let mut pins = BTreeMap::new();
+            let specs = models
+                .iter()
+                .enumerate()
+                .map(|(j, (size, kv, pinned))| {
+                    let id = ModelId::new(format!("m{j}"));
+                    if *pinned {
+                        // Pin to every other node (and one unknown name) so pins bite.
+                        let mut set: BTreeSet<NodeId> =
+                            node_ids.iter().skip(j % 2).step_by(2).cloned().collect();
+                        set.insert(NodeId::new("nowhere"));
+                        pins.insert(id.clone(), set);
+                    }
+                    ModelSpec {
+                        id,
+                        sha256: String::new(),
+                        file_bytes: size * GB / 4,
+                        n_layers: 8,
+                        layer_bytes: size * GB / 40,
+                        kv_bytes_per_token: kv << 16,
+                        context_length: 2048,
+                    }
+                })
+                .collect();
+            PlacementInput {
+                models: specs,
+                nodes,
+                pins,
+                policy: PlacementPolicy {
+                    replicas,
+                    kv_reserve_tokens: kv * 1024,
+                    mode,
+                },
+                previous: None,
+            }
+        },
+    )
+}
+
+fn arb_input() -> impl Strategy<Value = PlacementInput> {
+    arb_cluster(160)
 }
 
 fn need(input: &PlacementInput, m: &ModelId) -> u64 {
@@ -316,11 +352,17 @@ fn need(input: &PlacementInput, m: &ModelId) -> u64 {
     spec.need_bytes(spec.full_range().unwrap(), input.policy.kv_reserve_tokens)
 }
 
-fn used(input: &PlacementInput, plan: &Plan, n: &NodeId) -> u64 {
-    plan.for_node(n).map(|a| need(input, &a.model)).sum()
+/// Bytes the node's assignments need, each priced by its own range.
+pub(super) fn used(input: &PlacementInput, plan: &Plan, n: &NodeId) -> u64 {
+    plan.for_node(n)
+        .map(|a| {
+            let spec = input.models.iter().find(|s| s.id == a.model).unwrap();
+            spec.need_bytes(a.layers, input.policy.kv_reserve_tokens)
+        })
+        .sum()
 }
 
-fn pinned_ok(input: &PlacementInput, m: &ModelId, n: &NodeId) -> bool {
+pub(super) fn pinned_ok(input: &PlacementInput, m: &ModelId, n: &NodeId) -> bool {
     input.pins.get(m).is_none_or(|p| p.contains(n))
 }
 
@@ -336,24 +378,22 @@ proptest! {
     }
 
     #[test]
-    fn pins_hold_and_only_alive_nodes_get_work(input in arb_input()) {
+    fn the_plan_keeps_its_invariants(input in arb_input()) {
         let p = place(&input);
-        for a in &p.plan.assignments {
-            let n = input.nodes.iter().find(|n| n.id == a.node).unwrap();
-            prop_assert_eq!(n.health, NodeHealth::Alive);
-            prop_assert!(pinned_ok(&input, &a.model, &a.node));
-            prop_assert_eq!(a.layers, LayerRange::full(8).unwrap());
-        }
+        super::tests_pipeline::check_invariants(&input, &p)?;
     }
 
     #[test]
     fn no_model_is_short_of_replicas_while_a_usable_node_has_room(input in arb_input()) {
+        // In shard mode a whole replica is only a fallback, so room for one proves nothing.
+        prop_assume!(!matches!(input.policy.mode, PlacementMode::Shard { .. }));
         let p = place(&input);
         let target = input.policy.replicas.unwrap_or(usize::MAX);
         for m in &input.models {
             let holders: BTreeSet<&NodeId> = p.plan.for_model(&m.id).map(|a| &a.node).collect();
-            prop_assert!(holders.len() <= target);
-            if holders.len() == target {
+            let replicas = p.plan.chains(&m.id).len();
+            prop_assert!(replicas <= target);
+            if replicas == target {
                 continue;
             }
             for n in input.nodes.iter().filter(|n| n.health == NodeHealth::Alive && !holders.contains(&n.id)) {
@@ -367,14 +407,26 @@ proptest! {
 
     #[test]
     fn a_model_that_fits_a_usable_node_alone_is_placed(input in arb_input()) {
-        // One model at a time: fitting somewhere then means being placed.
+        // One model at a time: fitting somewhere then means being placed (whole, unless the
+        // mode asks for pipelines); not fitting anywhere means a pipeline or nothing.
         for m in &input.models {
             let single = PlacementInput { models: vec![m.clone()], ..input.clone() };
             let fits = input.nodes.iter().any(|n| {
                 n.health == NodeHealth::Alive && pinned_ok(&input, &m.id, &n.id) && n.memory_bytes >= need(&input, &m.id)
             });
             let p = place(&single);
-            prop_assert_eq!(p.plan.assignments.is_empty(), !fits, "{}", p.explain());
+            let chains = p.plan.chains(&m.id);
+            if fits {
+                prop_assert!(!chains.is_empty(), "{}", p.explain());
+                if !matches!(input.policy.mode, PlacementMode::Shard { .. }) {
+                    prop_assert!(chains.iter().any(|c| c.stages.len() == 1), "{}", p.explain());
+                }
+            } else {
+                prop_assert!(chains.iter().all(|c| c.stages.len() > 1), "{}", p.explain());
+                if input.policy.mode == PlacementMode::Replicate {
+                    prop_assert!(chains.is_empty());
+                }
+            }
         }
     }
 
