@@ -143,6 +143,70 @@ pub struct EngineStats {
     pub step_rows: AtomicU64,
     /// Requests finished since start (any outcome).
     pub finished: AtomicU64,
+    /// Sequences per forward step (decode rows plus the prefill chunk's sequence), counted in
+    /// fixed buckets so a metrics exporter can publish a histogram without a hook in the loop.
+    pub batch_sequences: BatchHistogram,
+}
+
+/// Upper bounds (inclusive) of [`BatchHistogram`]'s buckets; one more bucket counts the rest.
+pub const BATCH_BUCKETS: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+
+/// A lock-free histogram of sequences per step: one counter per bucket of [`BATCH_BUCKETS`]
+/// plus an overflow bucket, and the sum of all observations.
+#[derive(Debug, Default)]
+pub struct BatchHistogram {
+    counts: [AtomicU64; BATCH_BUCKETS.len() + 1],
+    sum: AtomicU64,
+}
+
+/// A copy of a [`BatchHistogram`]'s counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchSnapshot {
+    /// Observations per bucket (not cumulative): `counts[i]` for `BATCH_BUCKETS[i]`, the last
+    /// entry for larger batches.
+    pub counts: [u64; BATCH_BUCKETS.len() + 1],
+    /// Sum of the observed batch sizes.
+    pub sum: u64,
+}
+
+impl BatchHistogram {
+    /// Counts one step of `sequences` sequences.
+    pub fn observe(&self, sequences: usize) {
+        let n = sequences as u64;
+        let i = BATCH_BUCKETS
+            .iter()
+            .position(|&b| n <= b)
+            .unwrap_or(BATCH_BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The current counters.
+    pub fn snapshot(&self) -> BatchSnapshot {
+        let mut s = BatchSnapshot {
+            sum: self.sum.load(Ordering::Relaxed),
+            ..BatchSnapshot::default()
+        };
+        for (out, c) in s.counts.iter_mut().zip(&self.counts) {
+            *out = c.load(Ordering::Relaxed);
+        }
+        s
+    }
+}
+
+impl BatchSnapshot {
+    /// Steps observed.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Adds `other`'s counters to these.
+    pub fn add(&mut self, other: &BatchSnapshot) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.sum += other.sum;
+    }
 }
 
 struct Submission {
@@ -450,6 +514,7 @@ impl Worker {
         self.stats
             .step_rows
             .fetch_add(tokens.len() as u64, Ordering::Relaxed);
+        self.stats.batch_sequences.observe(batch.len());
         let logits = match self.rt.forward(&batch, ShardInput::Tokens(&tokens)) {
             Ok(ShardOutput::Logits(l)) => {
                 self.logits.clear();
@@ -587,4 +652,26 @@ fn finish_text(a: &mut Active) -> String {
     };
     out.push_str(&a.stops.finish());
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_histogram_counts_each_step_in_its_bucket() {
+        let h = BatchHistogram::default();
+        for n in [1, 1, 2, 3, 8, 9, 128, 129, 1000] {
+            h.observe(n);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.counts, [2, 1, 1, 1, 1, 0, 0, 1, 2]);
+        assert_eq!(s.sum, 1 + 1 + 2 + 3 + 8 + 9 + 128 + 129 + 1000);
+        assert_eq!(s.count(), 9);
+        let mut total = s;
+        total.add(&s);
+        assert_eq!(total.count(), 18);
+        assert_eq!(total.sum, 2 * s.sum);
+    }
 }

@@ -13,5 +13,6 @@
 mod engine;
 
 pub use engine::{
-    Engine, EngineConfig, EngineError, EngineEvent, EngineRequest, EngineStats, Usage,
+    BATCH_BUCKETS, BatchHistogram, BatchSnapshot, Engine, EngineConfig, EngineError, EngineEvent,
+    EngineRequest, EngineStats, Usage,
 };

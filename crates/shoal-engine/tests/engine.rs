@@ -128,6 +128,11 @@ async fn concurrent_generations_equal_sequential_ones() {
             eng.stats().steps.load(Ordering::Relaxed) < 6 * 24,
             "requests were not batched together"
         );
+        // Every step is counted once in the batch-size histogram, and some ran several
+        // sequences at once.
+        let batches = eng.stats().batch_sequences.snapshot();
+        assert_eq!(batches.count(), eng.stats().steps.load(Ordering::Relaxed));
+        assert!(batches.sum > batches.count(), "{batches:?}");
         wait_idle(&eng, 6).await;
     }
 }

@@ -1,10 +1,39 @@
-//! The node agent: what runs on each machine. Today it serves one whole model on this machine
-//! through the batching engine ([`LocalBackend`]); joining a coordinator, heartbeats, and shard
-//! assignments build on it.
+//! The node agent: what runs on each machine of a shoal cluster.
 //!
-//! Owns the bridge between clients' requests (prompts, OpenAI sampling parameters) and the
-//! engine (token ids, sampler settings): tokenizing, context checks, error classification.
+//! An [`Agent`] measures its machine ([`measure_capability`]), joins the coordinator and keeps
+//! its lease with heartbeats that report load, capability and shard states, loads and unloads
+//! the shards each heartbeat answer assigns, and serves them: over gRPC on the data plane
+//! (`shoal.v1.Node`, mutual TLS) and, when configured, over its own OpenAI-compatible HTTP
+//! endpoint with `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Owns the bridge between clients' requests (prompts, sampling parameters) and the engine
+//! (token ids, sampler settings): tokenizing, context checks, error classification, in one
+//! code path ([`LocalBackend::prepare`]) for both front doors. Must not hold cluster-wide
+//! state: what to serve comes from the coordinator, whole.
+//!
+//! Invariants: a generation whose client goes away (dropped stream, passed deadline) is
+//! cancelled and its KV cache freed; a shard leaves the table before it is unloaded, and is
+//! dropped only after its in-flight generations end; bad input from a client or a peer is an
+//! error value with a class and a reason, never a panic.
 
+mod agent;
+pub mod capability;
+mod config;
+mod control;
+mod core;
+mod http;
 mod local;
+pub mod metrics;
+mod service;
+mod shards;
 
-pub use local::{LocalBackend, LocalBackendConfig};
+pub use agent::Agent;
+pub use capability::{CapabilityOptions, measure_capability};
+pub use config::{AgentConfig, AgentError, ConfigProblem, ModelFile};
+pub use control::ControlState;
+pub use local::{
+    LocalBackend, LocalBackendConfig, MAX_STOP_STRINGS, NodePrompt, NodeRequest, engine_error,
+};
+pub use metrics::NodeMetrics;
+pub use service::GenerateStream;
+pub use shards::LoadError;

@@ -1,21 +1,78 @@
 //! A backend that serves one model on this machine through the continuous-batching engine.
+//!
+//! Both front doors of a node share one path here: the OpenAI gateway's requests
+//! ([`GenerateRequest`]) and the data plane's gRPC requests become a [`NodeRequest`], which
+//! [`LocalBackend::prepare`] checks and tokenizes into an engine request (context window,
+//! sampling defaults and validation, error classes) and [`LocalBackend::submit`] queues.
 
 use futures::future::BoxFuture;
 use shoal_api::{
     BackendError, ChatMessage as ApiMessage, FinishReason as ApiFinish, GenerateEvent,
-    GenerateRequest, InferenceBackend, ModelCard, Prompt as ApiPrompt, Readiness, Role, Usage,
+    GenerateRequest, InferenceBackend, ModelCard, Prompt as ApiPrompt, Readiness, Role,
+    SamplingParams as ApiSampling, Usage,
 };
 use shoal_engine::{Engine, EngineConfig, EngineError, EngineEvent, EngineRequest};
 use shoal_model::{
     ChatMessage, FinishReason, GenerateOptions, Model, Prompt, SamplingParams, ShardOptions,
     ThreadPool,
 };
-use shoal_types::{ErrorClass, ModelId};
+use shoal_types::{ErrorClass, ModelId, RequestId};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Most stop strings one request may carry.
+pub const MAX_STOP_STRINGS: usize = 16;
+
+/// What a node is asked to continue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodePrompt {
+    /// Plain text, tokenized without interpreting special-token text.
+    Text(String),
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Token ids, checked against the vocabulary.
+    Tokens(Vec<u32>),
+}
+
+/// A generation request as a node accepts it, whichever front door it came through.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRequest {
+    /// For logs and tracing; also seeds sampling when the request gives no seed.
+    pub request_id: RequestId,
+    /// The model to run.
+    pub model: ModelId,
+    /// What to continue.
+    pub prompt: NodePrompt,
+    /// Most tokens to generate; `None` for the node's default (bounded by the context).
+    pub max_tokens: Option<u32>,
+    /// Sampling knobs; `None` fields take the defaults.
+    pub sampling: ApiSampling,
+    /// Stop strings (not emitted).
+    pub stop: Vec<String>,
+}
+
+impl From<GenerateRequest> for NodeRequest {
+    fn from(r: GenerateRequest) -> Self {
+        let prompt = match r.prompt {
+            ApiPrompt::Text(t) => NodePrompt::Text(t),
+            ApiPrompt::Chat(messages) => {
+                NodePrompt::Chat(messages.iter().map(chat_message).collect())
+            }
+        };
+        Self {
+            request_id: r.request_id,
+            model: r.model,
+            prompt,
+            max_tokens: r.max_tokens,
+            sampling: r.sampling,
+            stop: r.stop,
+        }
+    }
+}
 
 /// Settings of a [`LocalBackend`].
 #[derive(Debug, Clone)]
@@ -74,7 +131,34 @@ impl LocalBackend {
         self.tasks.wait().await;
     }
 
-    fn prepare(&self, req: &GenerateRequest) -> Result<EngineRequest, BackendError> {
+    /// The name clients use for the model.
+    pub fn model_id(&self) -> &ModelId {
+        &self.cfg.model_id
+    }
+
+    /// The model served.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Generations whose events are still being forwarded to a client.
+    pub fn in_flight(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Runs `fut` as one of this backend's tracked tasks (what [`LocalBackend::drain`] waits
+    /// for): the event-forwarding loop of one generation.
+    pub fn spawn_tracked<F>(&self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(fut);
+    }
+
+    /// Checks and tokenizes a request into what the engine runs: the model must be this one,
+    /// the prompt must tokenize (or its ids be in the vocabulary) and leave room in the
+    /// context window, sampling parameters must be valid.
+    pub fn prepare(&self, req: &NodeRequest) -> Result<EngineRequest, BackendError> {
         if req.model != self.cfg.model_id {
             return Err(BackendError::new(
                 ErrorClass::NotFound,
@@ -85,16 +169,25 @@ impl LocalBackend {
         let invalid = |reason: &'static str, msg: String| {
             BackendError::new(ErrorClass::InvalidRequest, reason, msg)
         };
-        let prompt = match &req.prompt {
-            ApiPrompt::Text(t) => Prompt::Text(t.clone()),
-            ApiPrompt::Chat(messages) => Prompt::Chat(messages.iter().map(chat_message).collect()),
+        let tokens = match &req.prompt {
+            NodePrompt::Text(t) => self.encode(&Prompt::Text(t.clone()))?,
+            NodePrompt::Chat(messages) => self.encode(&Prompt::Chat(messages.clone()))?,
+            NodePrompt::Tokens(ids) => {
+                if ids.is_empty() {
+                    return Err(invalid("invalid_prompt", "the prompt is empty".into()));
+                }
+                let vocab = self.model.tokenizer().vocab_size();
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(invalid(
+                        "token_out_of_range",
+                        format!("prompt token {bad} is outside the vocabulary of {vocab} tokens"),
+                    ));
+                }
+                ids.clone()
+            }
         };
-        let tokens = self
-            .model
-            .encode(&prompt)
-            .map_err(|e| invalid("invalid_prompt", e.to_string()))?;
         let context = self.model.config().context_length;
-        let room = context.saturating_sub(tokens.len() as u32);
+        let room = context.saturating_sub(u32::try_from(tokens.len()).unwrap_or(u32::MAX));
         if room == 0 {
             return Err(invalid(
                 "context_length_exceeded",
@@ -105,6 +198,12 @@ impl LocalBackend {
             ));
         }
         let max_tokens = match req.max_tokens {
+            Some(0) => {
+                return Err(invalid(
+                    "invalid_max_tokens",
+                    "max_tokens must be at least 1".into(),
+                ));
+            }
             Some(m) if m > room => {
                 return Err(invalid(
                     "context_length_exceeded",
@@ -115,8 +214,20 @@ impl LocalBackend {
                 ));
             }
             Some(m) => m,
-            None => self.cfg.default_max_tokens.min(room),
+            None => self.cfg.default_max_tokens.clamp(1, room),
         };
+        if req.stop.len() > MAX_STOP_STRINGS {
+            return Err(invalid(
+                "invalid_stop",
+                format!("at most {MAX_STOP_STRINGS} stop strings are allowed"),
+            ));
+        }
+        if req.stop.iter().any(String::is_empty) {
+            return Err(invalid(
+                "invalid_stop",
+                "stop strings must not be empty".into(),
+            ));
+        }
         let s = &req.sampling;
         let defaults = SamplingParams::default();
         let sampling = SamplingParams {
@@ -144,6 +255,24 @@ impl LocalBackend {
             },
         })
     }
+
+    fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
+        self.model.encode(prompt).map_err(|e| {
+            BackendError::new(ErrorClass::InvalidRequest, "invalid_prompt", e.to_string())
+        })
+    }
+
+    /// Queues a prepared request on the engine. Its events arrive on the receiver; cancelling
+    /// `cancel` or dropping the receiver ends it and frees its KV cache.
+    pub fn submit(
+        &self,
+        req: EngineRequest,
+        cancel: CancellationToken,
+    ) -> Result<mpsc::Receiver<EngineEvent>, BackendError> {
+        self.engine
+            .submit(req, cancel)
+            .map_err(|e| engine_error(&e))
+    }
 }
 
 fn chat_message(m: &ApiMessage) -> ChatMessage {
@@ -165,7 +294,8 @@ fn seed_from(id: &str) -> u64 {
     })
 }
 
-fn engine_error(e: &EngineError) -> BackendError {
+/// Classifies an engine error for a client.
+pub fn engine_error(e: &EngineError) -> BackendError {
     let reason = match e {
         EngineError::Busy { .. } => "engine_busy",
         EngineError::ShutDown => "shutting_down",
@@ -195,11 +325,8 @@ impl InferenceBackend for LocalBackend {
         cancel: CancellationToken,
     ) -> BoxFuture<'_, Result<mpsc::Receiver<GenerateEvent>, BackendError>> {
         Box::pin(async move {
-            let ereq = self.prepare(&req)?;
-            let mut events = self
-                .engine
-                .submit(ereq, cancel.clone())
-                .map_err(|e| engine_error(&e))?;
+            let ereq = self.prepare(&NodeRequest::from(req))?;
+            let mut events = self.submit(ereq, cancel)?;
             let (tx, rx) = mpsc::channel(64);
             self.tasks.spawn(async move {
                 let mut last_id = 0;

@@ -1,0 +1,512 @@
+//! The data plane: the `shoal.v1.Node` gRPC service.
+//!
+//! `Generate` turns the wire request into a [`NodeRequest`] (the same path the HTTP API takes
+//! through [`LocalBackend::prepare`]), queues it on the engine of the model's shard and streams
+//! `Started`, `Token`s, then `Finished` or `Error`. Refusals before the stream starts are gRPC
+//! statuses with the class and reason headers. A client that drops the stream, or whose
+//! `grpc-timeout` passes, ends the generation and frees its KV cache.
+//!
+//! An absent sampling field takes the node's default (temperature 1, a seed derived from the
+//! request id); an absent or zero `max_tokens` the node's default completion length.
+
+use crate::core::NodeCore;
+use crate::local::{LocalBackend, NodePrompt, NodeRequest, engine_error};
+use futures::Stream;
+use shoal_api::metrics::Outcome;
+use shoal_api::{BackendError, SamplingParams as ApiSampling};
+use shoal_engine::EngineEvent;
+use shoal_model::{ChatMessage, FinishReason};
+use shoal_proto::v1::node_server::Node;
+use shoal_proto::v1::{self, generate_event::Event, generate_request::Prompt};
+use shoal_types::{ErrorClass, ModelId, RequestId};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+/// Events buffered between a generation and its gRPC stream.
+const STREAM_BUFFER: usize = 16;
+/// Longest request id kept (longer ones are refused).
+const MAX_REQUEST_ID: usize = 256;
+
+/// The stream `Generate` answers with.
+pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateEvent, Status>> + Send>>;
+
+/// The `Node` service of one agent.
+#[derive(Debug)]
+pub(crate) struct NodeService {
+    core: Arc<NodeCore>,
+    /// Numbers requests that come without an id.
+    unnamed: AtomicU64,
+}
+
+impl NodeService {
+    pub fn new(core: Arc<NodeCore>) -> Self {
+        Self {
+            core,
+            unnamed: AtomicU64::new(0),
+        }
+    }
+
+    fn start(
+        &self,
+        msg: v1::GenerateRequest,
+        received: Instant,
+        deadline: Option<Duration>,
+    ) -> Result<GenerateStream, BackendError> {
+        self.core.check_accepting()?;
+        let req = node_request(msg, || {
+            let n = self.unnamed.fetch_add(1, Ordering::Relaxed);
+            format!("{}-grpc-{n}", self.core.node_id)
+        })?;
+        let backend = self.core.shards.backend_for(req.model.as_str())?;
+        let ereq = backend.prepare(&req)?;
+        let prompt_ids = ereq.prompt.clone();
+        let cancel = self.core.requests.child_token();
+        let events = backend.submit(ereq, cancel.clone())?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let forward = Forward {
+            backend: backend.clone(),
+            core: self.core.clone(),
+            prompt_ids,
+            received,
+            deadline: deadline.map(|d| tokio::time::Instant::now() + d),
+        };
+        let span = tracing::debug_span!("node.generate.stream", request_id = %req.request_id);
+        backend.spawn_tracked(
+            async move {
+                let _cancel_on_exit = cancel.clone().drop_guard();
+                forward.run(events, tx, cancel).await;
+            }
+            .instrument(span),
+        );
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|ev| (ev, rx))
+        })))
+    }
+}
+
+/// The error status for a refusal before the stream starts.
+fn refusal(e: &BackendError) -> Status {
+    shoal_net::status(e.class, &e.reason, e.message.clone())
+}
+
+fn invalid(reason: &'static str, message: impl Into<String>) -> BackendError {
+    BackendError::new(ErrorClass::InvalidRequest, reason, message)
+}
+
+/// Checks a wire request and converts it; `unnamed` names a request that has no id.
+pub(crate) fn node_request(
+    msg: v1::GenerateRequest,
+    unnamed: impl FnOnce() -> String,
+) -> Result<NodeRequest, BackendError> {
+    if !msg.resume.is_empty() {
+        return Err(invalid(
+            "resume_unsupported",
+            "resuming a generation is not supported by this node",
+        ));
+    }
+    if msg.request_id.len() > MAX_REQUEST_ID {
+        return Err(invalid(
+            "invalid_request_id",
+            format!("request_id must be at most {MAX_REQUEST_ID} bytes"),
+        ));
+    }
+    let request_id = if msg.request_id.is_empty() {
+        unnamed()
+    } else {
+        msg.request_id
+    };
+    if msg.model_id.is_empty() {
+        return Err(invalid("missing_model", "model_id is required"));
+    }
+    let prompt = match msg.prompt {
+        None => return Err(invalid("missing_prompt", "a prompt is required")),
+        Some(Prompt::Text(t)) => NodePrompt::Text(t),
+        Some(Prompt::Tokens(t)) => NodePrompt::Tokens(t.ids),
+        Some(Prompt::Chat(c)) => NodePrompt::Chat(
+            c.messages
+                .into_iter()
+                .map(|m| {
+                    let role = match m.role.as_str() {
+                        "system" | "developer" => "system",
+                        "user" => "user",
+                        "assistant" => "assistant",
+                        other => {
+                            return Err(invalid(
+                                "invalid_role",
+                                format!(
+                                    "unknown chat role {:?}",
+                                    other.chars().take(32).collect::<String>()
+                                ),
+                            ));
+                        }
+                    };
+                    Ok(ChatMessage {
+                        role: role.into(),
+                        content: m.content,
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    let sampling = msg
+        .sampling
+        .map_or_else(ApiSampling::default, |s| ApiSampling {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k,
+            min_p: s.min_p,
+            repetition_penalty: s.repetition_penalty,
+            frequency_penalty: s.frequency_penalty,
+            presence_penalty: s.presence_penalty,
+            seed: s.seed,
+        });
+    Ok(NodeRequest {
+        request_id: RequestId::new(request_id),
+        model: ModelId::new(msg.model_id),
+        prompt,
+        // 0 asks for nothing: it means the default, like an absent value.
+        max_tokens: msg.max_tokens.filter(|&m| m > 0),
+        sampling,
+        stop: msg.stop,
+    })
+}
+
+/// The `grpc-timeout` a caller set (`<digits><unit>`, at most 8 digits), if any.
+pub(crate) fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn event(e: Event) -> v1::GenerateEvent {
+    v1::GenerateEvent { event: Some(e) }
+}
+
+fn error_event(class: ErrorClass, reason: &str, message: impl Into<String>) -> v1::GenerateEvent {
+    event(Event::Error(v1::Error {
+        class: shoal_proto::class_to_wire(class) as i32,
+        reason: reason.to_owned(),
+        message: message.into(),
+    }))
+}
+
+/// Moves one generation's engine events to its gRPC stream.
+struct Forward {
+    /// Held so the shard is not dropped under a running generation.
+    backend: Arc<LocalBackend>,
+    core: Arc<NodeCore>,
+    prompt_ids: Vec<u32>,
+    received: Instant,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Forward {
+    async fn run(
+        self,
+        mut events: mpsc::Receiver<EngineEvent>,
+        tx: mpsc::Sender<Result<v1::GenerateEvent, Status>>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        let metrics = &self.core.metrics;
+        let mut last_token: Option<Instant> = None;
+        let deadline = async {
+            match self.deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        let mut prompt_ids = Some(self.prompt_ids);
+        let outcome = loop {
+            let ev = tokio::select! {
+                // The client went away: dropping `events` frees the sequence.
+                () = tx.closed() => break Outcome::Error(ErrorClass::Cancelled),
+                () = &mut deadline => {
+                    cancel.cancel();
+                    let _ = tx.try_send(Ok(error_event(
+                        ErrorClass::DeadlineExceeded,
+                        "deadline_exceeded",
+                        "the call's deadline passed before the generation finished",
+                    )));
+                    break Outcome::Error(ErrorClass::DeadlineExceeded);
+                }
+                ev = events.recv() => ev,
+            };
+            let (out, end) = match ev {
+                None => {
+                    // The engine dropped the sequence without a final event: it was cancelled
+                    // (node shutting down) or the engine stopped.
+                    let out = error_event(
+                        ErrorClass::Unavailable,
+                        "shutting_down",
+                        "the node is shutting down",
+                    );
+                    (out, Some(Outcome::Error(ErrorClass::Unavailable)))
+                }
+                Some(EngineEvent::Started { .. }) => (
+                    event(Event::Started(v1::Started {
+                        prompt_ids: prompt_ids.take().unwrap_or_default(),
+                        node_id: self.core.node_id.as_str().to_owned(),
+                    })),
+                    None,
+                ),
+                Some(EngineEvent::Token { id, text }) => {
+                    let now = Instant::now();
+                    match last_token {
+                        None => metrics.ttft(now - self.received),
+                        Some(t) => metrics.inter_token(now - t),
+                    }
+                    last_token = Some(now);
+                    (event(Event::Token(v1::Token { id, text })), None)
+                }
+                Some(EngineEvent::Finished {
+                    reason,
+                    usage,
+                    tail,
+                }) => {
+                    let wire = match reason {
+                        FinishReason::Stop => v1::FinishReason::Stop,
+                        FinishReason::Length => v1::FinishReason::Length,
+                        FinishReason::Cancelled => {
+                            let _ = tx
+                                .send(Ok(error_event(
+                                    ErrorClass::Cancelled,
+                                    "cancelled",
+                                    "the generation was cancelled",
+                                )))
+                                .await;
+                            break Outcome::Error(ErrorClass::Cancelled);
+                        }
+                    };
+                    let out = event(Event::Finished(v1::Finished {
+                        reason: wire as i32,
+                        prompt_tokens: usage.prompt_tokens,
+                        completion_tokens: usage.completion_tokens,
+                        tail,
+                    }));
+                    (out, Some(Outcome::Ok))
+                }
+                Some(EngineEvent::Failed(e)) => {
+                    let e = engine_error(&e);
+                    let out = error_event(e.class, &e.reason, e.message);
+                    (out, Some(Outcome::Error(e.class)))
+                }
+            };
+            if tx.send(Ok(out)).await.is_err() {
+                break Outcome::Error(ErrorClass::Cancelled);
+            }
+            if let Some(o) = end {
+                break o;
+            }
+        };
+        metrics.generation(outcome);
+        drop(events);
+        drop(self.backend);
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<v1::GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let received = Instant::now();
+        let deadline = grpc_timeout(request.metadata());
+        let msg = request.into_inner();
+        let span = tracing::info_span!(
+            "node.generate",
+            node = %self.core.node_id,
+            request_id = %msg.request_id,
+            model = %msg.model_id,
+        );
+        let _entered = span.enter();
+        match self.start(msg, received, deadline) {
+            Ok(stream) => Ok(Response::new(stream)),
+            Err(e) => {
+                tracing::debug!(class = %e.class, reason = %e.reason, "generate refused");
+                self.core.metrics.generation(Outcome::Error(e.class));
+                Err(refusal(&e))
+            }
+        }
+    }
+
+    async fn status(
+        &self,
+        _request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        let models = self
+            .core
+            .shards
+            .ready()
+            .iter()
+            .map(|b| b.model_id().as_str().to_owned())
+            .collect();
+        Ok(Response::new(v1::StatusResponse {
+            node_id: self.core.node_id.as_str().to_owned(),
+            models,
+            load: Some(self.core.load()),
+            capability: Some(self.core.capability()),
+        }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use tonic::metadata::MetadataValue;
+
+    fn req() -> v1::GenerateRequest {
+        v1::GenerateRequest {
+            request_id: "r1".into(),
+            model_id: "tiny".into(),
+            prompt: Some(Prompt::Text("hi".into())),
+            ..Default::default()
+        }
+    }
+
+    fn unnamed() -> String {
+        "anon".into()
+    }
+
+    #[test]
+    fn wire_requests_convert_with_defaults() {
+        let r = node_request(req(), unnamed).unwrap();
+        assert_eq!(r.request_id.as_str(), "r1");
+        assert_eq!(r.max_tokens, None);
+        assert_eq!(r.sampling, ApiSampling::default());
+        assert_eq!(r.prompt, NodePrompt::Text("hi".into()));
+        let zero = node_request(
+            v1::GenerateRequest {
+                max_tokens: Some(0),
+                ..req()
+            },
+            unnamed,
+        )
+        .unwrap();
+        assert_eq!(zero.max_tokens, None);
+
+        let r = node_request(
+            v1::GenerateRequest {
+                request_id: String::new(),
+                max_tokens: Some(7),
+                sampling: Some(v1::SamplingParams {
+                    temperature: Some(0.0),
+                    seed: Some(0),
+                    ..Default::default()
+                }),
+                prompt: Some(Prompt::Chat(v1::ChatPrompt {
+                    messages: vec![v1::ChatMessage {
+                        role: "developer".into(),
+                        content: "be brief".into(),
+                    }],
+                })),
+                ..req()
+            },
+            unnamed,
+        )
+        .unwrap();
+        assert_eq!(r.request_id.as_str(), "anon");
+        assert_eq!(r.max_tokens, Some(7));
+        assert_eq!(r.sampling.temperature, Some(0.0));
+        assert_eq!(r.sampling.top_p, None);
+        assert_eq!(r.sampling.repetition_penalty, None);
+        assert_eq!(r.sampling.seed, Some(0));
+        let NodePrompt::Chat(m) = r.prompt else {
+            panic!("not a chat")
+        };
+        assert_eq!(m[0].role, "system");
+    }
+
+    #[test]
+    fn bad_wire_requests_are_invalid_with_a_reason() {
+        let cases = [
+            (
+                v1::GenerateRequest {
+                    resume: vec![1, 2],
+                    ..req()
+                },
+                "resume_unsupported",
+            ),
+            (
+                v1::GenerateRequest {
+                    prompt: None,
+                    ..req()
+                },
+                "missing_prompt",
+            ),
+            (
+                v1::GenerateRequest {
+                    model_id: String::new(),
+                    ..req()
+                },
+                "missing_model",
+            ),
+            (
+                v1::GenerateRequest {
+                    request_id: "x".repeat(300),
+                    ..req()
+                },
+                "invalid_request_id",
+            ),
+            (
+                v1::GenerateRequest {
+                    prompt: Some(Prompt::Chat(v1::ChatPrompt {
+                        messages: vec![v1::ChatMessage {
+                            role: "root".into(),
+                            content: String::new(),
+                        }],
+                    })),
+                    ..req()
+                },
+                "invalid_role",
+            ),
+        ];
+        for (msg, reason) in cases {
+            let e = node_request(msg, unnamed).unwrap_err();
+            assert_eq!(e.class, ErrorClass::InvalidRequest);
+            assert_eq!(e.reason, reason);
+        }
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut md = MetadataMap::new();
+        assert_eq!(grpc_timeout(&md), None);
+        for (v, d) in [
+            ("1500000u", Duration::from_millis(1500)),
+            ("2S", Duration::from_secs(2)),
+            ("250m", Duration::from_millis(250)),
+            ("1H", Duration::from_secs(3600)),
+            ("10n", Duration::from_nanos(10)),
+        ] {
+            md.insert("grpc-timeout", MetadataValue::from_static(v));
+            assert_eq!(grpc_timeout(&md), Some(d), "{v}");
+        }
+        for bad in ["", "S", "12x", "123456789S", "-1S"] {
+            md.insert("grpc-timeout", MetadataValue::try_from(bad).unwrap());
+            assert_eq!(grpc_timeout(&md), None, "{bad}");
+        }
+    }
+}
