@@ -491,10 +491,10 @@ pub struct StageChoice {
 /// Predicted single-stream decode speed of one replica.
 ///
 /// Per token: `compute = Σ stage layers × layer seconds + head seconds of the last stage`, and
-/// for a pipeline of `k ≥ 2` stages `hops = Σ over the k links of the loop (each stage to the
-/// next, and the last back to the first with the sampled token) of the two ends' latencies`,
-/// which is `2 × Σ stage latencies`. Hidden states are a few kilobytes per token, so bandwidth
-/// is left out.
+/// `hops = 2 × Σ over adjacent stages (a, b) of (latency a + latency b)`: hidden states go down
+/// each link and the sampled token comes back up it to the first stage, which embeds it for
+/// the next step (the `shoal.v1.Stage` stream carries both directions). Hidden states are a
+/// few kilobytes per token, so bandwidth is left out.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
     /// `1 / (compute + hops)`: finite and positive.

@@ -1,8 +1,8 @@
 //! Costing replicas and searching for the fastest pipeline of each stage count.
 //!
 //! A pipeline's single-stream decode time per token is linear in the layers each stage holds
-//! (`Σ layers × layer seconds`), plus the head on the last stage and the hops of the loop
-//! (`2 × Σ stage latencies`, see [`Prediction`]). For a fixed set of nodes and a fixed choice
+//! (`Σ layers × layer seconds`), plus the head on the last stage and the hops there and back
+//! (each link twice; see [`Prediction`]). For a fixed set of nodes and a fixed choice
 //! of which two hold the ends (the ends carry the embeddings and the head, so they have room
 //! for fewer layers), the best split gives every stage one layer and then the rest to the
 //! fastest stages first, each up to what its free memory holds: greedy is optimal for a
@@ -48,15 +48,17 @@ pub(super) struct Found {
 /// in layer order.
 pub(super) fn predict(stages: &[(&Cand<'_>, u32)]) -> Prediction {
     let mut compute = 0.0;
-    let mut latency = 0.0;
     for (c, layers) in stages {
         compute += f64::from(*layers) * c.layer_s;
-        latency += c.latency;
     }
     if let Some((last, _)) = stages.last() {
         compute += last.head_s;
     }
-    let hops = if stages.len() > 1 { 2.0 * latency } else { 0.0 };
+    // Hidden states go down each link and the sampled token comes back up it.
+    let hops: f64 = stages
+        .windows(2)
+        .map(|w| 2.0 * (w[0].0.latency + w[1].0.latency))
+        .sum();
     let total = compute + hops;
     // Inputs are clamped to (0, MAX_BELIEVABLE_SECONDS], so total is finite and positive for
     // any non-empty replica; the guard keeps a degenerate call from dividing by zero.
@@ -153,7 +155,7 @@ pub(super) fn best_by_stage_count(
             continue;
         }
         let set: Vec<usize> = (0..cands.len()).filter(|i| mask & (1 << i) != 0).collect();
-        let hops: f64 = 2.0 * set.iter().map(|&i| cands[i].latency).sum::<f64>();
+        let latency: f64 = set.iter().map(|&i| cands[i].latency).sum();
         for (ai, &a) in set.iter().enumerate() {
             for &b in &set[ai + 1..] {
                 // The head runs on the last stage: give it to the end with the cheaper head
@@ -175,6 +177,9 @@ pub(super) fn best_by_stage_count(
                 ) else {
                     continue;
                 };
+                // Each link is crossed twice per token; a middle stage has two links, an end
+                // one, whatever the middles' order.
+                let hops = 2.0 * (2.0 * latency - cands[first].latency - cands[last].latency);
                 let cost = cost + cands[last].head_s + hops;
                 let slot = &mut best[k - 2];
                 let better = match slot {

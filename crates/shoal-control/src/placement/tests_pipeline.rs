@@ -135,7 +135,8 @@ fn a_node_whose_link_costs_more_than_its_speed_saves_is_left_out() {
     assert!(!with_d.is_empty());
     for a in with_d {
         assert_eq!(a.verdict, Verdict::Slower);
-        // Two hops of the loop each cost d's 50 ms (a and b are on a 0 ms link).
+        // d sits at an end: its one link is crossed down and back, 50 ms each way (a and b
+        // are on 0 ms links).
         assert!(close(a.prediction.hop_seconds, 0.1), "{:?}", a.prediction);
     }
 
@@ -143,6 +144,30 @@ fn a_node_whose_link_costs_more_than_its_speed_saves_is_left_out() {
     near[2].link_latency_seconds = 0.0;
     let p = place(&input(near, PlacementMode::Auto, Some(1)));
     assert_eq!(chains(&p, "m"), [["d[0,6)", "a[6,10)"]]);
+}
+
+#[test]
+fn a_middle_stage_pays_its_latency_on_both_links() {
+    // 500 bytes hold 4 layers at an end, 5 in the middle: three stages are needed. The node
+    // with the lowest latency goes in the middle, where its link counts twice.
+    let mut nodes = vec![
+        node("a", 500, 1.0),
+        node("b", 500, 1.0),
+        node("c", 500, 1.0),
+    ];
+    for (n, ms) in nodes.iter_mut().zip([1.0, 2.0, 4.0]) {
+        n.link_latency_seconds = ms / 1e3;
+    }
+    let p = place(&input(nodes, PlacementMode::Auto, Some(1)));
+    assert_eq!(chains(&p, "m"), [["b[0,4)", "a[4,9)", "c[9,10)"]]);
+    let chosen = outcome(&p, "m").chosen().next().unwrap();
+    // Links b-a (3 ms) and a-c (5 ms), each crossed twice.
+    assert!(
+        close(chosen.prediction.hop_seconds, 0.016),
+        "{:?}",
+        chosen.prediction
+    );
+    assert!(close(chosen.prediction.compute_seconds, 0.010));
 }
 
 #[test]
@@ -520,4 +545,38 @@ proptest! {
             }
         }
     }
+}
+
+/// Prints how long planning a large tight cluster takes (run with `--ignored --nocapture`).
+#[test]
+#[ignore = "prints a timing; run by hand"]
+fn planner_speed() {
+    let nodes: Vec<NodeInput> = (0..24u32)
+        .map(|i| {
+            let mut n = node(
+                &format!("n{i:02}"),
+                700 + 50 * u64::from(i % 5),
+                1.0 + f64::from(i % 7),
+            );
+            n.link_latency_seconds = 0.001 * f64::from(i % 3);
+            n
+        })
+        .collect();
+    let mut i = input(nodes, PlacementMode::Auto, None);
+    i.models = (0..4).map(|j| small_model(&format!("m{j}"))).collect();
+    i.models.push(small_model("m"));
+    let start = std::time::Instant::now();
+    let p = place(&i);
+    let first = start.elapsed();
+    let start = std::time::Instant::now();
+    let again = place(&PlacementInput {
+        previous: Some(p.plan.clone()),
+        ..i.clone()
+    });
+    println!(
+        "24 nodes, 5 models: {} assignments in {first:?}; replanning {:?}",
+        p.plan.assignments.len(),
+        start.elapsed()
+    );
+    assert_eq!(again.plan, p.plan);
 }
