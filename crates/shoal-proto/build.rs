@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/shoal/v1/control.proto",
         "proto/shoal/v1/node.proto",
         "proto/shoal/v1/admin.proto",
+        "proto/shoal/v1/stage.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
