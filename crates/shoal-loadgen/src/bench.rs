@@ -400,7 +400,15 @@ pub async fn run_load(cfg: LoadConfig, cancel: CancellationToken) -> Result<Load
         timeout: cfg.request_timeout,
     });
     let warmup = if cfg.warmup > 0 {
-        Some(run_phase(&shared, cfg.concurrency, StopAfter::Requests(cfg.warmup), &cancel).await?)
+        Some(
+            run_phase(
+                &shared,
+                cfg.concurrency,
+                StopAfter::Requests(cfg.warmup),
+                &cancel,
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -614,7 +622,10 @@ mod tests {
             "2",
         ])
         .unwrap();
-        assert!(!format!("{args:?}").contains("\"k\""), "key in Debug output");
+        assert!(
+            !format!("{args:?}").contains("\"k\""),
+            "key in Debug output"
+        );
         let cfg = args.to_config().await.unwrap();
         assert_eq!(cfg.endpoint, Endpoint::Completions);
         assert!(!cfg.stream);

@@ -63,8 +63,8 @@ pub async fn run_chat(
         "--url {:?} must be an http:// URL",
         args.url
     );
-    let client = HttpClient::new(&args.url, args.api_key.clone(), 1)
-        .context("building the HTTP client")?;
+    let client =
+        HttpClient::new(&args.url, args.api_key.clone(), 1).context("building the HTTP client")?;
     let model = match &args.model {
         Some(model) => model.clone(),
         None => client.first_model().await?,
@@ -158,7 +158,10 @@ async fn turn(
             match reply.next_chunk().await {
                 Ok(Some((_, chunk))) => {
                     if !chunk.content.is_empty() {
-                        output.write_all(chunk.content.as_bytes()).await.map_err(TurnError::Output)?;
+                        output
+                            .write_all(chunk.content.as_bytes())
+                            .await
+                            .map_err(TurnError::Output)?;
                         output.flush().await.map_err(TurnError::Output)?;
                         text.push_str(&chunk.content);
                     }

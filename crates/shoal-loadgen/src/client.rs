@@ -567,7 +567,10 @@ pub(crate) fn request_wire_bytes(request: &reqwest::Request) -> u64 {
         };
         total += header_line_bytes("host", authority.as_bytes());
     }
-    if !request.headers().contains_key(reqwest::header::CONTENT_LENGTH) {
+    if !request
+        .headers()
+        .contains_key(reqwest::header::CONTENT_LENGTH)
+    {
         total += header_line_bytes("content-length", body.to_string().as_bytes());
     }
     total + 2 + body as u64
@@ -598,7 +601,11 @@ mod tests {
         let (request, size) = client.prepare(Endpoint::Chat, body, true).unwrap();
         let expected = "POST /v1/chat/completions HTTP/1.1\r\n".len()
             + "accept: text/event-stream\r\n".len()
-            + format!("user-agent: shoal-loadgen/{}\r\n", env!("CARGO_PKG_VERSION")).len()
+            + format!(
+                "user-agent: shoal-loadgen/{}\r\n",
+                env!("CARGO_PKG_VERSION")
+            )
+            .len()
             + "content-type: application/json\r\n".len()
             + "host: 127.0.0.1:8080\r\n".len()
             + "content-length: 7\r\n".len()

@@ -167,7 +167,10 @@ const BUILTIN: [&str; 16] = [
 
 /// The built-in prompt set.
 pub fn builtin_prompts() -> Vec<Prompt> {
-    BUILTIN.iter().map(|p| Prompt::Text((*p).to_owned())).collect()
+    BUILTIN
+        .iter()
+        .map(|p| Prompt::Text((*p).to_owned()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -181,7 +184,10 @@ mod tests {
         let prompts = parse_prompts(text).unwrap();
         assert_eq!(prompts.len(), 2);
         assert_eq!(prompts[0], Prompt::Text("hi".into()));
-        assert_eq!(prompts[0].to_messages(), vec![ChatMessage::new("user", "hi")]);
+        assert_eq!(
+            prompts[0].to_messages(),
+            vec![ChatMessage::new("user", "hi")]
+        );
         assert_eq!(prompts[1].to_text(), "be brief\n\nwhy?");
         assert_eq!(prompts[1].to_messages().len(), 2);
     }

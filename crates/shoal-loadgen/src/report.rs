@@ -236,7 +236,11 @@ impl LoadReport {
     /// The report for a person, a few aligned lines.
     pub fn render_text(&self) -> String {
         let mut out = String::new();
-        let mode = if self.stream { "streamed" } else { "whole replies" };
+        let mode = if self.stream {
+            "streamed"
+        } else {
+            "whole replies"
+        };
         let _ = writeln!(
             out,
             "target      {} model {} ({}, {mode}), concurrency {}, max_tokens {}",
@@ -400,7 +404,10 @@ mod tests {
         assert_eq!(report.finish_reasons["length"], 2);
         let text = report.render_text();
         assert!(text.contains("2 ok, 3 failed, 1 cancelled"), "{text}");
-        assert!(text.contains("2 x HTTP 429 too_many_requests: busy"), "{text}");
+        assert!(
+            text.contains("2 x HTTP 429 too_many_requests: busy"),
+            "{text}"
+        );
         assert!(text.contains("1 x no reply timeout"), "{text}");
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["errors"][0]["code"], "too_many_requests");

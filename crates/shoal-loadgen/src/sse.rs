@@ -288,9 +288,8 @@ mod tests {
 
     #[test]
     fn comments_and_other_fields_are_skipped() {
-        let (out, _) = parse_all(&[
-            b": keep-alive\n\n:\n\nevent: message\nid: 7\nretry: 10\ndata: a\n\n",
-        ]);
+        let (out, _) =
+            parse_all(&[b": keep-alive\n\n:\n\nevent: message\nid: 7\nretry: 10\ndata: a\n\n"]);
         assert_eq!(ok(out), vec!["a"]);
     }
 
@@ -306,7 +305,10 @@ mod tests {
         assert_eq!(ok(out), vec!["{\"a\":1}"]);
         assert!(parser.has_partial_event());
         let (_, parser) = parse_all(&[b"data: x\n"]);
-        assert!(parser.has_partial_event(), "data line without the blank line");
+        assert!(
+            parser.has_partial_event(),
+            "data line without the blank line"
+        );
     }
 
     #[test]
@@ -344,7 +346,8 @@ mod tests {
         };
         assert_eq!(info.content, " yo");
         assert_eq!(info.finish_reason.as_deref(), Some("length"));
-        let usage = r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}"#;
+        let usage =
+            r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}"#;
         let StreamItem::Chunk(info) = interpret(usage).unwrap() else {
             panic!("a chunk")
         };
@@ -382,7 +385,10 @@ mod tests {
         for (data, want) in [
             ("{not json", BadReply::InvalidJson),
             ("[1,2]", BadReply::InvalidJson),
-            (r#"{"choices":[{"delta":{"content":5}}]}"#, BadReply::InvalidJson),
+            (
+                r#"{"choices":[{"delta":{"content":5}}]}"#,
+                BadReply::InvalidJson,
+            ),
             (r#"{"id":"x"}"#, BadReply::MissingChoices),
         ] {
             match interpret(data) {
