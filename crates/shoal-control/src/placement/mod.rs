@@ -471,7 +471,9 @@ impl fmt::Display for Exclusion {
                     "memory taken by other models (needs {need} B, {free} B left)"
                 )
             }
-            Exclusion::ReplicaLimit { replicas } => write!(f, "already {replicas} replicas"),
+            Exclusion::ReplicaLimit { replicas } => {
+                write!(f, "replica limit reached ({replicas})")
+            }
             Exclusion::NotInPipeline => f.write_str(
                 "in no pipeline (a stage here would slow one down, and no further pipeline fits)",
             ),
@@ -517,8 +519,9 @@ pub enum Verdict {
         /// Its [`Assignment::pipeline`] id.
         pipeline: u32,
     },
-    /// A faster alternative was taken instead.
-    Slower,
+    /// An alternative at least as fast was taken instead (on a tie, the one with fewer
+    /// stages).
+    NotFaster,
     /// The model fits whole on a node, and whole replicas are preferred: a pipeline adds hops
     /// and ties up several nodes for one stream.
     WholeReplicaFits,
@@ -539,7 +542,7 @@ impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Verdict::Chosen { pipeline } => write!(f, "chosen (replica {pipeline})"),
-            Verdict::Slower => f.write_str("not chosen: slower than the chosen one"),
+            Verdict::NotFaster => f.write_str("not chosen: no faster than the chosen one"),
             Verdict::WholeReplicaFits => {
                 f.write_str("not chosen: the model fits whole on a node (no hops)")
             }

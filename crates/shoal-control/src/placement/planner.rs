@@ -520,7 +520,7 @@ impl<'a> Context<'a> {
             } else if first.is_some_and(|r| {
                 r.found.prediction.tokens_per_second >= f.prediction.tokens_per_second
             }) {
-                Verdict::Slower
+                Verdict::NotFaster
             } else if first.is_some_and(|r| r.previous_id.is_some()) {
                 Verdict::KeepsCurrent
             } else if replicas.len() >= target {

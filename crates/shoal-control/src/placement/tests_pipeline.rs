@@ -104,7 +104,7 @@ fn a_model_too_big_for_any_node_is_split_by_speed_and_memory() {
         .iter()
         .find(|a| a.stages.len() == 3)
         .expect("a three-stage alternative");
-    assert_eq!(three.verdict, Verdict::Slower);
+    assert_eq!(three.verdict, Verdict::NotFaster);
     assert!(close(three.prediction.compute_seconds, 0.015));
     assert_eq!(why(&p, "m", "c"), &Exclusion::ReplicaLimit { replicas: 1 });
     let text = p.explain();
@@ -113,7 +113,7 @@ fn a_model_too_big_for_any_node_is_split_by_speed_and_memory() {
         "{text}"
     );
     assert!(
-        text.contains("not chosen: slower than the chosen one"),
+        text.contains("not chosen: no faster than the chosen one"),
         "{text}"
     );
 }
@@ -134,7 +134,7 @@ fn a_node_whose_link_costs_more_than_its_speed_saves_is_left_out() {
         .collect::<Vec<_>>();
     assert!(!with_d.is_empty());
     for a in with_d {
-        assert_eq!(a.verdict, Verdict::Slower);
+        assert_eq!(a.verdict, Verdict::NotFaster);
         // d sits at an end: its one link is crossed down and back, 50 ms each way (a and b
         // are on 0 ms links).
         assert!(close(a.prediction.hop_seconds, 0.1), "{:?}", a.prediction);
