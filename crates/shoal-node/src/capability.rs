@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Prompt tokens prefilled before the timed decode steps.
-const BENCH_PROMPT_TOKENS: usize = 8;
-/// Timed batch-1 decode steps per runtime.
-const BENCH_DECODE_STEPS: usize = 16;
+const BENCH_PROMPT_TOKENS: usize = 4;
+/// Timed batch-1 decode steps per runtime (two runtimes: 16 steps in all).
+const BENCH_DECODE_STEPS: usize = 8;
 /// Context the benchmark runtimes allocate for (small: only a few positions are used).
 const BENCH_CONTEXT: u32 = 64;
 
@@ -220,7 +220,8 @@ fn bench_prompt(model: &Model) -> Vec<u32> {
     ids
 }
 
-/// Seconds per batch-1 decode step on `rt`, after a prefill of `prompt` and one untimed step.
+/// Seconds per batch-1 decode step on `rt` (the median step, so one preempted step does not
+/// skew it), after a prefill of `prompt` and one untimed step.
 fn time_decode(rt: &mut dyn ShardRuntime, prompt: &[u32]) -> Result<f64, ModelError> {
     let seq = SeqId(1);
     let token = prompt[0];
@@ -238,12 +239,15 @@ fn time_decode(rt: &mut dyn ShardRuntime, prompt: &[u32]) -> Result<f64, ModelEr
         step(0, prompt)?;
         step(pos, &[token])?;
         pos += 1;
-        let start = Instant::now();
+        let mut times = Vec::with_capacity(BENCH_DECODE_STEPS);
         for _ in 0..BENCH_DECODE_STEPS {
+            let start = Instant::now();
             step(pos, &[token])?;
+            times.push(start.elapsed().as_secs_f64());
             pos += 1;
         }
-        Ok(start.elapsed().as_secs_f64() / BENCH_DECODE_STEPS as f64)
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
     })();
     rt.release(seq);
     result
