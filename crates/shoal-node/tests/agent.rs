@@ -537,6 +537,54 @@ async fn an_agent_keeps_serving_without_its_coordinator_and_rejoins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_agent_stops_trying_and_says_why() {
+    let c = cluster(SynthSpec::tiny_llama()).await;
+    let mut cfg = c.agent_config("pi-1");
+    cfg.node_id = NodeId::new("-not-a-host-name");
+    cfg.benchmark = false;
+    let agent = within(
+        "starting an agent",
+        Agent::start(cfg, CancellationToken::new()),
+    )
+    .await
+    .unwrap();
+    let mut control = agent.watch_control();
+    let state = within("the join being refused", async {
+        loop {
+            let s = control.borrow_and_update().clone();
+            if matches!(s, ControlState::Refused { .. }) {
+                return s;
+            }
+            control.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert_eq!(
+        state,
+        ControlState::Refused {
+            class: ErrorClass::InvalidRequest,
+            reason: Some("invalid_node_id".into()),
+            message: state_message(&state),
+        }
+    );
+    assert!(
+        state_message(&state).contains("-not-a-host-name"),
+        "{state:?}"
+    );
+    assert!(c.membership.view().nodes.is_empty());
+    within("shutting down", agent.shutdown(Duration::from_secs(5)))
+        .await
+        .unwrap();
+}
+
+fn state_message(s: &ControlState) -> String {
+    match s {
+        ControlState::Refused { message, .. } => message.clone(),
+        _ => String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_draining_agent_refuses_new_generations_and_unloads() {
     let c = cluster(SynthSpec::tiny_llama()).await;
     let (a, _cancel) = c.agent("pi-1").await;
