@@ -320,6 +320,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     eprintln!(
         "bench: {} to {} at concurrency {}",
         match cfg.stop {
+            StopAfter::Requests(1) => "1 request".to_owned(),
             StopAfter::Requests(n) => format!("{n} requests"),
             StopAfter::Duration(d) => format!("{:.1} s", d.as_secs_f64()),
         },

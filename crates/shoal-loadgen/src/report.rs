@@ -190,7 +190,7 @@ impl LoadReport {
                 message: message.clone(),
             })
             .collect();
-        errors.sort_by(|a, b| b.count.cmp(&a.count));
+        errors.sort_by_key(|e| std::cmp::Reverse(e.count));
         Self {
             url: meta.url,
             model: meta.model,

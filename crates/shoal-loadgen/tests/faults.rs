@@ -322,3 +322,44 @@ async fn chat_prints_server_errors_and_goes_on() {
         "EOF ends the session: {transcript}"
     );
 }
+
+#[derive(Debug, clap::Parser)]
+struct BenchCli {
+    #[command(flatten)]
+    bench: shoal_loadgen::BenchArgs,
+}
+
+fn bench_args(url: &str, extra: &[&str]) -> shoal_loadgen::BenchArgs {
+    use clap::Parser as _;
+    let head = ["bench", "--url", url];
+    BenchCli::try_parse_from(head.iter().chain(extra).copied())
+        .unwrap()
+        .bench
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_bench_fails_only_when_every_request_failed() {
+    let server = start(Script::Cycle).await;
+    // The first request of the cycle is refused with 429.
+    let args = bench_args(&server.url, &["--requests", "1", "--concurrency", "1"]);
+    let err = tokio::time::timeout(WAIT, shoal_loadgen::run_bench(args))
+        .await
+        .expect("bench hung")
+        .unwrap_err();
+    assert!(err.to_string().contains("every request failed"), "{err}");
+    // The next six include the one good answer.
+    let args = bench_args(
+        &server.url,
+        &["--requests", "6", "--concurrency", "1", "--json"],
+    );
+    tokio::time::timeout(WAIT, shoal_loadgen::run_bench(args))
+        .await
+        .expect("bench hung")
+        .unwrap();
+    assert_eq!(server.state.seen.load(Ordering::SeqCst), 7);
+    // A bad flag value is reported before any request.
+    let args = bench_args(&server.url, &["--concurrency", "0"]);
+    let err = shoal_loadgen::run_bench(args).await.unwrap_err();
+    assert!(err.to_string().contains("concurrency"), "{err}");
+    assert_eq!(server.state.seen.load(Ordering::SeqCst), 7);
+}

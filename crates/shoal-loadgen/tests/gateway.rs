@@ -172,3 +172,91 @@ async fn chat_keeps_history_resets_and_survives_errors() {
         assert!(!answer.is_empty(), "empty answer: {transcript}");
     }
 }
+
+/// A TCP relay on loopback counting the bytes each way, to check the wire-size estimate.
+struct Relay {
+    url: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    down: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        // Counted before forwarding, so the count is complete once the peer has the bytes.
+        count.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+async fn relay_to(target_url: &str) -> Relay {
+    let target: std::net::SocketAddr = target_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .parse()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (u, d) = (up.clone(), down.clone());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(target).await.unwrap();
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pump(cr, sw, u.clone()));
+            tokio::spawn(pump(sr, cw, d.clone()));
+        }
+    });
+    Relay { url, up, down }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_bytes_match_a_byte_counting_relay() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let gw = start_gateway(64).await;
+    // Whole replies carry a content-length, so the estimate is exact.
+    let relay = relay_to(&gw.url).await;
+    let cfg = LoadConfig {
+        url: relay.url.clone(),
+        model: Some("tiny".into()),
+        concurrency: 2,
+        stop: StopAfter::Requests(6),
+        max_tokens: 6,
+        stream: false,
+        ..LoadConfig::default()
+    };
+    let report = load(cfg.clone()).await;
+    assert_eq!(report.requests_ok, 6, "{}", report.render_text());
+    let sent: u64 = report.samples.iter().map(|s| s.bytes_sent).sum();
+    let received: u64 = report.samples.iter().map(|s| s.bytes_received).sum();
+    assert_eq!(sent, relay.up.load(SeqCst));
+    assert_eq!(received, relay.down.load(SeqCst));
+    // Streams are chunked; the framing (a few bytes per chunk) is not counted.
+    let relay = relay_to(&gw.url).await;
+    let report = load(LoadConfig {
+        url: relay.url.clone(),
+        stream: true,
+        ..cfg
+    })
+    .await;
+    assert_eq!(report.requests_ok, 6, "{}", report.render_text());
+    let sent: u64 = report.samples.iter().map(|s| s.bytes_sent).sum();
+    let received: u64 = report.samples.iter().map(|s| s.bytes_received).sum();
+    let wire_down = relay.down.load(SeqCst);
+    eprintln!("streamed: counted {received} B, relay saw {wire_down} B");
+    assert_eq!(sent, relay.up.load(SeqCst));
+    assert!(received <= wire_down && wire_down - received <= wire_down / 10);
+}
