@@ -91,6 +91,49 @@ pub fn resolve(name_or_path: &str, fetch_if_missing: bool) -> Result<PathBuf> {
     )
 }
 
+/// A model file ready to serve: the name clients use, where it is, and its digest.
+#[derive(Debug, Clone)]
+pub struct ResolvedModel {
+    /// The catalogue name, or the file's stem for a path.
+    pub name: String,
+    /// The file.
+    pub path: PathBuf,
+    /// sha256 of the file (lower-case hex).
+    pub sha256: String,
+    /// Its size.
+    pub bytes: u64,
+}
+
+/// Resolves a model name or path (fetching a catalogue model when allowed) and names it.
+///
+/// A catalogue model's digest is the catalogue's, checked when the file was fetched; a file
+/// given by path is hashed here.
+pub fn resolve_model(name_or_path: &str, fetch_if_missing: bool) -> Result<ResolvedModel> {
+    let path = resolve(name_or_path, fetch_if_missing)?;
+    let bytes = std::fs::metadata(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    let (name, sha256) = match lookup(name_or_path) {
+        Some(entry) => (entry.name.to_owned(), entry.file_sha256.to_owned()),
+        None => (model_name(name_or_path, &path), sha256_file(&path)?),
+    };
+    Ok(ResolvedModel {
+        name,
+        path,
+        sha256,
+        bytes,
+    })
+}
+
+/// The name clients use: the catalogue name, or the file's stem for a path.
+pub fn model_name(arg: &str, path: &Path) -> String {
+    if lookup(arg).is_some() {
+        return arg.to_owned();
+    }
+    path.file_stem()
+        .map_or_else(|| arg.to_owned(), |s| s.to_string_lossy().into_owned())
+}
+
 fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();

@@ -9,7 +9,6 @@ use shoal_model::Model;
 use shoal_node::{LocalBackend, LocalBackendConfig};
 use shoal_types::ModelId;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -41,7 +40,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let path = catalog::resolve(&args.model, true)?;
     let model =
         Arc::new(Model::open(&path).with_context(|| format!("loading {}", path.display()))?);
-    let model_id = ModelId::new(model_name(&args.model, &path));
+    let model_id = ModelId::new(catalog::model_name(&args.model, &path));
     let cfg = LocalBackendConfig {
         model_id: model_id.clone(),
         threads: crate::threads_or_default(args.threads),
@@ -88,13 +87,4 @@ pub fn run(args: ServeArgs) -> Result<()> {
         backend.drain().await;
         Ok(())
     })
-}
-
-/// The name clients use: the catalogue name, or the file's stem for a path.
-fn model_name(arg: &str, path: &Path) -> String {
-    if catalog::lookup(arg).is_some() {
-        return arg.to_owned();
-    }
-    path.file_stem()
-        .map_or_else(|| arg.to_owned(), |s| s.to_string_lossy().into_owned())
 }

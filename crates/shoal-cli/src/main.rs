@@ -2,11 +2,17 @@
 //! beyond argument handling and output.
 
 mod catalog;
+mod cmd_agent;
 mod cmd_bench_model;
+mod cmd_coordinator;
 mod cmd_generate;
 mod cmd_model;
 mod cmd_serve;
+mod cmd_status;
+mod cmd_up;
 mod env;
+mod signals;
+mod tls;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -21,6 +27,27 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start a whole cluster on this machine (a coordinator and agents as separate processes)
+    /// serving the default model over the OpenAI-compatible API, until Ctrl-C.
+    Up(cmd_up::UpArgs),
+    /// Run a coordinator: membership, placement, the control plane and the API gateway.
+    Coordinator(cmd_coordinator::CoordinatorArgs),
+    /// Run a node agent that joins a coordinator and serves what it is assigned.
+    Agent(cmd_agent::AgentArgs),
+    /// Show the cluster: nodes, health, capability, placement, load.
+    Status(cmd_status::StatusArgs),
+    /// Stop sending new requests to a node; it finishes those it has.
+    Drain(cmd_status::DrainArgs),
+    /// Put a drained node back in service.
+    Undrain(cmd_status::DrainArgs),
+    /// Load generator: concurrent requests against an OpenAI-compatible API, with TTFT,
+    /// inter-token and end-to-end latency percentiles, throughput, errors and bytes.
+    Bench(shoal_loadgen::BenchArgs),
+    /// Interactive chat against an OpenAI-compatible API (a `shoal up` cluster by default).
+    Chat(shoal_loadgen::ChatArgs),
+    /// The cluster's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Generate text from a prompt on this machine, streaming tokens to stdout.
     Generate(cmd_generate::GenerateArgs),
     /// Serve a model from this machine over the OpenAI-compatible HTTP API.
@@ -28,6 +55,12 @@ enum Command {
     /// Fetch, inspect, synthesize and benchmark models.
     #[command(subcommand)]
     Model(cmd_model::ModelCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create the cluster CA (once; later runs keep the existing one).
+    Init(tls::CaInitArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +72,23 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
+        Command::Up(args) => cmd_up::run(args),
+        Command::Coordinator(args) => cmd_coordinator::run(args),
+        Command::Agent(args) => cmd_agent::run(args),
+        Command::Status(args) => cmd_status::run(args),
+        Command::Drain(args) => cmd_status::drain(args, false),
+        Command::Undrain(args) => cmd_status::drain(args, true),
+        Command::Ca(CaCommand::Init(args)) => tls::ca_init(args),
+        Command::Bench(args) => {
+            runtime().and_then(|rt| rt.block_on(shoal_loadgen::run_bench(args)))
+        }
+        Command::Chat(args) => runtime().and_then(|rt| {
+            rt.block_on(shoal_loadgen::run_chat(
+                args,
+                tokio::io::BufReader::new(tokio::io::stdin()),
+                tokio::io::stdout(),
+            ))
+        }),
         Command::Generate(args) => cmd_generate::run(args),
         Command::Model(cmd) => cmd_model::run(cmd),
         Command::Serve(args) => cmd_serve::run(args),
@@ -55,4 +105,15 @@ fn main() -> std::process::ExitCode {
 /// Threads to compute with: the flag, else every core.
 pub(crate) fn threads_or_default(threads: Option<usize>) -> usize {
     threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The async runtime of a long-running command: two I/O threads (compute runs on the model's
+/// own thread pool).
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }

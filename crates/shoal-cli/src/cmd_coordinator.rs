@@ -1,0 +1,109 @@
+//! `shoal coordinator`: membership, placement, the control plane and the OpenAI gateway.
+
+use crate::catalog;
+use crate::tls::TlsArgs;
+use anyhow::{Context, Result};
+use clap::Args;
+use shoal_api::ApiConfig;
+use shoal_cluster::{ClusterBackendConfig, Coordinator, CoordinatorOptions};
+use shoal_control::CoordinatorConfig;
+use shoal_net::Role;
+use shoal_types::ModelId;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// Arguments of `shoal coordinator`.
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// Where clients reach the OpenAI-compatible API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Where agents and operators reach the gRPC services.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub grpc_listen: SocketAddr,
+    /// Models the cluster serves: catalogue names or GGUF paths (repeatable).
+    #[arg(long = "model", default_values_t = [catalog::DEFAULT_MODEL.to_owned()])]
+    pub models: Vec<String>,
+    /// A TOML configuration file (leases, pins, replicas, store); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A silent node is declared dead after this many milliseconds.
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+    /// Agents heartbeat this often (milliseconds).
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Replicas per model (default: every node with room).
+    #[arg(long)]
+    pub replicas: Option<usize>,
+    /// The state database (redb); default: in memory.
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Generation requests in flight at most; more get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_in_flight: usize,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Stop when standard input closes (set by `shoal up` so no process outlives it).
+    #[arg(long, hide = true)]
+    pub exit_on_stdin_eof: bool,
+}
+
+/// Runs a coordinator until Ctrl-C, SIGTERM or (with `--exit-on-stdin-eof`) stdin's end.
+pub fn run(args: CoordinatorArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            CoordinatorConfig::from_toml_str(&text)
+                .with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => CoordinatorConfig::default(),
+    };
+    if let Some(v) = args.lease_ms {
+        config.lease_ms = v;
+    }
+    if let Some(v) = args.heartbeat_ms {
+        config.heartbeat_interval_ms = v;
+    }
+    if args.replicas.is_some() {
+        config.replicas = args.replicas;
+    }
+    if args.store.is_some() {
+        config.store_path = args.store.clone();
+    }
+    for name in &args.models {
+        let m = catalog::resolve_model(name, true)?;
+        let spec = shoal_cluster::model_spec(ModelId::new(&m.name), &m.path, m.sha256)?;
+        config.models.retain(|existing| existing.id != spec.id);
+        config.models.push(spec);
+    }
+    let config = config.validate()?;
+    let tls = args.tls.mode(Role::Coordinator, "coordinator")?;
+    let runtime = crate::runtime()?;
+    runtime.block_on(async move {
+        let cancel = CancellationToken::new();
+        let opts = CoordinatorOptions {
+            config,
+            tls,
+            grpc_listen: args.grpc_listen,
+            api: ApiConfig {
+                bind: args.listen,
+                max_in_flight: args.max_in_flight,
+                ..ApiConfig::default()
+            },
+            backend: ClusterBackendConfig::default(),
+        };
+        let mut coordinator = Coordinator::start(opts, cancel.clone()).await?;
+        println!(
+            "coordinator: gRPC {} · API http://{}/v1",
+            coordinator.grpc_addr(),
+            coordinator.http_addr()
+        );
+        crate::signals::until_stopped(args.exit_on_stdin_eof, coordinator.wait()).await?;
+        eprintln!("coordinator: stopping");
+        coordinator.shutdown().await?;
+        Ok(())
+    })
+}

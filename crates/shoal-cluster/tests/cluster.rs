@@ -1,0 +1,454 @@
+//! A coordinator and several agents in one process on loopback, over mTLS, serving a tiny
+//! random-weight model through the OpenAI gateway.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::{Value, json};
+use shoal_api::ApiConfig;
+use shoal_cluster::{ClusterBackendConfig, Coordinator, CoordinatorOptions};
+use shoal_control::{CoordinatorConfig, NodeState};
+use shoal_net::{ClusterCa, PeerIdentity, Role, TlsMode};
+use shoal_node::{Agent, AgentConfig, ModelFile};
+use shoal_types::{ModelId, NodeId};
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const MODEL: &str = "tiny";
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+fn tls(ca: &ClusterCa, role: Role, name: &str) -> TlsMode {
+    let id = PeerIdentity::new(ca.cluster_id(), role, name).unwrap();
+    let hosts = ["127.0.0.1".to_owned(), "localhost".to_owned()];
+    let cert = ca.issue(&id, &hosts, Duration::from_secs(3600)).unwrap();
+    TlsMode::Mtls(cert.into_material(ca.cert_pem()))
+}
+
+struct TestCluster {
+    _dir: tempfile::TempDir,
+    ca: ClusterCa,
+    model: ModelFile,
+    coordinator: Coordinator,
+    agents: Vec<Option<(Agent, CancellationToken)>>,
+    http: reqwest::Client,
+}
+
+impl TestCluster {
+    async fn start(n_agents: usize) -> TestCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let path: PathBuf = dir.path().join("tiny.gguf");
+        shoal_synth::write_model(&shoal_synth::SynthSpec::tiny_llama(), &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let sha256 = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&bytes))
+        };
+        let model = ModelFile {
+            id: ModelId::new(MODEL),
+            path: path.clone(),
+            sha256: sha256.clone(),
+            bytes: bytes.len() as u64,
+        };
+        let spec = shoal_cluster::model_spec(ModelId::new(MODEL), &path, sha256).unwrap();
+        let config = CoordinatorConfig {
+            lease_ms: 1500,
+            heartbeat_interval_ms: 200,
+            kv_reserve_tokens: 256,
+            models: vec![spec],
+            ..CoordinatorConfig::default()
+        }
+        .validate()
+        .unwrap();
+        let ca = ClusterCa::generate("test-cluster").unwrap();
+        let opts = CoordinatorOptions {
+            config,
+            tls: tls(&ca, Role::Coordinator, "coordinator"),
+            grpc_listen: "127.0.0.1:0".parse().unwrap(),
+            api: ApiConfig {
+                bind: "127.0.0.1:0".parse().unwrap(),
+                ..ApiConfig::default()
+            },
+            backend: ClusterBackendConfig::default(),
+        };
+        let coordinator = within(
+            "starting the coordinator",
+            Coordinator::start(opts, CancellationToken::new()),
+        )
+        .await
+        .unwrap();
+        let mut cluster = TestCluster {
+            _dir: dir,
+            ca,
+            model,
+            coordinator,
+            agents: Vec::new(),
+            http: reqwest::Client::new(),
+        };
+        for i in 1..=n_agents {
+            cluster.add_agent(&format!("agent-{i}")).await;
+        }
+        cluster.wait_ready(n_agents).await;
+        cluster
+    }
+
+    async fn add_agent(&mut self, name: &str) {
+        let cfg = AgentConfig {
+            node_id: NodeId::new(name),
+            coordinator: self.coordinator.grpc_addr().to_string(),
+            tls: tls(&self.ca, Role::Agent, name),
+            data_listen: "127.0.0.1:0".parse().unwrap(),
+            advertise_addr: None,
+            http_listen: None,
+            models: vec![self.model.clone()],
+            threads: 1,
+            engine: shoal_engine::EngineConfig::default(),
+            default_max_tokens: 16,
+            memory_budget: None,
+            benchmark: true,
+        };
+        let cancel = CancellationToken::new();
+        let agent = within("starting an agent", Agent::start(cfg, cancel.clone()))
+            .await
+            .unwrap();
+        self.agents.push(Some((agent, cancel)));
+    }
+
+    /// Waits until `n` nodes report the model ready and the gateway says ready.
+    async fn wait_ready(&self, n: usize) {
+        let mut views = self.coordinator.membership().subscribe_view();
+        within("the agents becoming ready", async {
+            loop {
+                let ready = {
+                    let v = views.borrow_and_update();
+                    v.nodes
+                        .values()
+                        .filter(|node| {
+                            node.state == NodeState::Alive
+                                && node.shards.iter().any(|s| {
+                                    s.state == shoal_control::membership::ShardState::Ready
+                                })
+                        })
+                        .count()
+                };
+                if ready >= n {
+                    return;
+                }
+                views.changed().await.unwrap();
+            }
+        })
+        .await;
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.coordinator.http_addr())
+    }
+
+    async fn chat(&self, body: Value) -> (u16, Value) {
+        let r = within(
+            "a chat completion",
+            self.http
+                .post(self.url("/v1/chat/completions"))
+                .json(&body)
+                .send(),
+        )
+        .await
+        .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap())
+    }
+
+    /// Stops an agent abruptly: no Leave, its lease must run out.
+    fn kill(&mut self, index: usize) {
+        let (agent, cancel) = self.agents[index].take().unwrap();
+        cancel.cancel();
+        drop(agent);
+    }
+
+    async fn wait_state(&self, node: &str, state: NodeState) {
+        let mut views = self.coordinator.membership().subscribe_view();
+        within(&format!("{node} becoming {state:?}"), async {
+            loop {
+                if views
+                    .borrow_and_update()
+                    .nodes
+                    .get(&NodeId::new(node))
+                    .is_some_and(|n| n.state == state)
+                {
+                    return;
+                }
+                views.changed().await.unwrap();
+            }
+        })
+        .await;
+    }
+}
+
+fn greedy(content: &str, max_tokens: u32) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_agents_serve_the_same_greedy_answer_and_share_the_load() {
+    let cluster = TestCluster::start(3).await;
+    let models: Value = cluster
+        .http
+        .get(cluster.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], MODEL);
+
+    // Six concurrent identical greedy requests: the router spreads them (in-flight counts),
+    // and every replica answers the same.
+    let mut handles = Vec::new();
+    for _ in 0..6 {
+        let http = cluster.http.clone();
+        let url = cluster.url("/v1/chat/completions");
+        handles.push(tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&greedy("hello there", 12))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }));
+    }
+    let mut answers = Vec::new();
+    for h in handles {
+        answers.push(within("concurrent requests", h).await.unwrap());
+    }
+    let first = answers[0]["choices"][0]["message"]["content"].clone();
+    for a in &answers {
+        assert_eq!(a["choices"][0]["message"]["content"], first);
+        assert_eq!(
+            a["usage"]["completion_tokens"].as_u64().unwrap() <= 12,
+            true
+        );
+        assert!(a["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    }
+
+    // Heartbeats carry each node's generated-token count: more than one node did work.
+    let mut views = cluster.coordinator.membership().subscribe_view();
+    within("loads reported by heartbeats", async {
+        loop {
+            let busy = views
+                .borrow_and_update()
+                .nodes
+                .values()
+                .filter(|n| n.load.tokens_generated_total > 0)
+                .count();
+            if busy >= 2 {
+                return;
+            }
+            views.changed().await.unwrap();
+        }
+    })
+    .await;
+
+    // Streaming through the gateway carries the same text and a usage chunk.
+    let mut body = greedy("hello there", 12);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let text = cluster
+        .http
+        .post(cluster.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut streamed = String::new();
+    let mut usage = None;
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        if let Some(c) = chunk["choices"][0]["delta"]["content"].as_str() {
+            streamed.push_str(c);
+        }
+        if !chunk["usage"].is_null() {
+            usage = Some(chunk["usage"].clone());
+        }
+    }
+    assert_eq!(json!(streamed), first);
+    assert!(usage.unwrap()["completion_tokens"].as_u64().unwrap() > 0);
+
+    // The coordinator's metrics show a heartbeat age for each node.
+    let metrics = cluster
+        .http
+        .get(cluster.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for i in 1..=3 {
+        assert!(
+            metrics.contains(&format!(
+                "{}{{node=\"agent-{i}\"}}",
+                shoal_cluster::metrics::HEARTBEAT_AGE_SECONDS
+            )),
+            "no heartbeat age for agent-{i} in:\n{metrics}"
+        );
+    }
+    assert!(metrics.contains("shoal_cluster_nodes{state=\"alive\"} 3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_while_idle_costs_no_request() {
+    let mut cluster = TestCluster::start(2).await;
+    cluster.kill(0);
+    // Before the lease runs out the view still shows agent-1 alive: requests routed there
+    // fail to start and go to agent-2.
+    for _ in 0..4 {
+        let (status, body) = cluster.chat(greedy("still there?", 6)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    cluster.wait_state("agent-1", NodeState::Dead).await;
+    let (status, body) = cluster.chat(greedy("and now?", 6)).await;
+    assert_eq!(status, 200, "{body}");
+
+    // With every agent gone the gateway answers 503, not a hang.
+    cluster.kill(1);
+    cluster.wait_state("agent-2", NodeState::Dead).await;
+    let (status, body) = cluster.chat(greedy("anyone?", 6)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "no_ready_replica");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors_and_the_cluster_keeps_serving() {
+    let cluster = TestCluster::start(1).await;
+    let (status, body) = cluster
+        .chat(json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}))
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "model_not_found");
+
+    let (status, body) = cluster.chat(greedy("x", 1_000_000)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+
+    let mut unknown = greedy("x", 4);
+    unknown["frobnicate"] = json!(true);
+    let (status, body) = cluster.chat(unknown).await;
+    assert_eq!(status, 400, "{body}");
+
+    let r = cluster
+        .http
+        .post(cluster.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let big = vec![b' '; 100 << 20];
+    let r = cluster
+        .http
+        .post(cluster.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await;
+    // The gateway refuses the body as soon as it passes the limit; the client may see the
+    // 413 or a connection closed mid-upload.
+    if let Ok(r) = r {
+        assert_eq!(r.status(), 413);
+    }
+
+    let (status, body) = cluster.chat(greedy("still fine", 4)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_frees_the_sequence_on_the_node() {
+    let cluster = TestCluster::start(1).await;
+    let mut body = greedy("tell me a long story", 200);
+    body["stream"] = json!(true);
+    let mut r = cluster
+        .http
+        .post(cluster.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    within("the first chunk", r.chunk()).await.unwrap();
+    drop(r);
+    let node = NodeId::new("agent-1");
+    let router = cluster.coordinator.backend().router();
+    within("the gateway ending the request", async {
+        while router.in_flight(&node) != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Only a heartbeat sent after the request ended proves the node freed it.
+    let after = cluster.coordinator.membership().view().nodes[&node].last_sequence;
+    let mut views = cluster.coordinator.membership().subscribe_view();
+    within(
+        "the node reporting no active sequence and no KV cache",
+        async {
+            loop {
+                let idle = {
+                    let v = views.borrow_and_update();
+                    let n = &v.nodes[&node];
+                    n.last_sequence > after && n.load.active_sequences == 0 && n.load.kv_bytes == 0
+                };
+                if idle {
+                    return;
+                }
+                views.changed().await.unwrap();
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_gets_no_new_work() {
+    let cluster = TestCluster::start(2).await;
+    cluster
+        .coordinator
+        .membership()
+        .drain(NodeId::new("agent-1"))
+        .await
+        .unwrap();
+    cluster.wait_state("agent-1", NodeState::Draining).await;
+    let before = cluster.coordinator.membership().view().nodes[&NodeId::new("agent-1")]
+        .load
+        .tokens_generated_total;
+    for _ in 0..3 {
+        let (status, body) = cluster.chat(greedy("drain test", 4)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after = cluster.coordinator.membership().view().nodes[&NodeId::new("agent-1")]
+        .load
+        .tokens_generated_total;
+    assert_eq!(before, after, "a draining node generated tokens");
+}
