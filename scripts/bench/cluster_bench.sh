@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Cluster benchmarks (figures for the cluster's closing notes), on loopback with the default model:
+#  1. aggregate output tokens/s under 8 concurrent streams: one agent vs two replicas, each
+#     agent pinned to its own core (taskset) with one compute thread;
+#  2. gateway overhead: the same 1-token request sent to an agent's own HTTP API and through
+#     the coordinator's gateway (HTTP + routing + one mTLS gRPC hop), p50 of end-to-end latency.
+# Usage: bash scripts/bench/cluster_bench.sh [requests-per-run]   (needs `shoal model fetch`)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release -p shoal-cli >/dev/null
+shoal=$PWD/target/release/shoal
+requests=${1:-48}
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+start_cluster() { # $1 = number of agents
+  local n=$1
+  "$shoal" coordinator --listen 127.0.0.1:18181 --grpc-listen 127.0.0.1:17171 \
+    --cluster-dir "$work/cluster" >"$work/coordinator.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 50); do curl -fs 127.0.0.1:18181/healthz >/dev/null 2>&1 && break; sleep 0.2; done
+  for i in $(seq 1 "$n"); do
+    taskset -c $((i - 1)) "$shoal" agent --join 127.0.0.1:17171 --name "agent-$i" --threads 1 \
+      --http 127.0.0.1:$((18190 + i)) --cluster-dir "$work/cluster" >"$work/agent-$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for _ in $(seq 300); do
+    ready=$("$shoal" status --coordinator 127.0.0.1:17171 --cluster-dir "$work/cluster" 2>/dev/null | grep -c "=ready" || true)
+    [[ "$ready" -ge "$n" ]] && return 0
+    sleep 0.2
+  done
+  echo "cluster of $n did not become ready" >&2; exit 1
+}
+stop_cluster() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); rm -rf "$work/cluster"; }
+
+bench() { # $1 = url, rest = flags; prints the JSON report
+  "$shoal" bench --url "$1" --json "${@:2}"
+}
+field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
+
+echo "== 8 concurrent streams, 64 tokens each, $requests requests, greedy"
+for n in 1 2; do
+  start_cluster "$n"
+  bench http://127.0.0.1:18181/v1 --concurrency 8 --requests "$requests" --max-tokens 64 --warmup 8 >"$work/agg$n.json"
+  printf '%d agent(s): %s output tok/s, %s req/s, TTFT p50 %s ms, ITL p50 %s ms, errors %s\n' "$n" \
+    "$(field "$work/agg$n.json" "round(r['output_tokens_per_second'],1)")" \
+    "$(field "$work/agg$n.json" "round(r['requests_per_second'],2)")" \
+    "$(field "$work/agg$n.json" "round(r['ttft_ms']['p50'],1)")" \
+    "$(field "$work/agg$n.json" "round(r['itl_ms']['p50'],1)")" \
+    "$(field "$work/agg$n.json" "r['requests_failed']")"
+  if [[ $n == 1 ]]; then
+    echo "== gateway overhead: 1-token non-streamed requests, one at a time"
+    bench http://127.0.0.1:18191/v1 --concurrency 1 --requests 200 --max-tokens 1 --no-stream --warmup 20 >"$work/direct.json"
+    bench http://127.0.0.1:18181/v1 --concurrency 1 --requests 200 --max-tokens 1 --no-stream --warmup 20 >"$work/gateway.json"
+    d=$(field "$work/direct.json" "r['e2e_ms']['p50']"); g=$(field "$work/gateway.json" "r['e2e_ms']['p50']")
+    d99=$(field "$work/direct.json" "r['e2e_ms']['p99']"); g99=$(field "$work/gateway.json" "r['e2e_ms']['p99']")
+    printf 'agent direct: p50 %.2f ms p99 %.2f ms · through the gateway: p50 %.2f ms p99 %.2f ms · overhead p50 %.2f ms\n' \
+      "$d" "$d99" "$g" "$g99" "$(python3 -c "print($g-$d)")"
+  fi
+  stop_cluster
+done
+a1=$(field "$work/agg1.json" "r['output_tokens_per_second']"); a2=$(field "$work/agg2.json" "r['output_tokens_per_second']")
+printf 'two replicas / one agent: %.2fx (target >= 1.8x)\n' "$(python3 -c "print($a2/$a1)")"
