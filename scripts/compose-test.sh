@@ -8,7 +8,11 @@ cd "$(dirname "$0")/.."
 export SHOAL_MODELS="${SHOAL_MODELS:-${SHOAL_MODEL_DIR:-$HOME/.cache/shoal/models}}"
 export SHOAL_API_PORT="${SHOAL_API_PORT:-18080}"
 project="shoal-test-$$"
-compose=(docker compose -p "$project" -f deploy/compose.yaml)
+if docker compose version >/dev/null 2>&1; then
+  compose=(docker compose -p "$project" -f deploy/compose.yaml)
+else
+  compose=(docker-compose -p "$project" -f deploy/compose.yaml)
+fi
 
 test -f "$SHOAL_MODELS/SmolLM2-135M-Instruct.Q4_1.gguf" || {
   echo "compose-test: the default model is not in $SHOAL_MODELS (run: shoal model fetch)" >&2

@@ -12,7 +12,7 @@ mkdir -p "$ctx/rootfs/usr/local/bin" "$ctx/rootfs/var/lib/shoal" "$ctx/rootfs/tm
 cp "$bin" "$ctx/rootfs/usr/local/bin/shoal"
 strip "$ctx/rootfs/usr/local/bin/shoal" 2>/dev/null || true
 # Every library the binary needs, at the path the loader looks for it.
-ldd "$bin" | awk '/=> \// { print $3 } /^\s*\// { print $1 }' | while read -r lib; do
+ldd "$bin" | awk '/=> \// { print $3 } /^[ \t]*\// { print $1 }' | while read -r lib; do
   mkdir -p "$ctx/rootfs$(dirname "$lib")"
   cp -L "$lib" "$ctx/rootfs$lib"
 done

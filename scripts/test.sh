@@ -24,7 +24,8 @@ step "tests"
 cargo test --workspace --release
 
 step "containers (Compose: a coordinator and three resource-limited agents)"
-if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 \
+  && { docker compose version || command -v docker-compose; } >/dev/null 2>&1; then
   bash scripts/compose-test.sh
 else
   echo "docker is not available here: the Compose test did not run" >&2

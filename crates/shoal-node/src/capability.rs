@@ -294,6 +294,7 @@ impl HostProbe {
             .iter()
             .filter_map(|d| read(&d.join("cpu.max")).and_then(|t| parse_cpu_max(&t)))
             .fold(f64::INFINITY, f64::min);
+        let quota = quota.min(self.cgroup_v1_cpu_quota().unwrap_or(f64::INFINITY));
         let mut cores = parallel as f64;
         if quota.is_finite() {
             cores = cores.min(quota.ceil().max(1.0));
@@ -319,7 +320,31 @@ impl HostProbe {
             mem.total = mem.total.min(limit);
             mem.available = mem.available.min(free);
         }
+        // cgroup v1 (hosts whose /sys/fs/cgroup is a tmpfs of per-controller mounts): a
+        // container sees its own group at the controller's root.
+        let v1 = self.sys_root.join("fs/cgroup/memory");
+        if let Some(limit) = read(&v1.join("memory.limit_in_bytes")).and_then(|t| parse_limit(&t)) {
+            let used = read(&v1.join("memory.usage_in_bytes"))
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let reclaimable = read(&v1.join("memory.stat"))
+                .and_then(|t| parse_stat_field(&t, "total_inactive_file"))
+                .unwrap_or(0);
+            // "No limit" is a huge page-aligned number; the min with the machine's total
+            // leaves the figures unchanged then.
+            let free = limit.saturating_sub(used.saturating_sub(reclaimable));
+            mem.total = mem.total.min(limit);
+            mem.available = mem.available.min(free);
+        }
         Some(mem)
+    }
+
+    /// Cores a cgroup v1 CPU quota allows (`cpu.cfs_quota_us / cpu.cfs_period_us`), if set.
+    fn cgroup_v1_cpu_quota(&self) -> Option<f64> {
+        let dir = self.sys_root.join("fs/cgroup/cpu");
+        let quota: i64 = read(&dir.join("cpu.cfs_quota_us"))?.trim().parse().ok()?;
+        let period: i64 = read(&dir.join("cpu.cfs_period_us"))?.trim().parse().ok()?;
+        (quota > 0 && period > 0).then(|| quota as f64 / period as f64)
     }
 
     /// Mean charge of the batteries, in percent.
@@ -542,6 +567,38 @@ mod tests {
         assert_eq!(cap.memory_total_bytes, 100 << 20);
         assert_eq!(cap.threads, 3);
         assert_eq!(cap.cores, 1);
+    }
+
+    #[test]
+    fn a_cgroup_v1_container_reports_its_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let probe = HostProbe {
+            proc_root: dir.path().join("proc"),
+            sys_root: dir.path().join("sys"),
+        };
+        write(&probe.proc_root.join("meminfo"), MEMINFO);
+        let cg = probe.sys_root.join("fs/cgroup");
+        write(&cg.join("cpu/cpu.cfs_quota_us"), "25000\n");
+        write(&cg.join("cpu/cpu.cfs_period_us"), "100000\n");
+        write(&cg.join("memory/memory.limit_in_bytes"), "402653184\n");
+        write(&cg.join("memory/memory.usage_in_bytes"), "134217728\n");
+        write(
+            &cg.join("memory/memory.stat"),
+            "cache 1\ntotal_inactive_file 67108864\n",
+        );
+        assert_eq!(probe.cores(), 1, "a quarter of a CPU rounds up to one core");
+        let mem = probe.memory().unwrap();
+        assert_eq!(mem.total, 384 << 20);
+        assert_eq!(mem.available, (384 << 20) - (64 << 20));
+
+        // An unlimited v1 group (the kernel writes a huge number) leaves the host's figures.
+        write(
+            &cg.join("memory/memory.limit_in_bytes"),
+            "9223372036854771712\n",
+        );
+        write(&cg.join("cpu/cpu.cfs_quota_us"), "-1\n");
+        let host = parse_meminfo(MEMINFO).unwrap();
+        assert_eq!(probe.memory().unwrap().total, host.total);
     }
 
     #[test]
