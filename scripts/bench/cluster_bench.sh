@@ -41,7 +41,7 @@ bench() { # $1 = url, rest = flags; prints the JSON report
 field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
 
 echo "== 8 concurrent streams, 64 tokens each, $requests requests, greedy"
-for n in 1 2; do
+for n in ${ONLY:-1 2}; do
   start_cluster "$n"
   bench http://127.0.0.1:18181/v1 --concurrency 8 --requests "$requests" --max-tokens 64 --warmup 8 >"$work/agg$n.json"
   printf '%d agent(s): %s output tok/s, %s req/s, TTFT p50 %s ms, ITL p50 %s ms, errors %s\n' "$n" \
@@ -51,10 +51,14 @@ for n in 1 2; do
     "$(field "$work/agg$n.json" "round(r['itl_ms']['p50'],1)")" \
     "$(field "$work/agg$n.json" "r['requests_failed']")"
   if [[ $n == 1 ]]; then
-    echo "== gateway overhead: 1-token non-streamed requests, one at a time"
-    bench http://127.0.0.1:18191/v1 --concurrency 1 --requests 200 --max-tokens 1 --no-stream --warmup 20 >"$work/direct.json"
-    bench http://127.0.0.1:18181/v1 --concurrency 1 --requests 200 --max-tokens 1 --no-stream --warmup 20 >"$work/gateway.json"
-    d=$(field "$work/direct.json" "r['e2e_ms']['p50']"); g=$(field "$work/gateway.json" "r['e2e_ms']['p50']")
+    echo "== gateway overhead: 1-token completions of a 1-token prompt, non-streamed, one at a time"
+    echo '{"prompt": "Hi"}' >"$work/tiny.jsonl"
+    small=(--concurrency 1 --requests 300 --max-tokens 1 --no-stream --warmup 30 --completions --prompts "$work/tiny.jsonl")
+    bench http://127.0.0.1:18191/v1 "${small[@]}" >"$work/direct.json"
+    bench http://127.0.0.1:18181/v1 "${small[@]}" >"$work/gateway.json"
+    bench http://127.0.0.1:18191/v1 "${small[@]}" >"$work/direct2.json"
+    d=$(python3 -c "import json,sys; print(min(json.load(open(f))['e2e_ms']['p50'] for f in sys.argv[1:]))" "$work/direct.json" "$work/direct2.json")
+    g=$(field "$work/gateway.json" "r['e2e_ms']['p50']")
     d99=$(field "$work/direct.json" "r['e2e_ms']['p99']"); g99=$(field "$work/gateway.json" "r['e2e_ms']['p99']")
     printf 'agent direct: p50 %.2f ms p99 %.2f ms · through the gateway: p50 %.2f ms p99 %.2f ms · overhead p50 %.2f ms\n' \
       "$d" "$d99" "$g" "$g99" "$(python3 -c "print($g-$d)")"

@@ -122,7 +122,10 @@ impl Coordinator {
         let stop = cancel.clone();
         let grpc = tokio::spawn(async move {
             router
-                .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener), stop.cancelled())
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                    stop.cancelled(),
+                )
                 .await
                 .map_err(|e| e.to_string())
         });

@@ -144,6 +144,7 @@ fn warn_plaintext(side: &'static str, peer: &str) {
 pub fn server_builder(mode: &TlsMode) -> Result<Server, NetError> {
     ensure_crypto_provider();
     let server = Server::builder()
+        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     match mode {

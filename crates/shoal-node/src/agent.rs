@@ -175,7 +175,8 @@ impl Agent {
             )?)
             .add_service(NodeServer::new(NodeService::new(core.clone())));
         let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
-            TcpIncoming::from(listener),
+            // Small frames (one token each) must not wait for delayed ACKs.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
             stop_accepting.clone().cancelled_owned(),
         ));
         tracing::info!(node = %cfg.node_id, addr = %data_addr, "data plane listening");
