@@ -125,7 +125,7 @@ pub fn render(s: &v1::ClusterStatusResponse) -> String {
     );
     for n in &s.nodes {
         let cap = n.capability.clone().unwrap_or_default();
-        let load = n.load.clone().unwrap_or_default();
+        let load = n.load.unwrap_or_default();
         let speed = cap
             .speeds
             .iter()
@@ -190,7 +190,7 @@ pub fn render(s: &v1::ClusterStatusResponse) -> String {
             .shards
             .iter()
             .map(|p| {
-                let l = p.layers.clone().unwrap_or_default();
+                let l = p.layers.unwrap_or_default();
                 format!(
                     "{}[{}..{}){}",
                     p.node_id,

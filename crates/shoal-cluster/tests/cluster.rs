@@ -236,10 +236,7 @@ async fn three_agents_serve_the_same_greedy_answer_and_share_the_load() {
     let first = answers[0]["choices"][0]["message"]["content"].clone();
     for a in &answers {
         assert_eq!(a["choices"][0]["message"]["content"], first);
-        assert_eq!(
-            a["usage"]["completion_tokens"].as_u64().unwrap() <= 12,
-            true
-        );
+        assert!(a["usage"]["completion_tokens"].as_u64().unwrap() <= 12);
         assert!(a["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
     }
 
