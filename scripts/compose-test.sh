@@ -47,7 +47,9 @@ assert r["usage"]["completion_tokens"] > 0, r
 PY
 
 # The agents measured their limits: each reports its own cgroup memory and CPU quota.
-"${compose[@]}" exec -T coordinator /usr/local/bin/shoal status \
-  --coordinator=127.0.0.1:7070 --cluster-dir=/cluster | tee /dev/stderr | grep -q "agent-3"
+status=$("${compose[@]}" exec -T coordinator /usr/local/bin/shoal status \
+  --coordinator=127.0.0.1:7070 --cluster-dir=/cluster)
+echo "$status"
+grep -q "agent-3" <<<"$status"
 ok=1
 echo "compose-test: passed"
