@@ -190,6 +190,16 @@ pub fn run(args: UpArgs) -> Result<()> {
                     format!("--tls-dir={}", tls_dir.display()),
                 ];
                 procs.push(spawn(&exe, &name, &agent_args, &logs)?);
+                // One at a time: each agent benchmarks the model at start, and agents measuring
+                // together on shared cores would report each other's contention as their speed.
+                let log = procs.last().map(|p| p.log.clone()).unwrap_or_default();
+                while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains("data plane")) {
+                    check_alive(&mut procs, true)?;
+                    if tokio::time::Instant::now() > deadline {
+                        bail!("{name} did not start; see {}", log.display());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
             while http_status(args.listen, "/readyz").await != Some(200) {
                 check_alive(&mut procs, true)?;
