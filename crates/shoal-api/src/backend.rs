@@ -147,6 +147,17 @@ pub enum Role {
     Assistant,
 }
 
+impl Role {
+    /// The role's name as chat templates and the wire protocol write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
 /// What a backend reports while generating.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerateEvent {

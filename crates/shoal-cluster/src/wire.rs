@@ -1,6 +1,6 @@
 //! Conversions between the gateway's types and the `shoal.v1` wire messages.
 
-use shoal_api::{BackendError, FinishReason, GenerateEvent, GenerateRequest, Prompt, Role, Usage};
+use shoal_api::{BackendError, FinishReason, GenerateEvent, GenerateRequest, Prompt, Usage};
 use shoal_proto::v1;
 use shoal_types::ErrorClass;
 
@@ -12,12 +12,7 @@ pub(crate) fn generate_request(req: &GenerateRequest) -> v1::GenerateRequest {
             messages: messages
                 .iter()
                 .map(|m| v1::ChatMessage {
-                    role: match m.role {
-                        Role::System => "system",
-                        Role::User => "user",
-                        Role::Assistant => "assistant",
-                    }
-                    .to_owned(),
+                    role: m.role.as_str().to_owned(),
                     content: m.content.clone(),
                 })
                 .collect(),
@@ -90,7 +85,7 @@ pub(crate) fn finished(f: &v1::Finished, prompt_tokens: u32) -> GenerateEvent {
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {
     use super::*;
-    use shoal_api::{ChatMessage, SamplingParams};
+    use shoal_api::{ChatMessage, Role, SamplingParams};
     use shoal_types::{ModelId, RequestId};
 
     #[test]

@@ -8,7 +8,7 @@
 use futures::future::BoxFuture;
 use shoal_api::{
     BackendError, ChatMessage as ApiMessage, FinishReason as ApiFinish, GenerateEvent,
-    GenerateRequest, InferenceBackend, ModelCard, Prompt as ApiPrompt, Readiness, Role,
+    GenerateRequest, InferenceBackend, ModelCard, Prompt as ApiPrompt, Readiness,
     SamplingParams as ApiSampling, Usage,
 };
 use shoal_engine::{Engine, EngineConfig, EngineError, EngineEvent, EngineRequest};
@@ -276,13 +276,8 @@ impl LocalBackend {
 }
 
 fn chat_message(m: &ApiMessage) -> ChatMessage {
-    let role = match m.role {
-        Role::System => "system",
-        Role::User => "user",
-        Role::Assistant => "assistant",
-    };
     ChatMessage {
-        role: role.into(),
+        role: m.role.as_str().into(),
         content: m.content.clone(),
     }
 }
