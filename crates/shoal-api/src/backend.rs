@@ -27,6 +27,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// sends, in order: one [`GenerateEvent::Started`], zero or more [`GenerateEvent::Token`]s, and
 /// exactly one terminal event ([`GenerateEvent::Finished`] or [`GenerateEvent::Failed`]); then it
 /// drops its sender. The channel must be bounded so a slow client applies back-pressure.
+/// Before the terminal event it may also send [`GenerateEvent::Path`], any number of times
+/// (the last one counts); the gateway only records it in the audit log.
 ///
 /// # Cancellation
 ///
@@ -183,6 +185,13 @@ pub enum GenerateEvent {
     },
     /// The generation failed after it had been accepted.
     Failed(BackendError),
+    /// Which nodes serve this generation, in pipeline order (optional; a later `Path` replaces
+    /// an earlier one, for instance after a retry on another replica). Recorded in the audit
+    /// log, otherwise ignored.
+    Path {
+        /// Node names, first stage first.
+        nodes: Vec<String>,
+    },
 }
 
 /// Why a generation ended.

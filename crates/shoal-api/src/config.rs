@@ -3,7 +3,11 @@
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::audit::AuditConfig;
+use crate::tls::TlsFiles;
 
 /// Configuration of the HTTP gateway.
 #[derive(Clone, PartialEq, Eq)]
@@ -20,8 +24,17 @@ pub struct ApiConfig {
     /// Interval of SSE comment lines sent while a stream is idle (long prefill), which keep
     /// proxies from timing out and let a dead connection be noticed.
     pub sse_keep_alive: Duration,
-    /// When set, `/v1/*` requires `Authorization: Bearer <api_key>`.
+    /// When set, `/v1/*` requires `Authorization: Bearer <api_key>` (or a key from the file).
     pub api_key: Option<String>,
+    /// The API key file (`shoal key`); once it holds a key, `/v1/*` requires one. Re-read when
+    /// it changes.
+    pub api_keys_file: Option<PathBuf>,
+    /// Require a key on `/v1/*` even while the key file holds none.
+    pub require_api_key: bool,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// Append one hash-chained entry per generation request to this log.
+    pub audit: Option<AuditConfig>,
 }
 
 impl Default for ApiConfig {
@@ -33,6 +46,10 @@ impl Default for ApiConfig {
             retry_after: Duration::from_secs(1),
             sse_keep_alive: Duration::from_secs(15),
             api_key: None,
+            api_keys_file: None,
+            require_api_key: false,
+            tls: None,
+            audit: None,
         }
     }
 }
@@ -47,6 +64,10 @@ impl fmt::Debug for ApiConfig {
             .field("retry_after", &self.retry_after)
             .field("sse_keep_alive", &self.sse_keep_alive)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_keys_file", &self.api_keys_file)
+            .field("require_api_key", &self.require_api_key)
+            .field("tls", &self.tls)
+            .field("audit", &self.audit)
             .finish()
     }
 }
@@ -66,6 +87,12 @@ pub enum ConfigProblem {
     /// `api_key` is set but empty, which would accept `Authorization: Bearer `.
     #[error("api_key is set but empty")]
     EmptyApiKey,
+    /// `require_api_key` without a key file or `api_key`: no request could ever pass.
+    #[error("require_api_key needs an API key file or an api_key")]
+    RequireWithoutKeys,
+    /// The audit queue cannot hold an entry for every admitted request.
+    #[error("the audit queue capacity must be larger than max_in_flight")]
+    AuditQueueTooSmall,
 }
 
 impl ApiConfig {
@@ -83,6 +110,16 @@ impl ApiConfig {
         }
         if self.api_key.as_deref().is_some_and(str::is_empty) {
             problems.push(ConfigProblem::EmptyApiKey);
+        }
+        if self.require_api_key && self.api_keys_file.is_none() && self.api_key.is_none() {
+            problems.push(ConfigProblem::RequireWithoutKeys);
+        }
+        if self
+            .audit
+            .as_ref()
+            .is_some_and(|a| a.queue_capacity <= self.max_in_flight)
+        {
+            problems.push(ConfigProblem::AuditQueueTooSmall);
         }
         if problems.is_empty() {
             Ok(())
@@ -130,6 +167,22 @@ mod tests {
                 ConfigProblem::ZeroMaxInFlight,
                 ConfigProblem::ZeroKeepAlive,
                 ConfigProblem::EmptyApiKey,
+            ])
+        );
+        let config = ApiConfig {
+            require_api_key: true,
+            max_in_flight: 10,
+            audit: Some(AuditConfig {
+                queue_capacity: 10,
+                ..AuditConfig::new("audit.jsonl")
+            }),
+            ..ApiConfig::default()
+        };
+        assert_eq!(
+            config.validate(),
+            Err(vec![
+                ConfigProblem::RequireWithoutKeys,
+                ConfigProblem::AuditQueueTooSmall,
             ])
         );
     }

@@ -25,6 +25,15 @@ pub enum ApiError {
         /// Everything wrong, in field order.
         problems: Vec<ConfigProblem>,
     },
+    /// The API key file could not be loaded.
+    #[error("API keys: {0}")]
+    Keys(#[from] crate::keys::KeyError),
+    /// The audit log could not be opened.
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditError),
+    /// The gateway's certificate or key could not be loaded.
+    #[error("gateway TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The HTTP server stopped with an I/O error.
     #[error("HTTP server failed")]
     Serve {
@@ -70,6 +79,16 @@ pub mod reason {
     pub const INVALID_API_KEY: &str = "invalid_api_key";
     /// The admission limit is reached.
     pub const TOO_MANY_REQUESTS: &str = "too_many_requests";
+    /// The API key's rate limit is reached (429 with `Retry-After`).
+    pub const RATE_LIMIT_EXCEEDED: &str = "rate_limit_exceeded";
+    /// The API key's token quota is spent (429, not worth retrying).
+    pub const INSUFFICIENT_QUOTA: &str = "insufficient_quota";
+    /// The API key file cannot be read, so no key can be checked (503).
+    pub const AUTH_UNAVAILABLE: &str = "auth_unavailable";
+    /// The audit log cannot take the request's entry (503).
+    pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
+    /// The client went away before the response was complete (audit log only).
+    pub const CLIENT_DISCONNECTED: &str = "client_disconnected";
     /// The server is shutting down and cancelled the request.
     pub const SHUTTING_DOWN: &str = "shutting_down";
     /// The backend cancelled the generation on its own.
@@ -97,7 +116,14 @@ pub fn http_status_and_type(class: ErrorClass, reason: &str) -> (StatusCode, &'s
         }
         ErrorClass::NotFound => (StatusCode::NOT_FOUND, "not_found_error"),
         ErrorClass::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable_error"),
-        ErrorClass::CapacityExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+        ErrorClass::CapacityExhausted => {
+            let kind = match reason {
+                // OpenAI's own type for a spent quota, so clients stop retrying.
+                reason::INSUFFICIENT_QUOTA => "insufficient_quota",
+                _ => "rate_limit_error",
+            };
+            (StatusCode::TOO_MANY_REQUESTS, kind)
+        }
         // 499 is the de-facto "client closed request" status; the client rarely sees it, but the
         // access log and the status-class metric do.
         ErrorClass::Cancelled => (client_closed_request(), "request_cancelled"),
@@ -165,9 +191,13 @@ impl RequestError {
         self
     }
 
-    /// Sets `Retry-After` if the class is retryable and none is set yet.
+    /// Sets `Retry-After` if the class is retryable and none is set yet (a spent quota is not
+    /// retryable whatever its class).
     pub fn with_default_retry_after(mut self, secs: u64) -> Self {
-        if self.class.is_retryable() && self.retry_after_secs.is_none() {
+        if self.class.is_retryable()
+            && self.retry_after_secs.is_none()
+            && self.reason != reason::INSUFFICIENT_QUOTA
+        {
             self.retry_after_secs = Some(secs);
         }
         self

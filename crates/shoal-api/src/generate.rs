@@ -109,10 +109,12 @@ pub(crate) async fn collect(
             Some(event) => Some(event),
             None => events.recv().await,
         };
+        if let Some(event) = &event {
+            tracker.on_event(event);
+        }
         let error = match event {
-            Some(GenerateEvent::Started { .. }) => continue,
+            Some(GenerateEvent::Started { .. } | GenerateEvent::Path { .. }) => continue,
             Some(GenerateEvent::Token { text: piece, .. }) => {
-                tracker.on_token();
                 text.push_str(&piece);
                 continue;
             }
@@ -130,7 +132,7 @@ pub(crate) async fn collect(
             Some(GenerateEvent::Failed(err)) => RequestError::from(err),
             None => truncated_error(),
         };
-        tracker.finish(Outcome::Error(error.class));
+        tracker.fail(&error);
         return state.render(error);
     }
 }
@@ -233,10 +235,12 @@ struct ChunkStream {
 
 impl ChunkStream {
     fn handle(&mut self, event: Option<GenerateEvent>) {
+        if let Some(event) = &event {
+            self.tracker.on_event(event);
+        }
         let error = match event {
-            Some(GenerateEvent::Started { .. }) => return,
+            Some(GenerateEvent::Started { .. } | GenerateEvent::Path { .. }) => return,
             Some(GenerateEvent::Token { text, .. }) => {
-                self.tracker.on_token();
                 if !text.is_empty() {
                     let chunk = chunk_event(&self.meta, Some(&text), None, false);
                     self.pending.push_back(chunk);
@@ -268,7 +272,7 @@ impl ChunkStream {
         // Headers are long gone, so the error travels as a data event in OpenAI's error shape;
         // the stream then ends without [DONE] so clients can tell it did not complete.
         tracing::warn!(class = %error.class, reason = %error.reason, "generation failed mid-stream");
-        self.tracker.finish(Outcome::Error(error.class));
+        self.tracker.fail(&error);
         self.pending
             .push_back(Event::default().data(error.body().to_string()));
         self.done = true;

@@ -3,7 +3,9 @@
 //! It owns the HTTP surface (`/v1/chat/completions`, `/v1/completions`, `/v1/models`,
 //! `/healthz`, `/readyz`, `/metrics`): strict request parsing and validation, admission
 //! (a semaphore that answers 429 instead of queueing), SSE streaming, OpenAI error rendering,
-//! request ids, tracing spans and metrics.
+//! request ids, tracing spans and metrics; and client access control around it: API keys from
+//! a key file ([`keys`]) with per-key rate limits and token quotas, HTTPS ([`tls`]), and a
+//! hash-chained audit log ([`audit`]).
 //!
 //! It must not depend on model or cluster code: tokens come from an [`InferenceBackend`], which a
 //! local engine or the cluster router implements.
@@ -14,7 +16,9 @@
 //! - every admitted request runs under its own child
 //!   [`CancellationToken`](tokio_util::sync::CancellationToken), cancelled when the client
 //!   disconnects;
-//! - labels of metrics come from closed enums only.
+//! - labels of metrics come from closed enums only;
+//! - once keys are required, no `/v1` request reaches the backend without a valid, unrevoked
+//!   key, and with an audit log no generation request is served without its audit entry.
 //!
 //! ```no_run
 //! # use std::sync::Arc;
@@ -29,17 +33,21 @@
 //! # }
 //! ```
 
+pub mod audit;
+mod auth;
 mod backend;
 mod body;
 mod config;
 mod error;
 mod generate;
+pub mod keys;
 pub mod metrics;
 /// The metrics library the gateway registers with (for [`metrics::Metrics::with_extension`]).
 pub use prometheus_client;
 mod routes;
 mod server;
 mod state;
+pub mod tls;
 mod tracker;
 mod validate;
 mod wire;
@@ -51,5 +59,5 @@ pub use backend::{
 pub use config::{ApiConfig, ConfigProblem};
 pub use error::{ApiError, RequestError, http_status_and_type, reason};
 pub use routes::{REQUEST_ID_HEADER, router};
-pub use server::serve;
+pub use server::{serve, serve_gateway};
 pub use state::ApiState;

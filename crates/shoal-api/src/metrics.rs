@@ -31,15 +31,154 @@ pub const REQUESTS_IN_FLIGHT: &str = "shoal_requests_in_flight";
 /// Generation requests by final outcome: `ok` or an error class (counter).
 pub const REQUEST_OUTCOMES_TOTAL: &str = "shoal_request_outcomes_total";
 
+/// Requests refused by API key checks, by [`AuthFailure`] reason (counter).
+pub const AUTH_FAILURES_TOTAL: &str = "shoal_auth_failures_total";
+/// Requests refused by a key's rate limit or token quota, by [`LimitRefusal`] reason (counter).
+pub const LIMIT_REFUSALS_TOTAL: &str = "shoal_limit_refusals_total";
+/// Entries written to the audit log (counter).
+pub const AUDIT_ENTRIES_TOTAL: &str = "shoal_audit_entries_total";
+/// Requests that found the audit queue full and waited for a slot (counter).
+pub const AUDIT_WAITS_TOTAL: &str = "shoal_audit_waits_total";
+/// Audit failures by [`AuditFailure`] reason; each refused a request or stopped the writer
+/// (counter).
+pub const AUDIT_FAILURES_TOTAL: &str = "shoal_audit_failures_total";
+/// TLS handshakes on the gateway's listener that failed or timed out (counter).
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "shoal_tls_handshake_failures_total";
+
 /// Every metric name this module exposes, for tests and dashboards.
-pub const ALL_NAMES: [&str; 6] = [
+pub const ALL_NAMES: [&str; 12] = [
     HTTP_REQUESTS_TOTAL,
     REQUEST_TTFT_SECONDS,
     INTER_TOKEN_SECONDS,
     REQUEST_DURATION_SECONDS,
     REQUESTS_IN_FLIGHT,
     REQUEST_OUTCOMES_TOTAL,
+    AUTH_FAILURES_TOTAL,
+    LIMIT_REFUSALS_TOTAL,
+    AUDIT_ENTRIES_TOTAL,
+    AUDIT_WAITS_TOTAL,
+    AUDIT_FAILURES_TOTAL,
+    TLS_HANDSHAKE_FAILURES_TOTAL,
 ];
+
+/// Why an API key check refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuthFailure {
+    /// No `Authorization: Bearer` header.
+    Missing,
+    /// Not of the form `sk-shoal-<id>-<secret>`.
+    Malformed,
+    /// No key has that id.
+    UnknownKey,
+    /// The id exists, the secret does not match.
+    WrongSecret,
+    /// The key was revoked.
+    Revoked,
+    /// The key file cannot be read (fail closed: 503).
+    StoreUnavailable,
+}
+
+impl AuthFailure {
+    /// Every reason, to pre-create one series each.
+    pub const ALL: [AuthFailure; 6] = [
+        AuthFailure::Missing,
+        AuthFailure::Malformed,
+        AuthFailure::UnknownKey,
+        AuthFailure::WrongSecret,
+        AuthFailure::Revoked,
+        AuthFailure::StoreUnavailable,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing_key",
+            AuthFailure::Malformed => "malformed_key",
+            AuthFailure::UnknownKey => "unknown_key",
+            AuthFailure::WrongSecret => "wrong_secret",
+            AuthFailure::Revoked => "revoked_key",
+            AuthFailure::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+/// Which per-key limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitRefusal {
+    /// The key's token bucket was empty.
+    RateLimit,
+    /// The key's token quota is spent.
+    Quota,
+}
+
+impl LimitRefusal {
+    /// Every reason.
+    pub const ALL: [LimitRefusal; 2] = [LimitRefusal::RateLimit, LimitRefusal::Quota];
+
+    /// The label value (the error code clients see).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitRefusal::RateLimit => "rate_limit_exceeded",
+            LimitRefusal::Quota => "insufficient_quota",
+        }
+    }
+}
+
+/// What went wrong with the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuditFailure {
+    /// No queue slot freed up in time; the request was refused.
+    QueueTimeout,
+    /// The writer had stopped; the request was refused.
+    WriterStopped,
+    /// Writing or flushing the file failed; the writer stopped.
+    WriteError,
+}
+
+impl AuditFailure {
+    /// Every reason.
+    pub const ALL: [AuditFailure; 3] = [
+        AuditFailure::QueueTimeout,
+        AuditFailure::WriterStopped,
+        AuditFailure::WriteError,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditFailure::QueueTimeout => "queue_timeout",
+            AuditFailure::WriterStopped => "writer_stopped",
+            AuditFailure::WriteError => "write_error",
+        }
+    }
+}
+
+/// A closed label set given by its `as_str`.
+macro_rules! label_value {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+                encoder.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+label_value!(AuthFailure, LimitRefusal, AuditFailure);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AuthLabels {
+    reason: AuthFailure,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LimitLabels {
+    reason: LimitRefusal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AuditLabels {
+    reason: AuditFailure,
+}
 
 /// The routes the gateway serves, as a closed label set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -163,6 +302,12 @@ pub struct Metrics {
     duration: Histogram,
     in_flight: Gauge,
     outcomes: Family<OutcomeLabels, Counter>,
+    auth_failures: Family<AuthLabels, Counter>,
+    limit_refusals: Family<LimitLabels, Counter>,
+    audit_entries: Counter,
+    audit_waits: Counter,
+    audit_failures: Family<AuditLabels, Counter>,
+    tls_handshake_failures: Counter,
 }
 
 /// `prometheus-client` appends `_total` to counters itself; the constants carry the exposed name.
@@ -234,6 +379,51 @@ impl Metrics {
                 class: Outcome::Error(class),
             });
         }
+        let auth_failures = Family::<AuthLabels, Counter>::default();
+        registry.register(
+            counter_base(AUTH_FAILURES_TOTAL),
+            "Requests refused by API key checks, by reason",
+            auth_failures.clone(),
+        );
+        for reason in AuthFailure::ALL {
+            let _ = auth_failures.get_or_create(&AuthLabels { reason });
+        }
+        let limit_refusals = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            counter_base(LIMIT_REFUSALS_TOTAL),
+            "Requests refused by an API key's rate limit or token quota, by reason",
+            limit_refusals.clone(),
+        );
+        for reason in LimitRefusal::ALL {
+            let _ = limit_refusals.get_or_create(&LimitLabels { reason });
+        }
+        let audit_entries = Counter::default();
+        registry.register(
+            counter_base(AUDIT_ENTRIES_TOTAL),
+            "Entries written to the audit log",
+            audit_entries.clone(),
+        );
+        let audit_waits = Counter::default();
+        registry.register(
+            counter_base(AUDIT_WAITS_TOTAL),
+            "Requests that found the audit queue full and waited for a slot",
+            audit_waits.clone(),
+        );
+        let audit_failures = Family::<AuditLabels, Counter>::default();
+        registry.register(
+            counter_base(AUDIT_FAILURES_TOTAL),
+            "Audit log failures by reason",
+            audit_failures.clone(),
+        );
+        for reason in AuditFailure::ALL {
+            let _ = audit_failures.get_or_create(&AuditLabels { reason });
+        }
+        let tls_handshake_failures = Counter::default();
+        registry.register(
+            counter_base(TLS_HANDSHAKE_FAILURES_TOTAL),
+            "TLS handshakes on the gateway's listener that failed or timed out",
+            tls_handshake_failures.clone(),
+        );
         Self {
             registry,
             http_requests,
@@ -242,7 +432,49 @@ impl Metrics {
             duration,
             in_flight,
             outcomes,
+            auth_failures,
+            limit_refusals,
+            audit_entries,
+            audit_waits,
+            audit_failures,
+            tls_handshake_failures,
         }
+    }
+
+    /// Counts a request refused by an API key check.
+    pub fn auth_failure(&self, reason: AuthFailure) {
+        self.auth_failures
+            .get_or_create(&AuthLabels { reason })
+            .inc();
+    }
+
+    /// Counts a request refused by a key's limits.
+    pub fn limit_refusal(&self, reason: LimitRefusal) {
+        self.limit_refusals
+            .get_or_create(&LimitLabels { reason })
+            .inc();
+    }
+
+    /// Counts an audit entry written.
+    pub(crate) fn audit_entry(&self) {
+        self.audit_entries.inc();
+    }
+
+    /// Counts a request that waited for an audit slot.
+    pub(crate) fn audit_wait(&self) {
+        self.audit_waits.inc();
+    }
+
+    /// Counts an audit failure.
+    pub(crate) fn audit_failure(&self, reason: AuditFailure) {
+        self.audit_failures
+            .get_or_create(&AuditLabels { reason })
+            .inc();
+    }
+
+    /// Counts a failed TLS handshake.
+    pub(crate) fn tls_handshake_failure(&self) {
+        self.tls_handshake_failures.inc();
     }
 
     /// Counts one HTTP response.
@@ -355,7 +587,16 @@ mod tests {
         for name in ALL_NAMES {
             assert!(name.starts_with("shoal_"), "{name}");
         }
-        for counter in [HTTP_REQUESTS_TOTAL, REQUEST_OUTCOMES_TOTAL] {
+        for counter in [
+            HTTP_REQUESTS_TOTAL,
+            REQUEST_OUTCOMES_TOTAL,
+            AUTH_FAILURES_TOTAL,
+            LIMIT_REFUSALS_TOTAL,
+            AUDIT_ENTRIES_TOTAL,
+            AUDIT_WAITS_TOTAL,
+            AUDIT_FAILURES_TOTAL,
+            TLS_HANDSHAKE_FAILURES_TOTAL,
+        ] {
             assert!(counter.ends_with("_total"), "{counter}");
         }
         for other in [

@@ -15,10 +15,11 @@ use serde::de::DeserializeOwned;
 use shoal_types::{ErrorClass, RequestId};
 use tracing::Instrument;
 
+use crate::backend::GenerateEvent;
 use crate::body::read_json;
 use crate::error::{RequestError, reason};
 use crate::generate::{self, Flavor, ResponseMeta, Running};
-use crate::metrics::{OPENMETRICS_CONTENT_TYPE, Outcome, PROMETHEUS_TEXT_CONTENT_TYPE, Route};
+use crate::metrics::{OPENMETRICS_CONTENT_TYPE, PROMETHEUS_TEXT_CONTENT_TYPE, Route};
 use crate::state::ApiState;
 use crate::tracker::RequestTracker;
 use crate::validate::{self, Validated};
@@ -142,18 +143,19 @@ async fn handle_generation<B: GenerationBody>(
     body: Body,
 ) -> Response {
     // Created first so that every exit, including the client vanishing mid-read, is recorded.
-    let mut tracker = RequestTracker::new(state.metrics().clone());
+    let mut tracker = RequestTracker::new(state.metrics().clone(), request_id.clone());
     match start::<B>(&state, flavor, request_id, &headers, body, &mut tracker).await {
         Ok(running) if running.stream => generate::stream(&state, running, tracker),
         Ok(running) => generate::collect(&state, running, tracker).await,
         Err(err) => {
-            tracker.finish(Outcome::Error(err.class));
+            tracker.fail(&err);
             state.render(err)
         }
     }
 }
 
-/// Authenticates, parses, validates, admits and starts the generation; reads its first event.
+/// Reserves the audit entry, authenticates, applies the key's limits, parses, validates,
+/// admits and starts the generation; reads its first event.
 async fn start<B: GenerationBody>(
     state: &ApiState,
     flavor: Flavor,
@@ -162,9 +164,17 @@ async fn start<B: GenerationBody>(
     body: Body,
     tracker: &mut RequestTracker,
 ) -> Result<Running, RequestError> {
-    state.authorize(headers)?;
+    if let Some((slot, include_text)) = state.audit_slot().await? {
+        tracker.attach_audit(slot, include_text);
+    }
+    let principal = state.authenticate(headers)?;
+    if let Some(principal) = &principal {
+        tracker.set_principal(principal.clone());
+    }
+    state.admit_key(principal.as_ref())?;
     let wire: B = read_json(headers, body, state.config().body_limit_bytes).await?;
     let validated = wire.validate(request_id.clone())?;
+    tracker.on_request(&validated.generate.model, &validated.generate.prompt);
     let model = validated.generate.model.clone();
     let stream = validated.stream;
     if !state.backend().models().iter().any(|card| card.id == model) {
@@ -196,15 +206,19 @@ async fn start<B: GenerationBody>(
         include_usage: validated.include_usage,
     };
     let mut events = state.backend().generate(validated.generate, cancel).await?;
-    let first = match events.recv().await {
-        Some(crate::backend::GenerateEvent::Failed(err)) => return Err(err.into()),
-        Some(event) => event,
-        None => {
-            return Err(RequestError::new(
-                ErrorClass::Internal,
-                reason::BACKEND_STREAM_TRUNCATED,
-                "backend closed the event stream before its first event",
-            ));
+    tracker.generation_started();
+    let first = loop {
+        match events.recv().await {
+            Some(path @ GenerateEvent::Path { .. }) => tracker.on_event(&path),
+            Some(GenerateEvent::Failed(err)) => return Err(err.into()),
+            Some(event) => break event,
+            None => {
+                return Err(RequestError::new(
+                    ErrorClass::Internal,
+                    reason::BACKEND_STREAM_TRUNCATED,
+                    "backend closed the event stream before its first event",
+                ));
+            }
         }
     };
     Ok(Running {

@@ -4,15 +4,16 @@
 use std::fmt;
 use std::sync::Arc;
 
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use shoal_types::ErrorClass;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{AuditLog, AuditSlot};
+use crate::auth::{Authenticator, Principal};
 use crate::backend::InferenceBackend;
 use crate::config::ApiConfig;
-use crate::error::{ApiError, RequestError, reason};
+use crate::error::{ApiError, RequestError};
 use crate::metrics::Metrics;
 
 /// Shared state of the gateway's router. Cheap to clone.
@@ -27,6 +28,9 @@ struct Inner {
     admission: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    auth: Authenticator,
+    audit: Option<AuditLog>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl fmt::Debug for ApiState {
@@ -42,7 +46,8 @@ impl fmt::Debug for ApiState {
 }
 
 impl ApiState {
-    /// Validates `config` and builds the state.
+    /// Validates `config` and builds the state: loads the API key file and the TLS certificate,
+    /// and opens the audit log (starting its writer thread).
     ///
     /// `cancel` is the gateway's node in the cancellation tree: every request runs under a child
     /// of it. Cancelling it is the last phase of shutdown ("cancel the rest"): in-flight
@@ -67,6 +72,22 @@ impl ApiState {
         config
             .validate()
             .map_err(|problems| ApiError::InvalidConfig { problems })?;
+        let auth = Authenticator::new(
+            config.api_key.clone(),
+            config.api_keys_file.as_deref(),
+            config.require_api_key,
+            metrics.clone(),
+        )?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(crate::tls::server_config)
+            .transpose()?;
+        let audit = config
+            .audit
+            .as_ref()
+            .map(|a| AuditLog::open(a, metrics.clone()))
+            .transpose()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 admission: Arc::new(Semaphore::new(config.max_in_flight)),
@@ -74,6 +95,9 @@ impl ApiState {
                 backend,
                 metrics,
                 cancel,
+                auth,
+                audit,
+                tls,
             }),
         })
     }
@@ -88,12 +112,43 @@ impl ApiState {
         &self.inner.metrics
     }
 
+    /// Whether the gateway serves HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.inner.tls.is_some()
+    }
+
+    /// Writes everything the gateway still holds: pending audit entries (then closes the log,
+    /// so later requests are refused) and key usage. The last step of shutdown, after the
+    /// server stopped; [`crate::serve_gateway`] calls it.
+    pub async fn close(&self) {
+        if let Some(audit) = &self.inner.audit
+            && !audit.close().await
+        {
+            tracing::error!(
+                "the audit log was not closed cleanly; its last entries may be missing"
+            );
+        }
+        self.inner.auth.save_usage();
+    }
+
+    /// Waits until every audit entry of a finished request is on disk (for tests and tools).
+    pub async fn flush_audit(&self) -> bool {
+        match &self.inner.audit {
+            Some(audit) => audit.flush().await,
+            None => true,
+        }
+    }
+
     pub(crate) fn backend(&self) -> &dyn InferenceBackend {
         self.inner.backend.as_ref()
     }
 
     pub(crate) fn admission(&self) -> &Arc<Semaphore> {
         &self.inner.admission
+    }
+
+    pub(crate) fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.inner.tls.clone()
     }
 
     /// A fresh token for one request, cancelled with the gateway's.
@@ -111,51 +166,29 @@ impl ApiState {
             .into_response()
     }
 
-    /// Checks `Authorization: Bearer <key>` when an API key is configured.
+    /// Checks `Authorization: Bearer <key>` when keys are required.
     pub(crate) fn authorize(&self, headers: &HeaderMap) -> Result<(), RequestError> {
-        let Some(expected) = self.inner.config.api_key.as_deref() else {
-            return Ok(());
-        };
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        match presented {
-            Some(key) if constant_time_eq(key.as_bytes(), expected.as_bytes()) => Ok(()),
-            Some(_) => Err(RequestError::new(
-                ErrorClass::Unauthenticated,
-                reason::INVALID_API_KEY,
-                "Incorrect API key provided.",
-            )),
-            None => Err(RequestError::new(
-                ErrorClass::Unauthenticated,
-                reason::INVALID_API_KEY,
-                "Missing API key: send 'Authorization: Bearer <key>'.",
-            )),
+        self.authenticate(headers).map(drop)
+    }
+
+    /// Like [`ApiState::authorize`], returning the key that authenticated the request.
+    pub(crate) fn authenticate(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<Option<Principal>, RequestError> {
+        self.inner.auth.authenticate(headers)
+    }
+
+    /// Applies the key's quota and rate limit to a generation request.
+    pub(crate) fn admit_key(&self, principal: Option<&Principal>) -> Result<(), RequestError> {
+        self.inner.auth.admit(principal)
+    }
+
+    /// A slot in the audit log for one request (none when auditing is off).
+    pub(crate) async fn audit_slot(&self) -> Result<Option<(AuditSlot, bool)>, RequestError> {
+        match &self.inner.audit {
+            Some(audit) => Ok(Some((audit.reserve().await?, audit.include_text()))),
+            None => Ok(None),
         }
-    }
-}
-
-/// Compares without an early exit so response timing does not reveal how much of a guessed key
-/// matched (the length is not secret).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
-mod tests {
-    use super::*;
-
-    #[test]
-    fn constant_time_eq_is_equality() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-        assert!(constant_time_eq(b"", b""));
     }
 }

@@ -1,6 +1,7 @@
 //! `shoal coordinator`: membership, placement, the control plane and the OpenAI gateway.
 
 use crate::catalog;
+use crate::gateway::GatewayArgs;
 use crate::tls::TlsArgs;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -45,6 +46,19 @@ pub struct CoordinatorArgs {
     pub max_in_flight: usize,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    /// Enroll new nodes with join tokens on this address (TLS that authenticates the
+    /// coordinator only; `Enroll` is the one call it serves). Needs the cluster CA's key.
+    #[arg(long)]
+    pub enroll_listen: Option<SocketAddr>,
+    /// Directory with the cluster CA (`ca.crt`, `ca.key`) that signs enrolled nodes'
+    /// certificates. Default: `$SHOAL_HOME/cluster`.
+    #[arg(long, requires = "enroll_listen")]
+    pub ca_dir: Option<PathBuf>,
+    /// Lifetime of the certificates signed for enrolled nodes (they renew at 2/3).
+    #[arg(long, default_value = "24h", value_parser = crate::cmd_token::parse_duration)]
+    pub cert_validity: std::time::Duration,
     /// Stop when standard input closes (set by `shoal up` so no process outlives it).
     #[arg(long, hide = true)]
     pub exit_on_stdin_eof: bool,
@@ -81,6 +95,24 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     }
     let config = config.validate()?;
     let tls = args.tls.mode(Role::Coordinator, "coordinator")?;
+    let enrollment = match args.enroll_listen {
+        None => None,
+        Some(listen) => {
+            let dir = args
+                .ca_dir
+                .clone()
+                .or_else(|| args.tls.cluster_dir.clone())
+                .unwrap_or_else(|| catalog::shoal_home().join("cluster"));
+            let ca = shoal_net::ClusterCa::load(&dir)
+                .with_context(|| format!("loading the cluster CA from {}", dir.display()))?;
+            Some(shoal_cluster::EnrollmentOptions {
+                ca: std::sync::Arc::new(ca),
+                listen,
+                cert_validity: args.cert_validity,
+                token_ttl: shoal_cluster::enroll::DEFAULT_TOKEN_TTL,
+            })
+        }
+    };
     let runtime = crate::runtime()?;
     runtime.block_on(async move {
         let cancel = CancellationToken::new();
@@ -88,18 +120,29 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             config,
             tls,
             grpc_listen: args.grpc_listen,
-            api: ApiConfig {
-                bind: args.listen,
-                max_in_flight: args.max_in_flight,
-                ..ApiConfig::default()
+            api: {
+                let mut api = ApiConfig {
+                    bind: args.listen,
+                    max_in_flight: args.max_in_flight,
+                    ..ApiConfig::default()
+                };
+                args.gateway
+                    .apply(&mut api, args.tls.cluster_dir.as_deref());
+                api
             },
             backend: ClusterBackendConfig::default(),
         };
-        let mut coordinator = Coordinator::start(opts, cancel.clone()).await?;
+        let mut coordinator =
+            Coordinator::start_with_enrollment(opts, enrollment, cancel.clone()).await?;
         println!(
-            "coordinator: gRPC {} · API http://{}/v1",
+            "coordinator: gRPC {} · API {}://{}/v1{}",
             coordinator.grpc_addr(),
-            coordinator.http_addr()
+            args.gateway.scheme(),
+            coordinator.http_addr(),
+            coordinator
+                .enroll_addr()
+                .map(|a| format!(" · enrollment {a}"))
+                .unwrap_or_default()
         );
         crate::signals::until_stopped(args.exit_on_stdin_eof, coordinator.wait()).await?;
         eprintln!("coordinator: stopping");

@@ -1,13 +1,12 @@
 //! `shoal generate`: one prompt, one node, tokens streamed to stdout.
 
 use crate::catalog;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use shoal_model::{
-    ChatMessage, GenerateOptions, Model, Prompt, SamplingParams, ShardOptions, ThreadPool,
-};
+use shoal_model::{ChatMessage, GenerateOptions, Prompt, SamplingParams, ShardOptions, ThreadPool};
 use shoal_types::SeqId;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -56,13 +55,19 @@ pub struct GenerateArgs {
     /// Print timing figures to stderr.
     #[arg(long)]
     stats: bool,
+    #[command(flatten)]
+    keys: crate::cmd_model::ModelKeyArgs,
+    /// Manifest to check the model file against (default: `<file>.manifest.json` if present).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
 }
 
 /// Runs `shoal generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let path = catalog::resolve(&args.model, true)?;
+    let keys = args.keys.provider()?;
     let t0 = Instant::now();
-    let model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    let (model, _) = crate::cmd_model::open(&path, keys.as_deref(), args.manifest.as_deref())?;
     let load = t0.elapsed();
     let pool = Arc::new(ThreadPool::new(crate::threads_or_default(args.threads))?);
     let mut rt = model.whole(pool, ShardOptions::default())?;

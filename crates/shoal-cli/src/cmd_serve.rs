@@ -1,11 +1,11 @@
 //! `shoal serve`: one machine serving one model over the OpenAI-compatible API.
 
 use crate::catalog;
+use crate::gateway::GatewayArgs;
 use anyhow::{Context, Result};
 use clap::Args;
 use shoal_api::{ApiConfig, ApiState};
 use shoal_engine::EngineConfig;
-use shoal_model::Model;
 use shoal_node::{LocalBackend, LocalBackendConfig};
 use shoal_types::ModelId;
 use std::net::SocketAddr;
@@ -33,13 +33,21 @@ pub struct ServeArgs {
     /// Completion length when a request gives none.
     #[arg(long, default_value_t = 256)]
     default_max_tokens: u32,
+    #[command(flatten)]
+    keys: crate::cmd_model::ModelKeyArgs,
+    /// Manifest to check the model file against (default: `<file>.manifest.json` if present).
+    #[arg(long)]
+    manifest: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    gateway: GatewayArgs,
 }
 
 /// Runs `shoal serve` until Ctrl-C.
 pub fn run(args: ServeArgs) -> Result<()> {
     let path = catalog::resolve(&args.model, true)?;
-    let model =
-        Arc::new(Model::open(&path).with_context(|| format!("loading {}", path.display()))?);
+    let keys = args.keys.provider()?;
+    let (model, _) = crate::cmd_model::open(&path, keys.as_deref(), args.manifest.as_deref())?;
+    let model = Arc::new(model);
     let model_id = ModelId::new(catalog::model_name(&args.model, &path));
     let cfg = LocalBackendConfig {
         model_id: model_id.clone(),
@@ -58,23 +66,21 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let stop = CancellationToken::new();
-        let api = ApiConfig {
+        let mut api = ApiConfig {
             bind: args.listen,
             max_in_flight: args.max_in_flight,
             ..ApiConfig::default()
         };
+        args.gateway.apply(&mut api, None);
         let state = ApiState::try_new(api, backend.clone(), stop.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        println!("serving {model_id} at http://{addr}/v1 (OpenAI-compatible); Ctrl-C stops");
-        let server = tokio::spawn(shoal_api::serve(
-            listener,
-            shoal_api::router(state),
-            stop.clone(),
-        ));
+        let scheme = args.gateway.scheme();
+        println!("serving {model_id} at {scheme}://{addr}/v1 (OpenAI-compatible); Ctrl-C stops");
+        let server = tokio::spawn(shoal_api::serve_gateway(listener, state, stop.clone()));
         tokio::signal::ctrl_c()
             .await
             .context("waiting for Ctrl-C")?;

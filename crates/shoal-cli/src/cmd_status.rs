@@ -41,7 +41,8 @@ pub struct DrainArgs {
     pub target: AdminTarget,
 }
 
-async fn client(target: &AdminTarget) -> Result<ShoalAdminClient> {
+/// An Admin client on the coordinator `target` names.
+pub(crate) async fn admin(target: &AdminTarget) -> Result<ShoalAdminClient> {
     let tls = target.tls.mode(Role::Client, "operator")?;
     let opts = ConnectOptions {
         expect_role: Some(Role::Coordinator),
@@ -56,7 +57,7 @@ async fn client(target: &AdminTarget) -> Result<ShoalAdminClient> {
 /// Prints the cluster's status.
 pub fn run(args: StatusArgs) -> Result<()> {
     crate::runtime()?.block_on(async {
-        let mut admin = client(&args.target).await?;
+        let mut admin = admin(&args.target).await?;
         let status = admin
             .cluster_status(v1::ClusterStatusRequest {})
             .await
@@ -74,7 +75,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
 /// Drains (or undrains) a node.
 pub fn drain(args: DrainArgs, undrain: bool) -> Result<()> {
     crate::runtime()?.block_on(async {
-        let mut admin = client(&args.target).await?;
+        let mut admin = admin(&args.target).await?;
         let req = v1::DrainRequest {
             node_id: args.node.clone(),
         };

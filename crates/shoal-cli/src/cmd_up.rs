@@ -149,12 +149,26 @@ pub fn run(args: UpArgs) -> Result<()> {
 
     let coord_dir = peer_dir("coordinator");
     tls::issue(&ca, Role::Coordinator, "coordinator", &[])?.save(&coord_dir)?;
+    // New machines join with `shoal token create` + `shoal agent --join-token`: the
+    // coordinator enrolls them on the gRPC port + 1.
+    let mut enroll = args.grpc_listen;
+    enroll.set_port(match args.grpc_listen.port() {
+        0 => 0,
+        p => p.checked_add(1).unwrap_or(0),
+    });
     let mut coord_args = vec![
         "coordinator".to_owned(),
         format!("--listen={}", args.listen),
         format!("--grpc-listen={}", args.grpc_listen),
         format!("--model={model_arg}"),
         format!("--tls-dir={}", coord_dir.display()),
+        format!(
+            "--api-keys={}",
+            dir.join(shoal_api::keys::KEY_FILE_NAME).display()
+        ),
+        format!("--audit-log={}", dir.join("audit.jsonl").display()),
+        format!("--enroll-listen={enroll}"),
+        format!("--ca-dir={}", dir.display()),
     ];
     if let Some(r) = args.replicas {
         coord_args.push(format!("--replicas={r}"));

@@ -3,14 +3,19 @@
 
 mod catalog;
 mod cmd_agent;
+mod cmd_audit;
 mod cmd_bench_model;
 mod cmd_coordinator;
 mod cmd_generate;
+mod cmd_key;
 mod cmd_model;
+mod cmd_node;
 mod cmd_serve;
 mod cmd_status;
+mod cmd_token;
 mod cmd_up;
 mod env;
+mod gateway;
 mod signals;
 mod tls;
 
@@ -48,6 +53,12 @@ enum Command {
     /// The cluster's certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Join tokens for new nodes.
+    #[command(subcommand)]
+    Token(cmd_token::TokenCommand),
+    /// Act on a node's membership (revoke).
+    #[command(subcommand)]
+    Node(cmd_node::NodeCommand),
     /// Generate text from a prompt on this machine, streaming tokens to stdout.
     Generate(cmd_generate::GenerateArgs),
     /// Serve a model from this machine over the OpenAI-compatible HTTP API.
@@ -55,6 +66,12 @@ enum Command {
     /// Fetch, inspect, synthesize and benchmark models.
     #[command(subcommand)]
     Model(cmd_model::ModelCommand),
+    /// API keys of the gateway: create, list, revoke.
+    #[command(subcommand)]
+    Key(cmd_key::KeyCommand),
+    /// The gateway's audit log.
+    #[command(subcommand)]
+    Audit(cmd_audit::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +96,8 @@ fn main() -> std::process::ExitCode {
         Command::Drain(args) => cmd_status::drain(args, false),
         Command::Undrain(args) => cmd_status::drain(args, true),
         Command::Ca(CaCommand::Init(args)) => tls::ca_init(args),
+        Command::Token(cmd) => cmd_token::run(cmd),
+        Command::Node(cmd) => cmd_node::run(cmd),
         Command::Bench(args) => {
             runtime().and_then(|rt| rt.block_on(shoal_loadgen::run_bench(args)))
         }
@@ -92,6 +111,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => cmd_generate::run(args),
         Command::Model(cmd) => cmd_model::run(cmd),
         Command::Serve(args) => cmd_serve::run(args),
+        Command::Key(cmd) => cmd_key::run(cmd),
+        Command::Audit(cmd) => cmd_audit::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,12 +1,16 @@
-//! The `shoal.v1.Admin` service: the cluster as operators see it (`shoal status`), and drain.
+//! The `shoal.v1.Admin` service: the cluster as operators see it (`shoal status`), drain,
+//! join tokens (`shoal token create`) and revocation (`shoal node revoke`).
 
+use crate::enroll::Trust;
 use shoal_control::membership::{NodeCapability, NodeLoad, ShardState};
 use shoal_control::{ClusterView, MembershipHandle, NodeView};
 use shoal_proto::v1::admin_server::{Admin, AdminServer};
 use shoal_proto::v1::{
-    self, ClusterStatusRequest, ClusterStatusResponse, DrainRequest, DrainResponse,
+    self, ClusterStatusRequest, ClusterStatusResponse, CreateJoinTokenRequest,
+    CreateJoinTokenResponse, DrainRequest, DrainResponse, RevokeNodeRequest, RevokeNodeResponse,
 };
 use shoal_types::{ErrorClass, NodeId};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -16,12 +20,33 @@ use tonic::{Request, Response, Status};
 pub struct AdminService {
     membership: MembershipHandle,
     lease: Duration,
+    trust: Option<Arc<Trust>>,
 }
 
 impl AdminService {
     /// A service over `membership`, whose nodes hold leases of `lease`.
     pub fn new(membership: MembershipHandle, lease: Duration) -> Self {
-        Self { membership, lease }
+        Self {
+            membership,
+            lease,
+            trust: None,
+        }
+    }
+
+    /// Join tokens and revocation act on `trust` (without it they are refused).
+    pub fn with_trust(mut self, trust: Arc<Trust>) -> Self {
+        self.trust = Some(trust);
+        self
+    }
+
+    fn trust(&self) -> Result<&Trust, Status> {
+        self.trust.as_deref().ok_or_else(|| {
+            shoal_net::status(
+                ErrorClass::InvalidRequest,
+                "enrollment_disabled",
+                "this coordinator keeps no trust state",
+            )
+        })
     }
 
     /// Wrapped for a tonic server.
@@ -191,5 +216,32 @@ impl Admin for AdminService {
             .await
             .map_err(|e| membership_status(&e))?;
         Ok(Response::new(DrainResponse {}))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        let msg = req.into_inner();
+        let ttl = (msg.ttl_ms > 0).then(|| Duration::from_millis(msg.ttl_ms));
+        let (token, expires) = self.trust()?.create_token(ttl, &msg.role).await?;
+        Ok(Response::new(CreateJoinTokenResponse {
+            token_id: token.id.clone(),
+            token: token.to_string(),
+            expires_at_unix_ms: shoal_control::trust::unix_ms(expires),
+        }))
+    }
+
+    async fn revoke_node(
+        &self,
+        req: Request<RevokeNodeRequest>,
+    ) -> Result<Response<RevokeNodeResponse>, Status> {
+        let node = req.into_inner().node_id;
+        tracing::warn!(%node, "revocation requested by an operator");
+        let (newly_revoked, revoked_serials) = self.trust()?.revoke_node(&node).await?;
+        Ok(Response::new(RevokeNodeResponse {
+            newly_revoked,
+            revoked_serials,
+        }))
     }
 }

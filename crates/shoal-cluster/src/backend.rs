@@ -5,8 +5,19 @@
 //! A request that cannot start on the chosen node (unreachable, refused as unavailable, or
 //! failing before its first event) is tried on another replica, up to
 //! [`ClusterBackendConfig::max_attempts`] nodes, so a node that died while idle costs the
-//! client nothing. Once tokens flow, a broken stream is reported as a failure of class
-//! `unavailable`.
+//! client nothing.
+//!
+//! Once tokens flow, every request keeps a journal: its prompt as token ids (from the node's
+//! `Started`) and the tokens delivered to the client so far. When the node fails in the middle
+//! of the generation (the stream breaks, the node reports itself unavailable, it sends nothing
+//! for [`ClusterBackendConfig::stall_timeout`], or the membership declares it dead), the
+//! generation continues on another replica with `resume` set to the delivered tokens: the new
+//! node prefills prompt + resume, replays them silently through its detokenizer and stop
+//! matcher, and samples on from step `len(resume)` with the same seed (the request id seeds
+//! sampling when the client gave none, and the id travels unchanged). The client's stream goes
+//! on with no token repeated and none missing; with greedy or seeded sampling the output is
+//! the one a run without the fault gives. Up to [`ClusterBackendConfig::max_failovers`] such
+//! moves are made per request.
 
 use crate::wire;
 use futures::StreamExt;
@@ -16,8 +27,9 @@ use shoal_api::{
 use shoal_control::{ClusterView, NodeState, RouteError, RouteGuard, Router};
 use shoal_net::{ConnectOptions, Role, ShoalNodeClient, TlsMode};
 use shoal_proto::v1;
-use shoal_types::{ErrorClass, NodeId};
+use shoal_types::{ErrorClass, ModelId, NodeId};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
@@ -41,6 +53,16 @@ pub struct ClusterBackendConfig {
     pub generation_deadline: Duration,
     /// Replicas tried before a request is refused as unavailable.
     pub max_attempts: usize,
+    /// A node that sends nothing for this long in the middle of a generation (after its first
+    /// token) is taken for lost and the generation moves to another replica.
+    pub stall_timeout: Duration,
+    /// The same bound before the first token, which waits for the whole prefill.
+    pub first_token_timeout: Duration,
+    /// Moves to another replica in the middle of one generation at most.
+    pub max_failovers: usize,
+    /// How pipeline links choose their activation codec (f16 by default; `Exact` for
+    /// bit-identical hidden states).
+    pub pipeline_codec: shoal_pipeline::Preference,
 }
 
 impl Default for ClusterBackendConfig {
@@ -50,6 +72,10 @@ impl Default for ClusterBackendConfig {
             start_timeout: Duration::from_secs(10),
             generation_deadline: Duration::from_secs(600),
             max_attempts: 3,
+            stall_timeout: Duration::from_secs(2),
+            first_token_timeout: Duration::from_secs(60),
+            max_failovers: 3,
+            pipeline_codec: shoal_pipeline::Preference::default(),
         }
     }
 }
@@ -57,13 +83,20 @@ impl Default for ClusterBackendConfig {
 /// Routes generations to the cluster's agents.
 #[derive(Debug)]
 pub struct ClusterBackend {
+    inner: Arc<Inner>,
+    created: u64,
+    tasks: TaskTracker,
+}
+
+/// What the forwarding tasks share with the backend.
+#[derive(Debug)]
+struct Inner {
     cfg: ClusterBackendConfig,
     router: Router,
     view: watch::Receiver<Arc<ClusterView>>,
     tls: TlsMode,
     channels: Mutex<HashMap<String, Channel>>,
-    created: u64,
-    tasks: TaskTracker,
+    failovers: AtomicU64,
 }
 
 impl ClusterBackend {
@@ -77,11 +110,14 @@ impl ClusterBackend {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         Self {
-            cfg,
-            router: Router::new(view.clone()),
-            view,
-            tls,
-            channels: Mutex::default(),
+            inner: Arc::new(Inner {
+                cfg,
+                router: Router::new(view.clone()),
+                view,
+                tls,
+                channels: Mutex::default(),
+                failovers: AtomicU64::new(0),
+            }),
             created,
             tasks: TaskTracker::new(),
         }
@@ -89,7 +125,12 @@ impl ClusterBackend {
 
     /// The router (its in-flight counts are what the gateway adds to heartbeat loads).
     pub fn router(&self) -> &Router {
-        &self.router
+        &self.inner.router
+    }
+
+    /// Generations moved to another replica in their middle since start.
+    pub fn failovers(&self) -> u64 {
+        self.inner.failovers.load(Ordering::Relaxed)
     }
 
     /// Waits until every forwarding task has ended.
@@ -97,7 +138,9 @@ impl ClusterBackend {
         self.tasks.close();
         self.tasks.wait().await;
     }
+}
 
+impl Inner {
     fn client(&self, addr: &str) -> Result<ShoalNodeClient, BackendError> {
         let mut channels = self
             .channels
@@ -122,6 +165,88 @@ impl ClusterBackend {
             channel,
             self.cfg.generation_deadline,
         ))
+    }
+
+    /// Starts `req` on a replica of `model` with no node in `failed`, trying up to
+    /// `max_attempts` replicas; nodes that could not start it are added to `failed`.
+    async fn start(
+        &self,
+        model: &ModelId,
+        req: &v1::GenerateRequest,
+        failed: &mut Vec<NodeId>,
+        cancel: &CancellationToken,
+    ) -> Result<Opened, BackendError> {
+        let mut last_error = None;
+        for _ in 0..self.cfg.max_attempts.max(1) {
+            let route = match self.router.pick_excluding(model, failed) {
+                Ok(r) => r,
+                Err(e) => return Err(last_error.unwrap_or_else(|| route_error(&e))),
+            };
+            // A pipeline's head is told the stages after it.
+            let routed;
+            let req = if route.stages.len() > 1 {
+                routed = v1::GenerateRequest {
+                    downstream: route.stages[1..]
+                        .iter()
+                        .map(|s| {
+                            v1::StageHop::from(shoal_pipeline::StageHop {
+                                node: s.node.clone(),
+                                data_addr: s.data_addr.clone(),
+                                layers: s.layers,
+                            })
+                        })
+                        .collect(),
+                    codec: shoal_pipeline::preference_to_wire(self.cfg.pipeline_codec) as i32,
+                    ..req.clone()
+                };
+                &routed
+            } else {
+                req
+            };
+            let opened = tokio::select! {
+                () = cancel.cancelled() => {
+                    return Err(BackendError::new(
+                        ErrorClass::Cancelled,
+                        "cancelled",
+                        "the request was cancelled before it started",
+                    ));
+                }
+                r = self.open(&route, req) => r,
+            };
+            match opened {
+                Ok((stream, started)) => {
+                    tracing::debug!(
+                        request = %req.request_id,
+                        node = %route.node,
+                        resumed = req.resume.len(),
+                        "generation started"
+                    );
+                    return Ok(Opened {
+                        route,
+                        stream,
+                        started,
+                    });
+                }
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retry(e)) => {
+                    tracing::warn!(
+                        request = %req.request_id,
+                        node = %route.node,
+                        error = %e,
+                        "generation could not start on this node; trying another replica"
+                    );
+                    failed.push(route.node.clone());
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            BackendError::new(
+                ErrorClass::Unavailable,
+                "no_ready_replica",
+                "no replica could take the request",
+            )
+        }))
     }
 
     /// Opens the generation on one replica and waits for its `Started` event.
@@ -172,6 +297,23 @@ impl ClusterBackend {
             ))),
         }
     }
+
+    /// Whether the membership still counts `node` alive.
+    fn alive(&self, node: &NodeId) -> bool {
+        self.view
+            .borrow()
+            .nodes
+            .get(node)
+            .is_some_and(|n| n.state == NodeState::Alive)
+    }
+}
+
+/// A generation running on one replica.
+struct Opened {
+    /// Holding it keeps the request counted as in flight on its node.
+    route: RouteGuard,
+    stream: Streaming<v1::GenerateEvent>,
+    started: v1::Started,
 }
 
 /// The outcome of one failed attempt to start a generation.
@@ -208,7 +350,7 @@ fn route_error(e: &RouteError) -> BackendError {
 
 impl InferenceBackend for ClusterBackend {
     fn models(&self) -> Vec<ModelCard> {
-        let view = Arc::clone(&self.view.borrow());
+        let view = Arc::clone(&self.inner.view.borrow());
         view.models
             .values()
             .map(|m| ModelCard {
@@ -221,17 +363,22 @@ impl InferenceBackend for ClusterBackend {
     }
 
     fn readiness(&self) -> Readiness {
-        let view = Arc::clone(&self.view.borrow());
+        let view = Arc::clone(&self.inner.view.borrow());
         if view.models.is_empty() {
             return Readiness::NotReady {
                 reason: "no_models".into(),
             };
         }
-        let ready = view.models.keys().all(|model| {
-            view.plan.for_model(model).any(|a| {
-                view.nodes
-                    .get(&a.node)
-                    .is_some_and(|n| n.state == NodeState::Alive && n.is_ready(model, a.layers))
+        // A model is ready when one replica (a whole model, or every stage of a pipeline)
+        // is alive and loaded.
+        let ready = view.models.iter().all(|(model, spec)| {
+            view.plan.chains(model).iter().any(|chain| {
+                chain.is_complete(spec.n_layers)
+                    && chain.stages.iter().all(|a| {
+                        view.nodes.get(&a.node).is_some_and(|n| {
+                            n.state == NodeState::Alive && n.is_ready(model, a.layers)
+                        })
+                    })
             })
         });
         if ready {
@@ -251,143 +398,237 @@ impl InferenceBackend for ClusterBackend {
         Box::pin(async move {
             let wire_req = wire::generate_request(&req);
             let mut failed: Vec<NodeId> = Vec::new();
-            let mut last_error = None;
-            for _ in 0..self.cfg.max_attempts.max(1) {
-                let route = match self.router.pick_excluding(&req.model, &failed) {
-                    Ok(r) => r,
-                    Err(e) => return Err(last_error.unwrap_or_else(|| route_error(&e))),
-                };
-                let opened = tokio::select! {
-                    () = cancel.cancelled() => {
-                        return Err(BackendError::new(
-                            ErrorClass::Cancelled,
-                            "cancelled",
-                            "the request was cancelled before it started",
-                        ));
-                    }
-                    r = self.open(&route, &wire_req) => r,
-                };
-                match opened {
-                    Ok((stream, started)) => {
-                        tracing::debug!(
-                            request = %req.request_id,
-                            node = %route.node,
-                            "generation started"
-                        );
-                        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-                        let prompt_tokens = started.prompt_ids.len() as u32;
-                        self.tasks
-                            .spawn(forward(route, stream, prompt_tokens, tx, cancel));
-                        return Ok(rx);
-                    }
-                    Err(Attempt::Fatal(e)) => return Err(e),
-                    Err(Attempt::Retry(e)) => {
-                        tracing::warn!(
-                            request = %req.request_id,
-                            node = %route.node,
-                            error = %e,
-                            "generation could not start on this node; trying another replica"
-                        );
-                        failed.push(route.node.clone());
-                        last_error = Some(e);
-                    }
-                }
-            }
-            Err(last_error.unwrap_or_else(|| {
-                BackendError::new(
-                    ErrorClass::Unavailable,
-                    "no_ready_replica",
-                    "no replica could take the request",
-                )
-            }))
+            let opened = self
+                .inner
+                .start(&req.model, &wire_req, &mut failed, &cancel)
+                .await?;
+            let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+            let relay = Relay {
+                inner: self.inner.clone(),
+                model: req.model.clone(),
+                request: wire_req,
+                failed,
+                prompt_ids: opened.started.prompt_ids.clone(),
+                delivered: Vec::new(),
+                failovers: 0,
+                tx,
+                cancel,
+            };
+            self.tasks.spawn(relay.run(opened));
+            Ok(rx)
         })
     }
 }
 
-/// Copies one generation's events from the node to the gateway. Holding `route` keeps the
-/// request counted as in flight on its node until the generation ends.
-async fn forward(
-    route: RouteGuard,
-    mut stream: Streaming<v1::GenerateEvent>,
-    prompt_tokens: u32,
+/// How one replica's stream ended.
+enum Leg {
+    /// The generation ended (finished, failed for a reason another node would share, or the
+    /// client went away): nothing more to do.
+    Done,
+    /// The node failed in the middle: continue elsewhere.
+    Lost(BackendError),
+}
+
+/// One generation's journal and the task that copies its events from the node to the gateway,
+/// moving it to another replica when its node fails.
+struct Relay {
+    inner: Arc<Inner>,
+    model: ModelId,
+    /// The request as first sent.
+    request: v1::GenerateRequest,
+    /// Nodes this request failed on.
+    failed: Vec<NodeId>,
+    /// The prompt as the first node tokenized it.
+    prompt_ids: Vec<u32>,
+    /// Tokens the client has been sent, in order.
+    delivered: Vec<u32>,
+    failovers: usize,
     tx: mpsc::Sender<GenerateEvent>,
     cancel: CancellationToken,
-) {
-    if tx
-        .send(GenerateEvent::Started { prompt_tokens })
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let mut last_id = 0;
-    loop {
-        let next = tokio::select! {
-            // Dropping the stream cancels the call; the node frees the sequence.
-            () = cancel.cancelled() => break,
-            () = tx.closed() => break,
-            next = stream.next() => next,
-        };
-        let event = match next {
-            Some(Ok(v1::GenerateEvent { event: Some(e) })) => e,
-            Some(Ok(v1::GenerateEvent { event: None })) => continue,
-            Some(Err(status)) => {
-                let mut err = wire::status_error(&status);
-                if err.class == ErrorClass::Internal || err.class == ErrorClass::Unavailable {
-                    err = BackendError::new(
-                        ErrorClass::Unavailable,
-                        "node_lost",
-                        format!(
-                            "node {} failed during the generation: {}",
-                            route.node, err.message
-                        ),
+}
+
+impl Relay {
+    async fn run(mut self, first: Opened) {
+        let prompt_tokens = first.started.prompt_ids.len() as u32;
+        if self
+            .tx
+            .send(GenerateEvent::Started { prompt_tokens })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut opened = first;
+        // Every node that served part of the generation, for the audit log.
+        let mut path: Vec<String> = Vec::new();
+        loop {
+            let node = opened.route.node.clone();
+            path.extend(opened.route.stages.iter().map(|s| s.node.to_string()));
+            let nodes = path.clone();
+            if self.tx.send(GenerateEvent::Path { nodes }).await.is_err() {
+                return;
+            }
+            let err = match self.leg(opened, prompt_tokens).await {
+                Leg::Done => return,
+                Leg::Lost(err) => err,
+            };
+            self.failed.push(node.clone());
+            if self.failovers >= self.inner.cfg.max_failovers {
+                let _ = self.tx.send(GenerateEvent::Failed(err)).await;
+                return;
+            }
+            self.failovers += 1;
+            let resumed = self.resumed_request();
+            tracing::warn!(
+                request = %self.request.request_id,
+                %node,
+                delivered = self.delivered.len(),
+                error = %err,
+                "node lost in the middle of a generation; resuming on another replica"
+            );
+            match self
+                .inner
+                .start(&self.model, &resumed, &mut self.failed, &self.cancel)
+                .await
+            {
+                Ok(next) => {
+                    self.inner.failovers.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        request = %self.request.request_id,
+                        from = %node,
+                        to = %next.route.node,
+                        "generation resumed"
                     );
+                    opened = next;
                 }
-                let _ = tx.send(GenerateEvent::Failed(err)).await;
-                break;
-            }
-            None => {
-                let _ = tx
-                    .send(GenerateEvent::Failed(BackendError::new(
-                        ErrorClass::Unavailable,
-                        "node_lost",
-                        format!("node {} ended the stream without finishing", route.node),
-                    )))
-                    .await;
-                break;
-            }
-        };
-        match event {
-            v1::generate_event::Event::Started(_) => {}
-            v1::generate_event::Event::Token(t) => {
-                last_id = t.id;
-                let ev = GenerateEvent::Token {
-                    text: t.text,
-                    token_id: t.id,
-                };
-                if tx.send(ev).await.is_err() {
-                    break;
-                }
-            }
-            v1::generate_event::Event::Finished(f) => {
-                // Text held back until the end belongs to the last token.
-                if !f.tail.is_empty() {
-                    let tail = GenerateEvent::Token {
-                        text: f.tail.clone(),
-                        token_id: last_id,
+                Err(e) => {
+                    let e = if e.class == ErrorClass::Cancelled {
+                        return;
+                    } else {
+                        BackendError::new(
+                            ErrorClass::Unavailable,
+                            "node_lost",
+                            format!(
+                                "node {node} failed during the generation and no other replica could continue it: {}",
+                                e.message
+                            ),
+                        )
                     };
-                    if tx.send(tail).await.is_err() {
-                        break;
-                    }
+                    let _ = self.tx.send(GenerateEvent::Failed(e)).await;
+                    return;
                 }
-                let _ = tx.send(wire::finished(&f, prompt_tokens)).await;
-                break;
-            }
-            v1::generate_event::Event::Error(e) => {
-                let _ = tx.send(GenerateEvent::Failed(wire::event_error(&e))).await;
-                break;
             }
         }
     }
-    drop(route);
+
+    /// The request that continues this generation on another node: the prompt as token ids
+    /// and the tokens delivered so far.
+    fn resumed_request(&self) -> v1::GenerateRequest {
+        v1::GenerateRequest {
+            prompt: Some(v1::generate_request::Prompt::Tokens(v1::TokenPrompt {
+                ids: self.prompt_ids.clone(),
+            })),
+            resume: self.delivered.clone(),
+            ..self.request.clone()
+        }
+    }
+
+    /// Copies the events of one replica's stream until the generation ends or the node is
+    /// lost.
+    async fn leg(&mut self, opened: Opened, prompt_tokens: u32) -> Leg {
+        let Opened {
+            route, mut stream, ..
+        } = opened;
+        let node = route.node.clone();
+        let lost = |why: String| {
+            Leg::Lost(BackendError::new(
+                ErrorClass::Unavailable,
+                "node_lost",
+                format!("node {node} failed during the generation: {why}"),
+            ))
+        };
+        let mut view = self.inner.view.clone();
+        let mut last_id = self.delivered.last().copied().unwrap_or(0);
+        // Until this node's first token it may be prefilling (the prompt and, after a
+        // failover, the resumed tokens): a longer silence is allowed.
+        let mut got_token = false;
+        loop {
+            let quiet = if got_token {
+                self.inner.cfg.stall_timeout
+            } else {
+                self.inner.cfg.first_token_timeout
+            };
+            let next = tokio::select! {
+                // Dropping the stream cancels the call; the node frees the sequence.
+                () = self.cancel.cancelled() => return Leg::Done,
+                () = self.tx.closed() => return Leg::Done,
+                changed = view.changed() => {
+                    if changed.is_ok() && !self.inner.alive(&node) {
+                        return lost("the membership declared it dead".into());
+                    }
+                    continue;
+                }
+                next = tokio::time::timeout(quiet, stream.next()) => match next {
+                    Ok(n) => n,
+                    Err(_) => return lost(format!("nothing received for {quiet:?}")),
+                },
+            };
+            let event = match next {
+                Some(Ok(v1::GenerateEvent { event: Some(e) })) => e,
+                Some(Ok(v1::GenerateEvent { event: None })) => continue,
+                Some(Err(status)) => {
+                    let err = wire::status_error(&status);
+                    if is_node_failure(err.class) {
+                        return lost(err.message);
+                    }
+                    let _ = self.tx.send(GenerateEvent::Failed(err)).await;
+                    return Leg::Done;
+                }
+                None => return lost("the stream ended without finishing".into()),
+            };
+            match event {
+                v1::generate_event::Event::Started(_) => {}
+                v1::generate_event::Event::Token(t) => {
+                    last_id = t.id;
+                    got_token = true;
+                    let ev = GenerateEvent::Token {
+                        text: t.text,
+                        token_id: t.id,
+                    };
+                    if self.tx.send(ev).await.is_err() {
+                        return Leg::Done;
+                    }
+                    self.delivered.push(t.id);
+                }
+                v1::generate_event::Event::Finished(f) => {
+                    // Text held back until the end belongs to the last token.
+                    if !f.tail.is_empty() {
+                        let tail = GenerateEvent::Token {
+                            text: f.tail.clone(),
+                            token_id: last_id,
+                        };
+                        if self.tx.send(tail).await.is_err() {
+                            return Leg::Done;
+                        }
+                    }
+                    let _ = self.tx.send(wire::finished(&f, prompt_tokens)).await;
+                    return Leg::Done;
+                }
+                v1::generate_event::Event::Error(e) => {
+                    let err = wire::event_error(&e);
+                    if is_node_failure(err.class) {
+                        return lost(err.message);
+                    }
+                    let _ = self.tx.send(GenerateEvent::Failed(err)).await;
+                    return Leg::Done;
+                }
+            }
+        }
+    }
+}
+
+/// Whether an error in the middle of a stream is the node's failure (another replica can
+/// continue) rather than the request's.
+fn is_node_failure(class: ErrorClass) -> bool {
+    matches!(class, ErrorClass::Unavailable | ErrorClass::Internal)
 }

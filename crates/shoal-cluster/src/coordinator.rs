@@ -3,6 +3,7 @@
 
 use crate::admin::AdminService;
 use crate::backend::{ClusterBackend, ClusterBackendConfig};
+use crate::enroll::{EnrollmentOptions, EnrollmentService, Trust};
 use crate::metrics::ClusterMetrics;
 use shoal_api::{ApiConfig, ApiState};
 use shoal_control::{CoordinatorService, MembershipHandle, ValidatedCoordinatorConfig};
@@ -43,6 +44,12 @@ pub enum ClusterError {
     /// The gateway could not be set up.
     #[error("gateway: {0}")]
     Api(#[from] shoal_api::ApiError),
+    /// Options that cannot work together.
+    #[error("invalid coordinator options: {problem}")]
+    InvalidOptions {
+        /// What is wrong.
+        problem: &'static str,
+    },
     /// A server task failed.
     #[error("{what} failed: {detail}")]
     Task {
@@ -73,6 +80,8 @@ pub struct CoordinatorOptions {
 pub struct Coordinator {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    enroll_addr: Option<SocketAddr>,
+    trust: Arc<Trust>,
     membership: MembershipHandle,
     backend: Arc<ClusterBackend>,
     revocations: Revocations,
@@ -90,12 +99,25 @@ impl Coordinator {
         opts: CoordinatorOptions,
         cancel: CancellationToken,
     ) -> Result<Coordinator, ClusterError> {
+        Self::start_with_enrollment(opts, None, cancel).await
+    }
+
+    /// Like [`Coordinator::start`]; with `enrollment`, the coordinator also signs node
+    /// certificates: join tokens, the enrollment listener, renewal (see [`crate::enroll`]).
+    pub async fn start_with_enrollment(
+        opts: CoordinatorOptions,
+        enrollment: Option<EnrollmentOptions>,
+        cancel: CancellationToken,
+    ) -> Result<Coordinator, ClusterError> {
         let cancel = cancel.child_token();
         let store = opts.config.open_store().await?;
         let lease = opts.config.lease;
-        let (membership, actor) =
-            shoal_control::membership::start(opts.config.membership(), store, cancel.clone())
-                .await?;
+        let (membership, actor) = shoal_control::membership::start(
+            opts.config.membership(),
+            store.clone(),
+            cancel.clone(),
+        )
+        .await?;
 
         let grpc_listener = TcpListener::bind(opts.grpc_listen)
             .await
@@ -110,15 +132,33 @@ impl Coordinator {
                 source,
             })?;
         let revocations = Revocations::new();
+        let trust = Arc::new(
+            Trust::load(
+                shoal_control::TrustStore::new(store),
+                revocations.clone(),
+                membership.clone(),
+                enrollment,
+            )
+            .await?,
+        );
         let layer = AuthLayer::new(
             &opts.tls,
             AccessPolicy::shoal_default(),
             revocations.clone(),
         )?;
+        let control = crate::control::BoundCoordinator::new(
+            CoordinatorService::new(membership.clone()),
+            revocations.clone(),
+        );
         let router = shoal_net::server_builder(&opts.tls)?
             .layer(layer)
-            .add_service(CoordinatorService::new(membership.clone()).into_server())
-            .add_service(AdminService::new(membership.clone(), lease).into_server());
+            .add_service(control.into_server())
+            .add_service(
+                AdminService::new(membership.clone(), lease)
+                    .with_trust(trust.clone())
+                    .into_server(),
+            )
+            .add_service(EnrollmentService::new(trust.clone()).into_server());
         let stop = cancel.clone();
         let grpc = tokio::spawn(async move {
             router
@@ -129,6 +169,9 @@ impl Coordinator {
                 .await
                 .map_err(|e| e.to_string())
         });
+
+        let (enroll, enroll_addr) =
+            crate::enroll::serve_enrollment(&opts.tls, &trust, cancel.clone()).await?;
 
         let backend = Arc::new(ClusterBackend::new(
             membership.subscribe_view(),
@@ -161,7 +204,8 @@ impl Coordinator {
         let http = tokio::spawn({
             let stop = cancel.clone();
             async move {
-                shoal_api::serve(http_listener, shoal_api::router(state), stop)
+                // HTTPS when configured; writes the audit log's last entries before returning.
+                shoal_api::serve_gateway(http_listener, state, stop)
                     .await
                     .map_err(|e| e.to_string())
             }
@@ -175,9 +219,14 @@ impl Coordinator {
             cancel.clone(),
         ));
         tracing::info!(%grpc_addr, %http_addr, cluster = %membership.view().cluster_id, "coordinator serving");
+        if let Some(task) = enroll {
+            tasks.spawn(task);
+        }
         Ok(Coordinator {
             grpc_addr,
             http_addr,
+            enroll_addr,
+            trust,
             membership,
             backend,
             revocations,
@@ -197,6 +246,16 @@ impl Coordinator {
     /// Where clients reach the OpenAI-compatible API.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Where new nodes enroll, when this coordinator signs certificates.
+    pub fn enroll_addr(&self) -> Option<SocketAddr> {
+        self.enroll_addr
+    }
+
+    /// Join tokens, enrollment and revocation (what the Admin service acts on).
+    pub fn trust(&self) -> &Arc<Trust> {
+        &self.trust
     }
 
     /// The membership handle (views, drain).

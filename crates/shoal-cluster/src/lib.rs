@@ -7,6 +7,9 @@
 //!   picks, over the agent's `Node.Generate` stream; a request that cannot start on a node is
 //!   tried on another.
 //! - [`AdminService`] / [`cluster_status`]: what `shoal status` shows, and drain.
+//! - [`enroll`]: join tokens, enrollment and renewal of node certificates, revocation
+//!   ([`Trust`], [`EnrollmentService`]); the control plane binds each call to the caller's
+//!   certificate and publishes revocations to agents.
 //! - [`model_spec`]: a model file described for the planner.
 //!
 //! Invariants: the gateway never talks to a node the router did not pick; every generation
@@ -14,7 +17,9 @@
 
 mod admin;
 mod backend;
+mod control;
 mod coordinator;
+pub mod enroll;
 pub mod metrics;
 mod spec;
 mod wire;
@@ -22,4 +27,5 @@ mod wire;
 pub use admin::{AdminService, cluster_status};
 pub use backend::{ClusterBackend, ClusterBackendConfig};
 pub use coordinator::{ClusterError, Coordinator, CoordinatorOptions};
+pub use enroll::{EnrollmentOptions, EnrollmentService, Trust};
 pub use spec::{SpecError, model_spec};

@@ -36,6 +36,8 @@ pub(crate) fn generate_request(req: &GenerateRequest) -> v1::GenerateRequest {
         }),
         stop: req.stop.clone(),
         resume: Vec::new(),
+        downstream: Vec::new(),
+        codec: 0,
     }
 }
 

@@ -3,11 +3,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::{Value, json};
-use shoal_api::ApiConfig;
+use shoal_api::{ApiConfig, InferenceBackend};
 use shoal_cluster::{ClusterBackendConfig, Coordinator, CoordinatorOptions};
-use shoal_control::{CoordinatorConfig, NodeState};
+use shoal_control::{CoordinatorConfig, NodeState, PlacementMode};
 use shoal_net::{ClusterCa, PeerIdentity, Role, TlsMode};
 use shoal_node::{Agent, AgentConfig, ModelFile};
+use shoal_pipeline::Preference;
 use shoal_types::{ModelId, NodeId};
 use std::future::Future;
 use std::path::PathBuf;
@@ -35,15 +36,30 @@ struct TestCluster {
     ca: ClusterCa,
     model: ModelFile,
     coordinator: Coordinator,
-    agents: Vec<Option<(Agent, CancellationToken)>>,
+    agents: std::sync::Mutex<Vec<Option<(Agent, CancellationToken)>>>,
+    /// Memory each agent reports (so the planner must split the model), if limited.
+    memory_budget: Option<u64>,
     http: reqwest::Client,
 }
 
 impl TestCluster {
     async fn start(n_agents: usize) -> TestCluster {
+        Self::start_with(shoal_synth::SynthSpec::tiny_llama(), n_agents).await
+    }
+
+    async fn start_with(spec: shoal_synth::SynthSpec, n_agents: usize) -> TestCluster {
+        Self::start_opts(spec, n_agents, PlacementMode::Auto, Preference::default()).await
+    }
+
+    async fn start_opts(
+        spec: shoal_synth::SynthSpec,
+        n_agents: usize,
+        placement: PlacementMode,
+        codec: Preference,
+    ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let path: PathBuf = dir.path().join("tiny.gguf");
-        shoal_synth::write_model(&shoal_synth::SynthSpec::tiny_llama(), &path).unwrap();
+        shoal_synth::write_model(&spec, &path).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let sha256 = {
             use sha2::Digest;
@@ -56,10 +72,25 @@ impl TestCluster {
             bytes: bytes.len() as u64,
         };
         let spec = shoal_cluster::model_spec(ModelId::new(MODEL), &path, sha256).unwrap();
+        // With a pipeline of k stages asked for, each agent gets room for its share of the
+        // layers and no more: no node can hold the model, nor fewer stages serve it.
+        let memory_budget = match placement {
+            PlacementMode::Shard { max_stages } => {
+                let per_node = spec.n_layers.div_ceil(max_stages);
+                let range = shoal_types::LayerRange::new(0, per_node).unwrap();
+                Some(
+                    spec.weight_bytes(range)
+                        + spec.kv_reserve_bytes(range, 256)
+                        + spec.layer_bytes * 9 / 10,
+                )
+            }
+            _ => None,
+        };
         let config = CoordinatorConfig {
             lease_ms: 1500,
             heartbeat_interval_ms: 200,
             kv_reserve_tokens: 256,
+            placement,
             models: vec![spec],
             ..CoordinatorConfig::default()
         }
@@ -74,7 +105,10 @@ impl TestCluster {
                 bind: "127.0.0.1:0".parse().unwrap(),
                 ..ApiConfig::default()
             },
-            backend: ClusterBackendConfig::default(),
+            backend: ClusterBackendConfig {
+                pipeline_codec: codec,
+                ..ClusterBackendConfig::default()
+            },
         };
         let coordinator = within(
             "starting the coordinator",
@@ -87,7 +121,8 @@ impl TestCluster {
             ca,
             model,
             coordinator,
-            agents: Vec::new(),
+            agents: std::sync::Mutex::default(),
+            memory_budget,
             http: reqwest::Client::new(),
         };
         for i in 1..=n_agents {
@@ -109,20 +144,21 @@ impl TestCluster {
             threads: 1,
             engine: shoal_engine::EngineConfig::default(),
             default_max_tokens: 16,
-            memory_budget: None,
+            memory_budget: self.memory_budget,
             benchmark: true,
+            model_keys: None,
         };
         let cancel = CancellationToken::new();
         let agent = within("starting an agent", Agent::start(cfg, cancel.clone()))
             .await
             .unwrap();
-        self.agents.push(Some((agent, cancel)));
+        self.agents.lock().unwrap().push(Some((agent, cancel)));
     }
 
     /// Waits until `n` nodes report the model ready and the gateway says ready.
     async fn wait_ready(&self, n: usize) {
         let mut views = self.coordinator.membership().subscribe_view();
-        within("the agents becoming ready", async {
+        let waited = tokio::time::timeout(WAIT, async {
             loop {
                 let ready = {
                     let v = views.borrow_and_update();
@@ -136,13 +172,19 @@ impl TestCluster {
                         })
                         .count()
                 };
-                if ready >= n {
+                if ready >= n
+                    && self.coordinator.backend().readiness() == shoal_api::Readiness::Ready
+                {
                     return;
                 }
                 views.changed().await.unwrap();
             }
         })
         .await;
+        if waited.is_err() {
+            let v = self.coordinator.membership().view();
+            panic!("timed out: the agents becoming ready; plan {:#?}", v.plan);
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -164,8 +206,8 @@ impl TestCluster {
     }
 
     /// Stops an agent abruptly: no Leave, its lease must run out.
-    fn kill(&mut self, index: usize) {
-        let (agent, cancel) = self.agents[index].take().unwrap();
+    fn kill(&self, index: usize) {
+        let (agent, cancel) = self.agents.lock().unwrap()[index].take().unwrap();
         cancel.cancel();
         drop(agent);
     }
@@ -316,7 +358,7 @@ async fn three_agents_serve_the_same_greedy_answer_and_share_the_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_while_idle_costs_no_request() {
-    let mut cluster = TestCluster::start(2).await;
+    let cluster = TestCluster::start(2).await;
     cluster.kill(0);
     // Before the lease runs out the view still shows agent-1 alive: requests routed there
     // fail to start and go to agent-2.
@@ -448,4 +490,326 @@ async fn a_drained_node_gets_no_new_work() {
         .load
         .tokens_generated_total;
     assert_eq!(before, after, "a draining node generated tokens");
+}
+
+/// A model slow enough (a few milliseconds a token) that a generation of a few hundred tokens
+/// is still running when a test kills its node.
+fn slow_model() -> shoal_synth::SynthSpec {
+    shoal_synth::SynthSpec {
+        n_layers: 8,
+        hidden: 512,
+        n_heads: 8,
+        n_kv_heads: 4,
+        ffn: 1536,
+        context_length: 2048,
+        ..shoal_synth::SynthSpec::tiny_llama()
+    }
+}
+
+/// What a client saw of a streamed completion.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    /// Content deltas in order.
+    deltas: Vec<String>,
+    finish_reason: Value,
+    usage: Value,
+    /// An error event, if the stream ended with one.
+    error: Option<Value>,
+}
+
+/// Streams a completion, calling `at(n)` after the n-th content delta (to inject faults).
+async fn stream_chat(cluster: &TestCluster, mut body: Value, mut at: impl FnMut(usize)) -> Seen {
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let mut r = within(
+        "a streamed completion",
+        cluster
+            .http
+            .post(cluster.url("/v1/chat/completions"))
+            .json(&body)
+            .send(),
+    )
+    .await
+    .unwrap();
+    if r.status() != 200 {
+        let status = r.status();
+        panic!("status {status}: {}", r.text().await.unwrap());
+    }
+    let mut seen = Seen {
+        deltas: Vec::new(),
+        finish_reason: Value::Null,
+        usage: Value::Null,
+        error: None,
+    };
+    let mut buf = String::new();
+    loop {
+        let Some(chunk) = within("the next chunk", r.chunk()).await.unwrap() else {
+            break;
+        };
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).unwrap();
+            if !v["error"].is_null() {
+                seen.error = Some(v["error"].clone());
+                continue;
+            }
+            if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+                seen.deltas.push(c.to_owned());
+                at(seen.deltas.len());
+            }
+            if !v["choices"][0]["finish_reason"].is_null() {
+                seen.finish_reason = v["choices"][0]["finish_reason"].clone();
+            }
+            if !v["usage"].is_null() {
+                seen.usage = v["usage"].clone();
+            }
+        }
+    }
+    seen
+}
+
+impl TestCluster {
+    /// Kills the one agent with a request in flight; returns its index.
+    fn kill_busy_agent(&self) -> usize {
+        let router = self.coordinator.backend().router();
+        let n = self.agents.lock().unwrap().len();
+        let busy: Vec<usize> = (0..n)
+            .filter(|&i| router.in_flight(&NodeId::new(format!("agent-{}", i + 1))) > 0)
+            .collect();
+        assert_eq!(busy.len(), 1, "expected one busy agent, got {busy:?}");
+        self.kill(busy[0]);
+        busy[0]
+    }
+}
+
+fn long_answer(sampling: Value) -> Value {
+    let mut body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "tell me everything about the sea"}],
+        "max_tokens": 300,
+    });
+    for (k, v) in sampling.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_stream_is_resumed_with_no_token_lost_or_repeated() {
+    for sampling in [
+        json!({"temperature": 0}),
+        json!({"temperature": 0.9, "top_p": 0.95, "seed": 7}),
+    ] {
+        let cluster = TestCluster::start_with(slow_model(), 2).await;
+        let body = long_answer(sampling);
+        let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
+        assert!(reference.error.is_none(), "{reference:?}");
+        assert!(
+            reference.deltas.len() >= 40,
+            "the reference run is too short to interrupt: {reference:?}"
+        );
+        let seen = stream_chat(&cluster, body, |n| {
+            if n == 20 {
+                cluster.kill_busy_agent();
+            }
+        })
+        .await;
+        assert_eq!(seen, reference);
+        assert_eq!(cluster.coordinator.backend().failovers(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_failures_during_one_request_are_both_survived() {
+    let cluster = TestCluster::start_with(slow_model(), 3).await;
+    let body = long_answer(json!({"temperature": 0}));
+    let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
+    assert!(reference.deltas.len() >= 60, "{reference:?}");
+    let seen = stream_chat(&cluster, body, |n| {
+        if n == 15 || n == 45 {
+            cluster.kill_busy_agent();
+        }
+    })
+    .await;
+    assert_eq!(seen, reference);
+    assert_eq!(cluster.coordinator.backend().failovers(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_replica_gone_the_client_gets_a_clear_error() {
+    let cluster = TestCluster::start_with(slow_model(), 1).await;
+    // Streamed: the tokens before the failure, then an error event naming the loss.
+    let seen = stream_chat(&cluster, long_answer(json!({"temperature": 0})), |n| {
+        if n == 10 {
+            cluster.kill_busy_agent();
+        }
+    })
+    .await;
+    assert!(seen.deltas.len() >= 10, "{seen:?}");
+    let error = seen.error.expect("an error event");
+    assert_eq!(error["code"], "node_lost", "{error}");
+    assert!(seen.finish_reason.is_null());
+
+    // Not streamed, with no agent left: 503 with Retry-After.
+    cluster.wait_state("agent-1", NodeState::Dead).await;
+    let r = within(
+        "a request with no replica",
+        cluster
+            .http
+            .post(cluster.url("/v1/chat/completions"))
+            .json(&long_answer(json!({"temperature": 0})))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "no_ready_replica", "{body}");
+}
+
+impl TestCluster {
+    /// The stages of the model's first replica in the plan, as node names.
+    fn first_chain(&self) -> Vec<String> {
+        let view = self.coordinator.membership().view();
+        let chains = view.plan.chains(&ModelId::new(MODEL));
+        chains
+            .first()
+            .map(|c| c.stages.iter().map(|a| a.node.to_string()).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn prompts() -> Vec<Value> {
+    [
+        "hello there",
+        "tell me everything about the sea",
+        "1 2 3 4",
+        "why?",
+    ]
+    .iter()
+    .map(|p| {
+        json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": p}],
+            "max_tokens": 24,
+            "temperature": 0,
+        })
+    })
+    .chain(std::iter::once(json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "a seeded one"}],
+        "max_tokens": 24,
+        "temperature": 0.8,
+        "seed": 11,
+    })))
+    .collect()
+}
+
+async fn answers(cluster: &TestCluster) -> Vec<Seen> {
+    let mut out = Vec::new();
+    for p in prompts() {
+        out.push(stream_chat(cluster, p, |_| {}).await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_of_2_3_and_5_stages_answer_exactly_like_one_node() {
+    for (spec, stages) in [
+        (shoal_synth::SynthSpec::tiny_llama(), 2),
+        (slow_model(), 3),
+        (
+            shoal_synth::SynthSpec {
+                n_layers: 10,
+                ..slow_model()
+            },
+            5,
+        ),
+    ] {
+        let whole =
+            TestCluster::start_opts(spec.clone(), 1, PlacementMode::Replicate, Preference::Exact)
+                .await;
+        let reference = answers(&whole).await;
+        drop(whole);
+        let split = TestCluster::start_opts(
+            spec,
+            stages,
+            PlacementMode::Shard {
+                max_stages: stages as u32,
+            },
+            Preference::Exact,
+        )
+        .await;
+        assert_eq!(
+            split.first_chain().len(),
+            stages,
+            "{:?}",
+            split.first_chain()
+        );
+        let got = answers(&split).await;
+        for (g, r) in got.iter().zip(&reference) {
+            assert!(r.error.is_none() && g.error.is_none(), "{g:?} / {r:?}");
+            assert!(!r.deltas.is_empty());
+        }
+        assert_eq!(got, reference, "{stages} stages");
+    }
+}
+
+impl TestCluster {
+    /// Kills stage `stage` of the pipeline that has a request in flight.
+    fn kill_busy_stage(&self, stage: usize) -> String {
+        let router = self.coordinator.backend().router();
+        let view = self.coordinator.membership().view();
+        let chains = view.plan.chains(&ModelId::new(MODEL));
+        let busy: Vec<Vec<String>> = chains
+            .iter()
+            .filter(|c| c.stages.iter().all(|a| router.in_flight(&a.node) > 0))
+            .map(|c| c.stages.iter().map(|a| a.node.to_string()).collect())
+            .collect();
+        assert_eq!(busy.len(), 1, "expected one busy pipeline: {busy:?}");
+        let name = busy[0][stage].clone();
+        let index: usize = name.trim_start_matches("agent-").parse().unwrap();
+        self.kill(index - 1);
+        name
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_middle_pipeline_stage_killed_mid_stream_costs_no_token() {
+    // Two pipelines of three stages each; the middle stage of the busy one dies.
+    let cluster = TestCluster::start_opts(
+        slow_model(),
+        6,
+        PlacementMode::Shard { max_stages: 3 },
+        // Exact hidden states: the two pipelines may split the layers differently, and the
+        // resumed answer must still be the same.
+        Preference::Exact,
+    )
+    .await;
+    let view = cluster.coordinator.membership().view();
+    let chains = view.plan.chains(&ModelId::new(MODEL));
+    assert_eq!(chains.len(), 2, "{chains:?}");
+    assert!(chains.iter().all(|c| c.stages.len() == 3), "{chains:?}");
+    drop(view);
+    let body = long_answer(json!({"temperature": 0}));
+    let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
+    assert!(reference.deltas.len() >= 40, "{reference:?}");
+    let mut killed = None;
+    let seen = stream_chat(&cluster, body, |n| {
+        if n == 20 {
+            killed = Some(cluster.kill_busy_stage(1));
+        }
+    })
+    .await;
+    assert!(killed.is_some());
+    assert_eq!(seen, reference);
+    assert_eq!(cluster.coordinator.backend().failovers(), 1);
 }

@@ -3,7 +3,7 @@
 //! with every problem reported together.
 
 use crate::membership::MembershipConfig;
-use crate::placement::{ModelSpec, PlacementPolicy};
+use crate::placement::{ModelSpec, PlacementMode, PlacementPolicy};
 use crate::store::{MemoryStore, RedbStore, StateStore, StoreError};
 use serde::{Deserialize, Serialize};
 use shoal_types::{ModelId, NodeId};
@@ -32,6 +32,8 @@ pub struct CoordinatorConfig {
     pub replicas: Option<usize>,
     /// Tokens of KV cache reserved beside each placed model.
     pub kv_reserve_tokens: u32,
+    /// Whole replicas, pipelines, or whichever fits (the default).
+    pub placement: PlacementMode,
     /// The state database file; absent keeps state in memory (lost on restart).
     pub store_path: Option<PathBuf>,
     /// The models the cluster serves.
@@ -46,6 +48,7 @@ impl Default for CoordinatorConfig {
             pins: BTreeMap::new(),
             replicas: None,
             kv_reserve_tokens: PlacementPolicy::default().kv_reserve_tokens,
+            placement: PlacementMode::default(),
             store_path: None,
             models: Vec::new(),
         }
@@ -273,7 +276,7 @@ impl CoordinatorConfig {
             policy: PlacementPolicy {
                 replicas: self.replicas,
                 kv_reserve_tokens: self.kv_reserve_tokens,
-                ..PlacementPolicy::default()
+                mode: self.placement,
             },
             store,
             models: self.models,

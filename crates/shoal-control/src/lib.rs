@@ -11,6 +11,8 @@
 //!   expected latency for each request.
 //! - [`service`]: the `shoal.v1.Coordinator` gRPC service over membership.
 //! - [`config`]: the coordinator's TOML-friendly configuration, validated once.
+//! - [`trust`]: join tokens (hashes only, one use, expiry), issued certificates and
+//!   revocations, kept in the state store.
 //!
 //! This crate holds no transport (shoal-net serves the service over mTLS) and no model code.
 //! Invariants: the planner is pure and deterministic; only the membership actor mutates the
@@ -25,6 +27,7 @@ pub mod placement;
 pub mod router;
 pub mod service;
 pub mod store;
+pub mod trust;
 pub mod wire;
 
 pub use config::{
@@ -42,3 +45,4 @@ pub use placement::{
 pub use router::{RouteError, RouteGuard, RouteStage, Router};
 pub use service::CoordinatorService;
 pub use store::{MemoryStore, RedbStore, StateStore, StoreError, Txn};
+pub use trust::{RevokedSet, TokenError, TokenRecord, TrustStore};

@@ -162,6 +162,8 @@ impl Coordinator for CoordinatorService {
                             .collect(),
                         drain,
                         rejoin: false,
+                        // Revocations are the transport's business (shoal-cluster adds them).
+                        ..Default::default()
                     }
                 }
             };

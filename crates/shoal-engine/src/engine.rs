@@ -46,6 +46,108 @@ pub struct EngineRequest {
     pub prompt: Vec<u32>,
     /// Limits, sampling and stop strings.
     pub options: GenerateOptions,
+    /// Tokens this generation already produced elsewhere (a generation resumed after a node
+    /// failed): they are prefilled after the prompt and replayed silently through the
+    /// detokenizer and stop matcher, count towards `max_tokens` and usage, and the next draw
+    /// uses sampling step `resume.len()`. The events then continue exactly where the first
+    /// run's stopped: the same tokens, the same text, no repeats.
+    pub resume: Vec<u32>,
+    /// For a pipeline head: where the sequence's later stages are, opaque to the engine and
+    /// handed to its [`Downstream`] when the sequence opens. `None` on a whole model.
+    pub route: Option<RouteTag>,
+}
+
+/// A value the engine carries for its [`Downstream`] without looking at it.
+#[derive(Clone)]
+pub struct RouteTag(pub Arc<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for RouteTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteTag(..)")
+    }
+}
+
+/// One sequence's rows in a step a pipeline head sends down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadSlice {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Position of its first row.
+    pub pos: u32,
+    /// Rows.
+    pub n_tokens: u32,
+    /// Whether the last stage must sample after this slice's last row.
+    pub sample: bool,
+    /// The token ids of the rows (the last stage keeps them as sampling history).
+    pub tokens: Vec<u32>,
+}
+
+/// One step of a pipeline head: the hidden states of every row, in slice order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadStep {
+    /// The sequences in row order.
+    pub slices: Vec<HeadSlice>,
+    /// Σ n_tokens rows of the hidden size.
+    pub hidden: Vec<f32>,
+}
+
+/// Where a pipeline head sends its work: the later stages of the model, reached through the
+/// network. Called from the engine's compute thread; must not block for long.
+pub trait Downstream: Send + 'static {
+    /// A sequence starts: `req` carries its sampling, its resume tokens and its route.
+    fn open(&mut self, seq: SeqId, req: &EngineRequest) -> Result<(), EngineError>;
+    /// Sends one step down.
+    fn step(&mut self, step: HeadStep) -> Result<(), EngineError>;
+    /// A sequence ended: its caches can be freed on every stage.
+    fn release(&mut self, seq: SeqId);
+}
+
+/// What comes back from a pipeline's later stages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TailEvent {
+    /// The last stage sampled `token` for `seq`.
+    Token {
+        /// The sequence.
+        seq: SeqId,
+        /// The token.
+        token: u32,
+    },
+    /// A sequence (or, with `None`, every sequence) failed downstream.
+    Failed {
+        /// The sequence, or `None` for all.
+        seq: Option<SeqId>,
+        /// Why.
+        error: EngineError,
+    },
+}
+
+/// Gives a [`Downstream`] the way back into its engine.
+#[derive(Debug, Clone)]
+pub struct TailSender(std_mpsc::Sender<Input>);
+
+impl TailSender {
+    /// Delivers an event; false once the engine has stopped.
+    pub fn send(&self, ev: TailEvent) -> bool {
+        self.0.send(Input::Tail(ev)).is_ok()
+    }
+}
+
+/// What the compute thread receives.
+enum Input {
+    Submit(Submission),
+    Tail(TailEvent),
+    /// The engine is being dropped (the pipeline's senders keep the channel open).
+    Shutdown,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Submit(s) => s.fmt(f),
+            Input::Tail(t) => t.fmt(f),
+            Input::Shutdown => f.write_str("Shutdown"),
+        }
+    }
 }
 
 /// Token counts of a finished generation.
@@ -105,6 +207,9 @@ pub enum EngineError {
     /// The model failed while running the request.
     #[error("model error: {0}")]
     Model(String),
+    /// A pipeline stage this sequence needs could not be reached or was lost.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl EngineError {
@@ -115,6 +220,7 @@ impl EngineError {
             EngineError::ShutDown => ErrorClass::Unavailable,
             EngineError::Invalid(_) => ErrorClass::InvalidRequest,
             EngineError::Model(_) => ErrorClass::Internal,
+            EngineError::Unavailable(_) => ErrorClass::Unavailable,
         }
     }
 
@@ -218,7 +324,9 @@ struct Submission {
 /// Handle to a running engine. Dropping it stops the compute thread after the current step.
 #[derive(Debug)]
 pub struct Engine {
-    tx: Option<std_mpsc::SyncSender<Submission>>,
+    tx: Option<std_mpsc::Sender<Input>>,
+    /// Vocabulary size: token ids must be below it.
+    vocab: usize,
     stats: Arc<EngineStats>,
     cfg: EngineConfig,
     thread: Option<JoinHandle<()>>,
@@ -246,7 +354,52 @@ impl Engine {
                 "the engine needs the whole model, got layers {range}"
             )));
         }
-        let (tx, rx) = std_mpsc::sync_channel(cfg.max_waiting.max(1));
+        Self::spawn(runtime, tokenizer, cfg, None)
+    }
+
+    /// Starts the head of a pipeline: `runtime` runs the first layers (it embeds tokens but
+    /// does not reach the output head); `downstream` is built with the way back into the
+    /// engine and carries every step to the later stages, whose last one samples. Scheduling,
+    /// stop strings, detokenization, cancellation and resume work as on a whole model; a
+    /// sequence waits for its token to come back before its next decode step, and the others
+    /// run meanwhile, so several sequences are in flight along the pipeline at once.
+    pub fn start_head(
+        runtime: Box<dyn ShardRuntime>,
+        tokenizer: Arc<Tokenizer>,
+        cfg: EngineConfig,
+        downstream: impl FnOnce(TailSender) -> Box<dyn Downstream>,
+    ) -> Result<Self, EngineError> {
+        let n_layers = runtime.config().n_layers;
+        let range = runtime.layers();
+        if !range.is_first() || range.is_last(n_layers) {
+            return Err(EngineError::Invalid(format!(
+                "a pipeline head runs the first layers but not the last, got layers {range}"
+            )));
+        }
+        let (tx, rx) = std_mpsc::channel();
+        let down = downstream(TailSender(tx.clone()));
+        Self::spawn_with(runtime, tokenizer, cfg, Some(down), tx, rx)
+    }
+
+    fn spawn(
+        runtime: Box<dyn ShardRuntime>,
+        tokenizer: Arc<Tokenizer>,
+        cfg: EngineConfig,
+        down: Option<Box<dyn Downstream>>,
+    ) -> Result<Self, EngineError> {
+        let (tx, rx) = std_mpsc::channel();
+        Self::spawn_with(runtime, tokenizer, cfg, down, tx, rx)
+    }
+
+    fn spawn_with(
+        runtime: Box<dyn ShardRuntime>,
+        tokenizer: Arc<Tokenizer>,
+        cfg: EngineConfig,
+        down: Option<Box<dyn Downstream>>,
+        tx: std_mpsc::Sender<Input>,
+        rx: std_mpsc::Receiver<Input>,
+    ) -> Result<Self, EngineError> {
+        let vocab = runtime.config().vocab;
         let stats = Arc::new(EngineStats::default());
         let worker = Worker {
             rt: runtime,
@@ -258,6 +411,7 @@ impl Engine {
             active: Vec::new(),
             next_seq: 0,
             logits: Vec::new(),
+            down,
         };
         let thread = std::thread::Builder::new()
             .name("shoal-engine".into())
@@ -265,6 +419,7 @@ impl Engine {
             .map_err(|e| EngineError::Model(format!("spawning the compute thread: {e}")))?;
         Ok(Self {
             tx: Some(tx),
+            vocab,
             stats,
             cfg,
             thread: Some(thread),
@@ -288,21 +443,43 @@ impl Engine {
         if req.options.max_tokens == 0 {
             return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
         }
+        if req.resume.len() > req.options.max_tokens as usize {
+            return Err(EngineError::Invalid(format!(
+                "{} tokens to resume exceed max_tokens ({})",
+                req.resume.len(),
+                req.options.max_tokens
+            )));
+        }
+        if let Some(bad) = req
+            .prompt
+            .iter()
+            .chain(&req.resume)
+            .find(|&&t| t as usize >= self.vocab)
+        {
+            return Err(EngineError::Invalid(format!(
+                "token {bad} is outside the vocabulary of {} tokens",
+                self.vocab
+            )));
+        }
         let (events, rx) = mpsc::channel(self.cfg.event_buffer.max(2));
         let tx = self.tx.as_ref().ok_or(EngineError::ShutDown)?;
-        match tx.try_send(Submission {
+        // The queue is bounded by this count (the channel also carries the pipeline's
+        // results, which must never be refused).
+        let waiting = self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        if waiting >= self.cfg.max_waiting.max(1) {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::Busy { waiting });
+        }
+        match tx.send(Input::Submit(Submission {
             req,
             cancel,
             events,
-        }) {
-            Ok(()) => {
-                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-                Ok(rx)
+        })) {
+            Ok(()) => Ok(rx),
+            Err(_) => {
+                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                Err(EngineError::ShutDown)
             }
-            Err(std_mpsc::TrySendError::Full(_)) => Err(EngineError::Busy {
-                waiting: self.stats.waiting.load(Ordering::Relaxed),
-            }),
-            Err(std_mpsc::TrySendError::Disconnected(_)) => Err(EngineError::ShutDown),
         }
     }
 
@@ -318,7 +495,9 @@ impl Engine {
     }
 
     fn stop(&mut self) {
-        self.tx.take();
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Input::Shutdown);
+        }
         if let Some(t) = self.thread.take()
             && t.join().is_err()
         {
@@ -338,6 +517,8 @@ enum Phase {
     Prefill(usize),
     /// Waiting to decode this token.
     Decode(u32),
+    /// (Pipeline head.) The last rows went down the pipeline; waiting for the sampled token.
+    Sampling,
 }
 
 struct Active {
@@ -347,6 +528,7 @@ struct Active {
     sampler: Sampler,
     stops: StopMatcher,
     decoder: StreamDecoder<Arc<Tokenizer>>,
+    /// The prompt, then every generated token.
     history: Vec<u32>,
     generated: u32,
     eog: Vec<u32>,
@@ -357,29 +539,51 @@ struct Worker {
     rt: Box<dyn ShardRuntime>,
     tok: Arc<Tokenizer>,
     cfg: EngineConfig,
-    rx: std_mpsc::Receiver<Submission>,
+    rx: std_mpsc::Receiver<Input>,
     stats: Arc<EngineStats>,
     waiting: VecDeque<Submission>,
     active: Vec<Active>,
     next_seq: u64,
     /// Logits of the last step, reused so a step allocates nothing.
     logits: Vec<f32>,
+    /// A pipeline head's later stages; `None` on a whole model.
+    down: Option<Box<dyn Downstream>>,
 }
 
 impl Worker {
     fn run(mut self) {
         let mut open = true;
         while open || !self.waiting.is_empty() || !self.active.is_empty() {
-            // Intake: block only when there is nothing to compute.
-            if self.active.is_empty() && self.waiting.is_empty() {
-                match self.rx.recv() {
-                    Ok(s) => self.waiting.push_back(s),
-                    Err(_) => break,
+            // Intake: block only when there is nothing to compute (on a pipeline head, when
+            // every sequence waits for its token).
+            let idle = self.waiting.is_empty()
+                && self
+                    .active
+                    .iter()
+                    .all(|a| matches!(a.phase, Phase::Sampling) && a.done.is_none());
+            if idle {
+                // With sequences in flight, wake now and then to notice cancellations.
+                let got = if self.active.is_empty() {
+                    self.rx.recv().ok()
+                } else {
+                    match self.rx.recv_timeout(Duration::from_millis(50)) {
+                        Ok(i) => Some(i),
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                            open = false;
+                            None
+                        }
+                    }
+                };
+                match got {
+                    Some(i) => open &= self.input(i),
+                    None if self.active.is_empty() => break,
+                    None => {}
                 }
             }
             loop {
                 match self.rx.try_recv() {
-                    Ok(s) => self.waiting.push_back(s),
+                    Ok(i) => open &= self.input(i),
                     Err(std_mpsc::TryRecvError::Empty) => break,
                     Err(std_mpsc::TryRecvError::Disconnected) => {
                         open = false;
@@ -392,21 +596,49 @@ impl Worker {
                 break;
             }
             self.admit();
-            if !self.step() {
+            let stepped = self.step();
+            self.retire();
+            if !stepped && !idle && self.active.iter().any(|a| a.done.is_none()) {
                 // Every active sequence is paused on a slow reader: wait a little.
                 std::thread::sleep(Duration::from_millis(1));
             }
-            self.retire();
             self.stats
                 .active
                 .store(self.active.len(), Ordering::Relaxed);
             self.stats
-                .waiting
-                .store(self.waiting.len(), Ordering::Relaxed);
-            self.stats
                 .kv_bytes
                 .store(self.rt.kv_bytes(), Ordering::Relaxed);
         }
+    }
+
+    /// Takes one input; false when the engine must stop.
+    fn input(&mut self, i: Input) -> bool {
+        match i {
+            Input::Submit(s) => self.waiting.push_back(s),
+            Input::Tail(TailEvent::Token { seq, token }) => {
+                let context = self.rt.config().context_length as usize;
+                if let Some(a) = self.active.iter_mut().find(|a| a.seq == seq)
+                    && matches!(a.phase, Phase::Sampling)
+                    && a.done.is_none()
+                {
+                    a.generated += 1;
+                    a.history.push(token);
+                    self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
+                    a.phase = Phase::Decode(token);
+                    emit_token(a, token, context, Emit::Send);
+                }
+            }
+            Input::Tail(TailEvent::Failed { seq, error }) => {
+                for a in &mut self.active {
+                    if seq.is_none_or(|s| s == a.seq) && a.done.is_none() {
+                        let _ = a.sub.events.try_send(EngineEvent::Failed(error.clone()));
+                        a.done = Some((FinishReason::Cancelled, String::new()));
+                    }
+                }
+            }
+            Input::Shutdown => return false,
+        }
+        true
     }
 
     fn admit(&mut self) {
@@ -415,6 +647,7 @@ impl Worker {
             let Some(sub) = self.waiting.pop_front() else {
                 break;
             };
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             if sub.cancel.is_cancelled() || sub.events.is_closed() {
                 continue;
             }
@@ -437,12 +670,19 @@ impl Worker {
                     continue;
                 }
             };
+            self.next_seq += 1;
+            let seq = SeqId(self.next_seq);
+            if let Some(down) = &mut self.down
+                && let Err(e) = down.open(seq, &sub.req)
+            {
+                let _ = sub.events.try_send(EngineEvent::Failed(e));
+                continue;
+            }
             let _ = sub.events.try_send(EngineEvent::Started {
                 prompt_tokens: sub.req.prompt.len() as u32,
             });
-            self.next_seq += 1;
-            self.active.push(Active {
-                seq: SeqId(self.next_seq),
+            let mut a = Active {
+                seq,
                 stops: StopMatcher::new(&sub.req.options.stop),
                 history: sub.req.prompt.clone(),
                 sub,
@@ -452,7 +692,9 @@ impl Worker {
                 generated: 0,
                 eog: self.tok.end_of_generation_tokens(),
                 done: None,
-            });
+            };
+            replay(&mut a, context);
+            self.active.push(a);
         }
     }
 
@@ -465,6 +707,9 @@ impl Worker {
             if a.sub.cancel.is_cancelled() || a.sub.events.is_closed() {
                 a.done
                     .get_or_insert((FinishReason::Cancelled, String::new()));
+                continue;
+            }
+            if a.done.is_some() {
                 continue;
             }
             if let Phase::Decode(t) = a.phase {
@@ -492,7 +737,8 @@ impl Worker {
                 continue;
             }
             if let Phase::Prefill(done) = a.phase {
-                let prompt = &a.sub.req.prompt;
+                // The prompt, then the tokens of a resumed generation.
+                let prompt = &a.history;
                 let n = (prompt.len() - done).min(budget);
                 let last = done + n == prompt.len();
                 batch.push(SeqStep {
@@ -515,26 +761,56 @@ impl Worker {
             .step_rows
             .fetch_add(tokens.len() as u64, Ordering::Relaxed);
         self.stats.batch_sequences.observe(batch.len());
-        let logits = match self.rt.forward(&batch, ShardInput::Tokens(&tokens)) {
-            Ok(ShardOutput::Logits(l)) => {
+        let out = self.rt.forward(&batch, ShardInput::Tokens(&tokens));
+        match (out, &mut self.down) {
+            (Ok(ShardOutput::Hidden(h)), Some(down)) => {
+                // A pipeline head: the rows go down, the tokens come back later.
+                let mut slices = Vec::with_capacity(batch.len());
+                let mut row = 0;
+                for (st, &i) in batch.iter().zip(&members) {
+                    let n = st.n_tokens as usize;
+                    slices.push(HeadSlice {
+                        seq: st.seq,
+                        pos: st.pos,
+                        n_tokens: st.n_tokens,
+                        sample: st.logits,
+                        tokens: tokens[row..row + n].to_vec(),
+                    });
+                    row += n;
+                    let a = &mut self.active[i];
+                    a.phase = match a.phase {
+                        Phase::Prefill(done) if !st.logits => Phase::Prefill(done + n),
+                        _ => Phase::Sampling,
+                    };
+                }
+                let step = HeadStep {
+                    slices,
+                    hidden: h.to_vec(),
+                };
+                if let Err(e) = down.step(step) {
+                    tracing::warn!(error = %e, "sending a step down the pipeline failed");
+                    self.fail_members(&members, e);
+                }
+                return true;
+            }
+            (Ok(ShardOutput::Logits(l)), None) => {
                 self.logits.clear();
                 self.logits.extend_from_slice(l);
-                &self.logits
             }
-            Ok(ShardOutput::Hidden(_)) => {
+            (Ok(_), _) => {
                 self.fail_members(
                     &members,
-                    EngineError::Model("the runtime returned hidden states".into()),
+                    EngineError::Model("the runtime's output does not match its role".into()),
                 );
                 return true;
             }
-            Err(e) => {
+            (Err(e), _) => {
                 tracing::warn!(error = %e, "forward step failed");
                 self.fail_members(&members, EngineError::from_model(&e));
                 return true;
             }
-        };
-        let mut rows = logits.chunks_exact(vocab);
+        }
+        let mut rows = self.logits.chunks_exact(vocab);
         for (st, &i) in batch.iter().zip(&members) {
             let a = &mut self.active[i];
             if let Phase::Prefill(done) = a.phase {
@@ -549,7 +825,12 @@ impl Worker {
             a.history.push(next);
             self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
             a.phase = Phase::Decode(next);
-            emit_token(a, next, self.rt.config().context_length as usize);
+            emit_token(
+                a,
+                next,
+                self.rt.config().context_length as usize,
+                Emit::Send,
+            );
         }
         true
     }
@@ -566,8 +847,12 @@ impl Worker {
         for a in self.active.drain(..) {
             let _ = a.sub.events.try_send(EngineEvent::Failed(err.clone()));
             self.rt.release(a.seq);
+            if let Some(down) = &mut self.down {
+                down.release(a.seq);
+            }
         }
         for s in self.waiting.drain(..) {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             let _ = s.events.try_send(EngineEvent::Failed(err.clone()));
         }
     }
@@ -582,6 +867,9 @@ impl Worker {
             }
             let a = self.active.swap_remove(i);
             self.rt.release(a.seq);
+            if let Some(down) = &mut self.down {
+                down.release(a.seq);
+            }
             self.stats.finished.fetch_add(1, Ordering::Relaxed);
             if let Some((reason, tail)) = a.done
                 && reason != FinishReason::Cancelled
@@ -600,15 +888,43 @@ impl Worker {
     }
 }
 
+/// Replays the tokens of a resumed generation through the detokenizer and the stop matcher
+/// without emitting them, so the held-back bytes and the stop matcher's window are what they
+/// were on the node that produced them. A resumed generation that had in fact ended (every
+/// token delivered but not the final event) finishes here the way it finished there.
+fn replay(a: &mut Active, context: usize) {
+    let resume = std::mem::take(&mut a.sub.req.resume);
+    for &t in &resume {
+        if a.done.is_some() {
+            break;
+        }
+        a.generated += 1;
+        a.history.push(t);
+        emit_token(a, t, context, Emit::Silent);
+    }
+    a.sub.req.resume = resume;
+}
+
+/// Whether a token's events reach the receiver.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Emit {
+    /// A token sampled now.
+    Send,
+    /// A token of a resumed generation: the client already has it.
+    Silent,
+}
+
 /// Turns a sampled token into events and decides whether the sequence is done.
-fn emit_token(a: &mut Active, next: u32, context: usize) {
+fn emit_token(a: &mut Active, next: u32, context: usize, emit: Emit) {
+    let send_token = |a: &Active, text: String| {
+        if emit == Emit::Send {
+            let _ = a.sub.events.try_send(EngineEvent::Token { id: next, text });
+        }
+    };
     let opts = &a.sub.req.options;
     if !opts.ignore_eos && a.eog.contains(&next) {
         let tail = finish_text(a);
-        let _ = a.sub.events.try_send(EngineEvent::Token {
-            id: next,
-            text: String::new(),
-        });
+        send_token(a, String::new());
         a.done = Some((FinishReason::Stop, tail));
         return;
     }
@@ -626,20 +942,15 @@ fn emit_token(a: &mut Active, next: u32, context: usize) {
     };
     match a.stops.push(&text) {
         StopScan::Continue(t) => {
-            let _ = a
-                .sub
-                .events
-                .try_send(EngineEvent::Token { id: next, text: t });
-            if a.generated >= opts.max_tokens || a.history.len() >= context {
+            send_token(a, t);
+            let max_tokens = a.sub.req.options.max_tokens;
+            if a.generated >= max_tokens || a.history.len() >= context {
                 let tail = finish_text(a);
                 a.done = Some((FinishReason::Length, tail));
             }
         }
         StopScan::Stopped(t) => {
-            let _ = a
-                .sub
-                .events
-                .try_send(EngineEvent::Token { id: next, text: t });
+            send_token(a, t);
             a.done = Some((FinishReason::Stop, String::new()));
         }
     }

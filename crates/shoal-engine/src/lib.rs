@@ -13,6 +13,7 @@
 mod engine;
 
 pub use engine::{
-    BATCH_BUCKETS, BatchHistogram, BatchSnapshot, Engine, EngineConfig, EngineError, EngineEvent,
-    EngineRequest, EngineStats, Usage,
+    BATCH_BUCKETS, BatchHistogram, BatchSnapshot, Downstream, Engine, EngineConfig, EngineError,
+    EngineEvent, EngineRequest, EngineStats, HeadSlice, HeadStep, RouteTag, TailEvent, TailSender,
+    Usage,
 };

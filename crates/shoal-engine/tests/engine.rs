@@ -36,6 +36,8 @@ fn request(i: usize, prompt: Vec<u32>, max_tokens: u32, sampling: SamplingParams
             ignore_eos: true,
             ..GenerateOptions::default()
         },
+        resume: Vec::new(),
+        route: None,
     }
 }
 
@@ -259,4 +261,112 @@ async fn bad_requests_and_full_queues_are_refused() {
             }
         ));
     }
+}
+
+/// Every event after `Started`, in order.
+async fn events(mut rx: mpsc::Receiver<EngineEvent>) -> Vec<EngineEvent> {
+    let mut out = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("engine event timed out")
+            .expect("channel open");
+        match ev {
+            EngineEvent::Started { .. } => {}
+            ev @ EngineEvent::Token { .. } => out.push(ev),
+            other => {
+                out.push(other);
+                return out;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_generation_continues_exactly_where_the_first_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir, SynthSpec::tiny_llama());
+    let eng = engine(&model, EngineConfig::default());
+    let prompt: Vec<u32> = (0..11).map(|j| 5 + j * 13).collect();
+    let samplings = [
+        SamplingParams::greedy(),
+        SamplingParams {
+            temperature: 1.1,
+            top_k: 40,
+            repetition_penalty: 1.2,
+            seed: 99,
+            ..Default::default()
+        },
+    ];
+    for sampling in samplings {
+        let full_req = request(0, prompt.clone(), 24, sampling.clone());
+        let full = events(eng.submit(full_req, CancellationToken::new()).unwrap()).await;
+        let ids: Vec<u32> = full
+            .iter()
+            .filter_map(|e| match e {
+                EngineEvent::Token { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids.len(), 24);
+        // Stop strings make the replay matter: take one that spans the middle of the output.
+        for stop in [None, Some(())] {
+            let mut base = request(1, prompt.clone(), 24, sampling.clone());
+            let reference = match stop {
+                None => full.clone(),
+                Some(()) => {
+                    let text: String = full
+                        .iter()
+                        .filter_map(|e| match e {
+                            EngineEvent::Token { text, .. } => Some(text.as_str()),
+                            _ => None,
+                        })
+                        .collect();
+                    let chars: Vec<char> = text.chars().collect();
+                    if chars.len() < 8 {
+                        continue;
+                    }
+                    let mid = chars.len() / 2;
+                    base.options.stop = vec![chars[mid..mid + 3].iter().collect()];
+                    events(eng.submit(base.clone(), CancellationToken::new()).unwrap()).await
+                }
+            };
+            let n = reference.len() - 1;
+            for k in [0, 1, 2, n / 2, n.saturating_sub(1), n] {
+                let mut req = base.clone();
+                req.resume = reference[..k]
+                    .iter()
+                    .map(|e| match e {
+                        EngineEvent::Token { id, .. } => *id,
+                        other => panic!("not a token: {other:?}"),
+                    })
+                    .collect();
+                let resumed = events(eng.submit(req, CancellationToken::new()).unwrap()).await;
+                assert_eq!(
+                    resumed,
+                    reference[k..].to_vec(),
+                    "resumed after {k} of {n} tokens (stop {:?})",
+                    base.options.stop
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_resumes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir, SynthSpec::tiny_llama());
+    let eng = engine(&model, EngineConfig::default());
+    let mut req = request(0, vec![1, 2, 3], 2, SamplingParams::greedy());
+    req.resume = vec![4, 5, 6];
+    assert!(matches!(
+        eng.submit(req.clone(), CancellationToken::new()),
+        Err(EngineError::Invalid(_))
+    ));
+    req.resume = vec![u32::MAX];
+    assert!(matches!(
+        eng.submit(req, CancellationToken::new()),
+        Err(EngineError::Invalid(_))
+    ));
 }

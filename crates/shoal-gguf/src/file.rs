@@ -18,19 +18,59 @@ enum Backing {
     Owned(Vec<u8>),
 }
 
-impl Backing {
-    fn bytes(&self) -> &[u8] {
-        match self {
+/// The bytes of a GGUF file before parsing: a read-only memory map of a file on disk, or an
+/// owned buffer (e.g. a model decrypted into memory, never written to disk). Both go through
+/// the same validation in [`GgufFile::parse`]; holding them first lets a caller check the bytes
+/// (a manifest's hash, an encryption header) before they are parsed.
+pub struct GgufBytes(Backing);
+
+impl GgufBytes {
+    /// Memory-maps the file at `path` read-only. The file must not be modified in place while
+    /// the map (or the `GgufFile` parsed from it) lives.
+    pub fn map(path: impl AsRef<Path>) -> Result<Self, GgufError> {
+        let path = path.as_ref();
+        let io_err = |source| GgufError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err)?;
+        let map = map_readonly(&file).map_err(io_err)?;
+        Ok(Self(Backing::Mapped(map)))
+    }
+
+    /// All the bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match &self.0 {
             Backing::Mapped(m) => m,
             Backing::Owned(v) => v,
         }
+    }
+
+    /// Whether the bytes are a memory map (as opposed to an owned buffer).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.0, Backing::Mapped(_))
+    }
+}
+
+impl From<Vec<u8>> for GgufBytes {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self(Backing::Owned(bytes))
+    }
+}
+
+impl fmt::Debug for GgufBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GgufBytes")
+            .field("mapped", &self.is_mapped())
+            .field("len", &self.as_slice().len())
+            .finish()
     }
 }
 
 /// A parsed, validated GGUF file. Every tensor's bytes are known to lie inside the file,
 /// aligned and without overlap.
 pub struct GgufFile {
-    backing: Backing,
+    backing: GgufBytes,
     version: u32,
     metadata: Metadata,
     tensors: Vec<TensorInfo>,
@@ -58,23 +98,17 @@ impl GgufFile {
     /// The file must not be modified in place while the returned value lives (replace model
     /// files by writing a new file and renaming it).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
-        let path = path.as_ref();
-        let io_err = |source| GgufError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = File::open(path).map_err(io_err)?;
-        let map = map_readonly(&file).map_err(io_err)?;
-        Self::from_backing(Backing::Mapped(map))
+        Self::parse(GgufBytes::map(path)?)
     }
 
     /// Parses an in-memory copy of a file.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, GgufError> {
-        Self::from_backing(Backing::Owned(bytes))
+        Self::parse(GgufBytes::from(bytes))
     }
 
-    fn from_backing(backing: Backing) -> Result<Self, GgufError> {
-        let p = parse(backing.bytes())?;
+    /// Parses and validates `bytes`, mapped or owned alike.
+    pub fn parse(backing: GgufBytes) -> Result<Self, GgufError> {
+        let p = parse(backing.as_slice())?;
         Ok(Self {
             backing,
             version: p.version,
@@ -88,12 +122,12 @@ impl GgufFile {
 
     /// The whole file.
     pub fn bytes(&self) -> &[u8] {
-        self.backing.bytes()
+        self.backing.as_slice()
     }
 
     /// Whether the bytes are a memory map (as opposed to an owned copy).
     pub fn is_mapped(&self) -> bool {
-        matches!(self.backing, Backing::Mapped(_))
+        self.backing.is_mapped()
     }
 
     /// Format version (2 or 3).

@@ -18,7 +18,7 @@ mod writer;
 
 pub use dtype::{GgmlType, UnknownGgmlType};
 pub use error::{GgufError, Location};
-pub use file::GgufFile;
+pub use file::{GgufBytes, GgufFile};
 pub use metadata::Metadata;
 pub use reader::{ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_NESTING};
 pub use tensor::{MAX_DIMS, TensorInfo, TensorView};

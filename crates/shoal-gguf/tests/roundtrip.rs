@@ -4,7 +4,8 @@
 mod common;
 
 use shoal_gguf::{
-    GgmlType, GgufError, GgufFile, GgufWriter, MetaArray, MetaValue, StringArray, ValueType,
+    GgmlType, GgufBytes, GgufError, GgufFile, GgufWriter, MetaArray, MetaValue, StringArray,
+    ValueType,
 };
 
 fn every_value() -> Vec<(&'static str, MetaValue)> {
@@ -231,6 +232,28 @@ fn file_round_trip_through_disk_is_mapped() {
     assert!(matches!(
         GgufFile::open(dir.path().join("absent.gguf")),
         Err(GgufError::Io { .. })
+    ));
+    assert!(matches!(
+        GgufBytes::map(dir.path().join("absent.gguf")),
+        Err(GgufError::Io { .. })
+    ));
+
+    // The bytes can be held (and checked) before parsing; mapped and owned parse alike.
+    let mapped = GgufBytes::map(&path).unwrap();
+    assert!(mapped.is_mapped());
+    let owned = GgufBytes::from(mapped.as_slice().to_vec());
+    assert!(!owned.is_mapped());
+    let (a, b) = (
+        GgufFile::parse(mapped).unwrap(),
+        GgufFile::parse(owned).unwrap(),
+    );
+    assert!(a.is_mapped() && !b.is_mapped());
+    assert_eq!(a.bytes(), b.bytes());
+    assert_eq!(a.tensors(), b.tensors());
+    assert_eq!(b.tensor("t").unwrap().data, &[9; 16]);
+    assert!(matches!(
+        GgufFile::parse(GgufBytes::from(b"GGUX".to_vec())),
+        Err(GgufError::BadMagic { .. })
     ));
 }
 

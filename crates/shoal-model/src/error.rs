@@ -82,6 +82,10 @@ pub enum ModelError {
     /// The generation was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// The file at rest was refused: a manifest mismatch, a wrong or missing key, a damaged
+    /// or truncated encrypted file.
+    #[error(transparent)]
+    Vault(#[from] shoal_vault::VaultError),
     /// I/O outside the GGUF reader.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),

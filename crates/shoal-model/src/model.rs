@@ -1,5 +1,6 @@
-//! A loaded model: the GGUF file (memory-mapped), its validated shape, its tokenizer and chat
-//! template. Shards for any layer range are cut from it without copying weights.
+//! A loaded model: the GGUF file (memory-mapped, or owned when it was decrypted into memory),
+//! its validated shape, its tokenizer and chat template. Shards for any layer range are cut
+//! from it without copying weights.
 
 use crate::ModelError;
 use crate::config::ModelConfig;
@@ -33,6 +34,12 @@ impl Model {
     /// Opens and validates a GGUF model file (memory-mapped: nothing is copied).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         Self::from_file(GgufFile::open(path)?)
+    }
+
+    /// Validates a model held in memory (e.g. decrypted, never written to disk); the same
+    /// checks as [`Model::open`].
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, ModelError> {
+        Self::from_file(GgufFile::from_bytes(bytes)?)
     }
 
     /// Validates a parsed model file, for example one decrypted into memory.

@@ -88,6 +88,26 @@ impl Revocations {
         v
     }
 
+    /// The revoked certificate serials (normalized hex), sorted.
+    pub fn revoked_serials(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.read(|s| s.serials.iter().cloned().collect());
+        v.sort();
+        v
+    }
+
+    /// Makes the sets exactly `nodes` and `serials` (a complete list published by the
+    /// coordinator). Returns whether anything changed.
+    pub fn replace_all(&self, nodes: &[String], serials: &[String]) -> bool {
+        let nodes: HashSet<String> = nodes.iter().cloned().collect();
+        let serials: HashSet<String> = serials.iter().map(|s| normalize_serial(s)).collect();
+        self.write(|s| {
+            let changed = s.nodes != nodes || s.serials != serials;
+            s.nodes = nodes;
+            s.serials = serials;
+            changed
+        })
+    }
+
     // A panic while holding the lock cannot leave the sets half-updated (each update is one
     // insert or remove), so a poisoned lock is still safe to use.
     fn read<T>(&self, f: impl FnOnce(&RevokedSets) -> T) -> T {
@@ -136,6 +156,8 @@ pub struct AccessPolicy {
     services: HashMap<String, RoleSet>,
     /// Keyed by `service/method`; takes precedence over the service's entry.
     methods: HashMap<String, RoleSet>,
+    /// `service/method`s a caller without any certificate may call (enrollment only).
+    anonymous: HashSet<String>,
 }
 
 impl AccessPolicy {
@@ -145,18 +167,45 @@ impl AccessPolicy {
     }
 
     /// shoal's policy: agents call the coordinator's `Join`, `Heartbeat` and `Leave`; the
-    /// coordinator and agents (pipeline peers) call the `Node` service; operator tooling (the
-    /// `client` role) calls the coordinator's `Admin` service and nothing else.
+    /// coordinator and agents (pipeline peers) call the `Node` service; an agent opens the
+    /// `Stage` stream of the next stage of its pipeline; operator tooling (the `client`
+    /// role) calls the coordinator's `Admin` service and nothing else. An agent renews its
+    /// certificate with `Enrollment.Renew`; `Enrollment.Enroll` is not allowed here (see
+    /// [`AccessPolicy::enrollment`]).
     pub fn shoal_default() -> Self {
         let coordinator = shoal_proto::v1::coordinator_server::SERVICE_NAME;
         let node = shoal_proto::v1::node_server::SERVICE_NAME;
         let admin = shoal_proto::v1::admin_server::SERVICE_NAME;
+        let stage = shoal_proto::v1::stage_server::SERVICE_NAME;
+        let enrollment = shoal_proto::v1::enrollment_server::SERVICE_NAME;
         Self::deny_all()
             .allow_service(admin, &[Role::Client])
             .allow_method(coordinator, "Join", &[Role::Agent])
             .allow_method(coordinator, "Heartbeat", &[Role::Agent])
             .allow_method(coordinator, "Leave", &[Role::Agent])
             .allow_service(node, &[Role::Coordinator, Role::Agent])
+            .allow_method(stage, "Open", &[Role::Agent])
+            .allow_method(enrollment, "Renew", &[Role::Agent])
+    }
+
+    /// The policy of the coordinator's enrollment listener: `Enrollment.Enroll` without a
+    /// certificate (the join token in the request is the credential), nothing else.
+    pub fn enrollment() -> Self {
+        let enrollment = shoal_proto::v1::enrollment_server::SERVICE_NAME;
+        Self::deny_all().allow_anonymous(enrollment, "Enroll")
+    }
+
+    /// Lets a caller with no certificate at all call `service`/`method`. Only for a method
+    /// whose request carries its own credential.
+    pub fn allow_anonymous(mut self, service: &str, method: &str) -> Self {
+        self.anonymous.insert(format!("{service}/{method}"));
+        self
+    }
+
+    /// Whether a caller without a certificate may call the gRPC `path`.
+    pub fn allows_anonymous(&self, path: &str) -> bool {
+        path.strip_prefix('/')
+            .is_some_and(|full| self.anonymous.contains(full))
     }
 
     /// Lets `roles` call every method of `service` (a full name such as `shoal.v1.Node`)
@@ -356,9 +405,13 @@ impl AuthLayer {
         let identity = match &state.peers {
             PeerCheck::Plaintext => None,
             PeerCheck::Mtls { cluster_id } => {
-                let der = peer_certs
-                    .and_then(<[_]>::first)
-                    .ok_or_else(|| Rejection::identity(&IdentityError::NoCertificate))?;
+                let Some(der) = peer_certs.and_then(<[_]>::first) else {
+                    if state.policy.allows_anonymous(path) {
+                        check_version(headers)?;
+                        return Ok(None);
+                    }
+                    return Err(Rejection::identity(&IdentityError::NoCertificate));
+                };
                 let info = state
                     .parsed
                     .get_or_parse(der)

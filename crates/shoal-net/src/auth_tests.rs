@@ -212,6 +212,95 @@ fn roles_outside_the_policy_are_permission_denied() {
 }
 
 #[test]
+fn only_agents_open_stage_links() {
+    let f = fixture();
+    const OPEN: &str = "/shoal.v1.Stage/Open";
+    let agent = der_of(&issue(&f.ca, Role::Agent, "pi-1"));
+    let id = decide(&f.layer, OPEN, Some(&agent)).unwrap().unwrap();
+    assert_eq!(id.node_id, "pi-1");
+    for role in [Role::Coordinator, Role::Client] {
+        let der = der_of(&issue(&f.ca, role, "other"));
+        let r = decide(&f.layer, OPEN, Some(&der)).unwrap_err();
+        assert_eq!(
+            (r.class, r.reason),
+            (ErrorClass::PermissionDenied, "role_not_allowed"),
+            "{role}"
+        );
+    }
+    // Only `Open` is allowed: another method of the service stays denied.
+    let r = decide(&f.layer, "/shoal.v1.Stage/Other", Some(&agent)).unwrap_err();
+    assert_eq!(r.reason, "role_not_allowed");
+    assert_eq!(
+        decide(&f.layer, OPEN, None).unwrap_err().reason,
+        "no_client_certificate"
+    );
+}
+
+#[test]
+fn enroll_is_open_to_anonymous_callers_on_the_enrollment_policy_only() {
+    const ENROLL: &str = "/shoal.v1.Enrollment/Enroll";
+    const RENEW: &str = "/shoal.v1.Enrollment/Renew";
+    let f = fixture();
+    let coord = issue(&f.ca, Role::Coordinator, "coord");
+    let enrollment = AccessPolicy::enrollment();
+    assert!(enrollment.allows_anonymous(ENROLL));
+    assert!(!enrollment.allows_anonymous(RENEW));
+    assert!(!enrollment.allows_anonymous("/shoal.v1.Enrollment/Enroll/x"));
+    let layer = AuthLayer::new(&TlsMode::Mtls(coord), enrollment, Revocations::new()).unwrap();
+    assert_eq!(decide(&layer, ENROLL, None), Ok(None));
+    // The version is still required of anonymous callers.
+    let r = layer
+        .authorize(ENROLL, &HeaderMap::new(), None, SystemTime::now())
+        .unwrap_err();
+    assert_eq!(r.reason, "protocol_version_missing");
+    for path in [RENEW, STATUS, JOIN, "/shoal.v1.Admin/ClusterStatus"] {
+        let r = decide(&layer, path, None).unwrap_err();
+        assert_eq!(
+            (r.code, r.class, r.reason),
+            (
+                Code::Unauthenticated,
+                ErrorClass::Unauthenticated,
+                "no_client_certificate"
+            ),
+            "{path}"
+        );
+    }
+
+    // On the main listener's policy Enroll is nobody's, with or without a certificate, and
+    // only agents renew.
+    assert!(!AccessPolicy::shoal_default().allows_anonymous(ENROLL));
+    assert_eq!(
+        decide(&f.layer, ENROLL, None).unwrap_err().reason,
+        "no_client_certificate"
+    );
+    let agent = der_of(&issue(&f.ca, Role::Agent, "pi-1"));
+    assert_eq!(
+        decide(&f.layer, ENROLL, Some(&agent)).unwrap_err().reason,
+        "role_not_allowed"
+    );
+    assert!(decide(&f.layer, RENEW, Some(&agent)).is_ok());
+    for role in [Role::Client, Role::Coordinator] {
+        let der = der_of(&issue(&f.ca, role, "x"));
+        assert_eq!(
+            decide(&f.layer, RENEW, Some(&der)).unwrap_err().reason,
+            "role_not_allowed"
+        );
+    }
+}
+
+#[test]
+fn a_published_revocation_list_replaces_the_previous_one() {
+    let r = Revocations::new();
+    assert!(r.replace_all(&["a".into(), "b".into()], &["00AB".into()]));
+    assert!(r.is_node_revoked("a") && r.is_serial_revoked("ab"));
+    assert!(!r.replace_all(&["b".into(), "a".into()], &["ab".into()]));
+    assert!(r.replace_all(&["b".into()], &[]));
+    assert!(!r.is_node_revoked("a") && !r.is_serial_revoked("ab"));
+    assert_eq!(r.revoked_nodes(), vec!["b".to_owned()]);
+    assert!(r.revoked_serials().is_empty());
+}
+
+#[test]
 fn policy_paths_parse_strictly_and_methods_override_services() {
     let p = AccessPolicy::deny_all()
         .allow_service("pkg.S", &[Role::Agent])

@@ -4,7 +4,8 @@
 //! and the server alike.
 
 use shoal_proto::v1::{
-    admin_client::AdminClient, coordinator_client::CoordinatorClient, node_client::NodeClient,
+    admin_client::AdminClient, coordinator_client::CoordinatorClient,
+    enrollment_client::EnrollmentClient, node_client::NodeClient,
 };
 use shoal_proto::{PROTOCOL_VERSION, VERSION_HEADER};
 use std::time::Duration;
@@ -64,6 +65,15 @@ pub fn node_client(channel: Channel, default_deadline: Duration) -> ShoalNodeCli
 /// `default_deadline`.
 pub fn coordinator_client(channel: Channel, default_deadline: Duration) -> ShoalCoordinatorClient {
     CoordinatorClient::with_interceptor(channel, ClientInterceptor::new(default_deadline))
+}
+
+/// An `Enrollment` service client whose calls carry the version header and a deadline.
+pub type ShoalEnrollmentClient = EnrollmentClient<InterceptedService<Channel, ClientInterceptor>>;
+
+/// An `Enrollment` client on `channel`; calls without their own deadline get
+/// `default_deadline`.
+pub fn enrollment_client(channel: Channel, default_deadline: Duration) -> ShoalEnrollmentClient {
+    EnrollmentClient::with_interceptor(channel, ClientInterceptor::new(default_deadline))
 }
 
 /// A request for `message` that fails with `DEADLINE_EXCEEDED` after `deadline`.

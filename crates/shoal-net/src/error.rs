@@ -167,6 +167,41 @@ pub enum NetError {
         #[source]
         source: rustls::Error,
     },
+    /// rustls refused a TLS configuration.
+    #[error("building the TLS configuration failed")]
+    TlsConfig {
+        /// rustls's error.
+        #[source]
+        source: rustls::Error,
+    },
+    /// A certificate signing request that cannot be signed.
+    #[error("invalid certificate signing request: {problem}")]
+    InvalidRequest {
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// A join token that is not `shoal-join.<id>.<secret>.<ca sha256>`.
+    #[error("invalid join token: {problem}")]
+    InvalidJoinToken {
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// The CA a server presented is not the one the join token pins.
+    #[error(
+        "the coordinator's CA does not match the join token (sha256 {found}, expected {expected})"
+    )]
+    CaPinMismatch {
+        /// The pinned sha256.
+        expected: String,
+        /// The sha256 of what was presented.
+        found: String,
+    },
+    /// A replacement certificate that does not fit the material it replaces.
+    #[error("the renewed certificate cannot replace the current one: {problem}")]
+    RenewalMismatch {
+        /// What differs.
+        problem: &'static str,
+    },
     /// Connecting (TCP, TLS handshake, HTTP/2 set-up) failed.
     #[error("connecting to {endpoint} failed")]
     Connect {

@@ -7,6 +7,10 @@
 //! - the two ends of a link ([`server_builder`], [`connect`]) for a [`TlsMode`];
 //! - authorization of every incoming call ([`AuthLayer`]): identity, cluster, revocation,
 //!   per-method role policy and protocol version, before any handler runs;
+//! - enrollment ([`JoinToken`], [`connect_for_enrollment`], [`enrollment_server_builder`],
+//!   [`CertificateRequest`], [`ClusterCa::sign_request`]): a node without a certificate gets
+//!   one for a key it generated, trusting the coordinator by the CA hash its token pins;
+//! - renewal at run time ([`RenewableIdentity`], [`tls_incoming`]);
 //! - the error contract on the wire ([`status`], [`class_of`]) and call deadlines
 //!   ([`ClientInterceptor`], [`with_deadline`]).
 //!
@@ -31,20 +35,31 @@
 
 mod auth;
 mod client;
+mod enroll;
 mod error;
 mod identity;
+mod live;
 mod pki;
 mod status;
 mod tls;
 
 pub use auth::{AccessPolicy, AuthLayer, AuthService, Rejection, Revocations, peer_identity};
 pub use client::{
-    ClientInterceptor, ShoalAdminClient, ShoalCoordinatorClient, ShoalNodeClient, admin_client,
-    coordinator_client, node_client, with_deadline,
+    ClientInterceptor, ShoalAdminClient, ShoalCoordinatorClient, ShoalEnrollmentClient,
+    ShoalNodeClient, admin_client, coordinator_client, enrollment_client, node_client,
+    with_deadline,
+};
+pub use enroll::{
+    JOIN_TOKEN_PREFIX, JoinToken, check_pinned_ca, connect_for_enrollment,
+    enrollment_server_builder,
 };
 pub use error::{IdentityError, NetError};
 pub use identity::{CertificateInfo, PeerIdentity, Role};
-pub use pki::{CA_CERT_FILE, CA_KEY_FILE, ClusterCa, IssuedCert};
+pub use live::{RenewableIdentity, server_builder_for_incoming, tls_incoming};
+pub use pki::{
+    CA_CERT_FILE, CA_KEY_FILE, CertificateRequest, ClusterCa, IssuedCert, SignedCert,
+    VerifiedRequest, ca_fingerprint,
+};
 pub use status::{class_of, parse_class, status, status_with_code};
 pub use tls::{
     ConnectOptions, NODE_CERT_FILE, NODE_KEY_FILE, TlsMaterial, TlsMode, connect, connect_lazy,

@@ -240,32 +240,7 @@ impl ClusterCa {
             });
         }
 
-        let mut params = CertificateParams::default();
-        params.not_before = nb;
-        params.not_after = na;
-        let (serial, serial_hex) = random_serial();
-        params.serial_number = Some(serial);
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "shoal");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, id.node_id.clone());
-        let mut sans = vec![uri_san(&id.uri())?];
-        for host in hosts {
-            sans.push(host_san(host)?);
-        }
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        // Every peer both serves and calls (agents talk to each other), so both usages.
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-
+        let (params, serial_hex) = peer_params(id, hosts, nb, na)?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| {
             NetError::CertGeneration {
                 what: "a peer key",
@@ -289,6 +264,242 @@ impl ClusterCa {
     }
 }
 
+impl ClusterCa {
+    /// Signs a certificate for `id` over the public key of a verified signing request: the
+    /// key stays with the requester. The identity and validity are the CA's choice; only the
+    /// request's host names are taken from it.
+    pub fn sign_request(
+        &self,
+        request: &VerifiedRequest,
+        id: &PeerIdentity,
+        validity: Duration,
+    ) -> Result<SignedCert, NetError> {
+        id.validate()?;
+        if id.cluster_id != self.cluster_id {
+            return Err(NetError::ClusterMismatch {
+                ca_cluster: self.cluster_id.clone(),
+                requested: id.cluster_id.clone(),
+            });
+        }
+        let now = SystemTime::now();
+        // Back-dated for slow clocks, but by a quarter of the lifetime at most, so that a
+        // short-lived certificate's renewal point (2/3 of its lifetime) still lies ahead.
+        let skew = CLOCK_SKEW.min(validity / 4);
+        let (nb, not_before) = x509_time(now.checked_sub(skew).unwrap_or(now))?;
+        let (na, not_after) = x509_time(now + validity)?;
+        if not_after <= not_before {
+            return Err(NetError::InvalidValidity {
+                problem: "not_after must be later than not_before",
+            });
+        }
+        let (params, serial) = peer_params(id, &request.hosts, nb, na)?;
+        let cert = params
+            .signed_by(&request.public_key, &self.issuer)
+            .map_err(|source| NetError::CertGeneration {
+                what: "a peer certificate",
+                source,
+            })?;
+        Ok(SignedCert {
+            cert_pem: cert.pem(),
+            serial,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// sha256 of the CA certificate (DER), lower-case hex: what a join token pins.
+    pub fn fingerprint(&self) -> Result<String, NetError> {
+        ca_fingerprint(&self.cert_pem)
+    }
+}
+
+/// sha256 of the first certificate in `ca_pem` (DER), lower-case hex.
+pub fn ca_fingerprint(ca_pem: &str) -> Result<String, NetError> {
+    let der = pem_certificates(ca_pem)
+        .into_iter()
+        .next()
+        .ok_or(NetError::NotACertificate {
+            what: "the CA certificate",
+        })?;
+    Ok(sha256_hex(&der))
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex_lower(&sha2::Sha256::digest(bytes))
+}
+
+/// A certificate the CA signed for a key it never saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedCert {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// Serial number, lower-case hex.
+    pub serial: String,
+    /// Start of validity (whole seconds).
+    pub not_before: SystemTime,
+    /// End of validity (whole seconds).
+    pub not_after: SystemTime,
+}
+
+/// Most host names a signing request may ask for.
+const MAX_REQUEST_HOSTS: usize = 16;
+
+/// A node's fresh key pair and the signing request for its certificate. The key is written
+/// only by the node itself ([`TlsMaterial::save`], mode 0600).
+pub struct CertificateRequest {
+    key: KeyPair,
+    csr_pem: String,
+}
+
+impl fmt::Debug for CertificateRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateRequest").finish_non_exhaustive()
+    }
+}
+
+impl CertificateRequest {
+    /// A new ECDSA P-256 key and a request naming `node_id` (subject common name) and
+    /// `hosts` (the DNS names or addresses peers reach the node at).
+    pub fn generate(node_id: &str, hosts: &[String]) -> Result<Self, NetError> {
+        // Checked with the rules of every identity component.
+        PeerIdentity::new("request", crate::identity::Role::Agent, node_id)?;
+        if hosts.len() > MAX_REQUEST_HOSTS {
+            return Err(NetError::InvalidRequest {
+                problem: "too many host names",
+            });
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| {
+            NetError::CertGeneration {
+                what: "a node key",
+                source,
+            }
+        })?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, node_id.to_owned());
+        params.subject_alt_names = hosts
+            .iter()
+            .map(|h| host_san(h))
+            .collect::<Result<_, _>>()?;
+        let csr_pem = params
+            .serialize_request(&key)
+            .and_then(|csr| csr.pem())
+            .map_err(|source| NetError::CertGeneration {
+                what: "a certificate signing request",
+                source,
+            })?;
+        Ok(CertificateRequest { key, csr_pem })
+    }
+
+    /// The request, PEM (what the coordinator signs).
+    pub fn csr_pem(&self) -> &str {
+        &self.csr_pem
+    }
+
+    /// The material this node uses once the CA signed `cert_pem`, trusting `ca_pem`.
+    pub fn into_material(self, cert_pem: String, ca_pem: String) -> TlsMaterial {
+        TlsMaterial {
+            ca_pem,
+            cert_pem,
+            key_pem: self.key.serialize_pem(),
+        }
+    }
+}
+
+/// A signing request whose signature was checked (the requester holds the key).
+#[derive(Debug, Clone)]
+pub struct VerifiedRequest {
+    /// The node id the request names (its subject common name).
+    pub node_id: String,
+    /// Host names and addresses it asks for.
+    pub hosts: Vec<String>,
+    public_key: rcgen::PublicKey,
+}
+
+impl VerifiedRequest {
+    /// Parses a PEM signing request and checks its signature, its node id and its host
+    /// names. Nothing else of the request is used.
+    pub fn from_pem(csr_pem: &str) -> Result<Self, NetError> {
+        let invalid = |problem| NetError::InvalidRequest { problem };
+        let parsed =
+            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
+                rcgen::Error::InvalidCertificationRequestSignature => {
+                    invalid("the request's signature does not verify")
+                }
+                _ => invalid("not a PEM certificate signing request shoal can read"),
+            })?;
+        let node_id = common_name(&parsed.params.distinguished_name)
+            .ok_or_else(|| invalid("the request names no node (no subject common name)"))?;
+        PeerIdentity::new("request", crate::identity::Role::Agent, node_id.as_str())?;
+        let mut hosts = Vec::new();
+        for san in &parsed.params.subject_alt_names {
+            let host = match san {
+                SanType::DnsName(name) => name.as_str().to_owned(),
+                SanType::IpAddress(ip) => ip.to_string(),
+                _ => return Err(invalid("only DNS names and IP addresses may be requested")),
+            };
+            host_san(&host)?;
+            hosts.push(host);
+        }
+        if hosts.len() > MAX_REQUEST_HOSTS {
+            return Err(invalid("too many host names"));
+        }
+        Ok(VerifiedRequest {
+            node_id,
+            hosts,
+            public_key: parsed.public_key,
+        })
+    }
+}
+
+fn common_name(dn: &DistinguishedName) -> Option<String> {
+    match dn.get(&DnType::CommonName)? {
+        rcgen::DnValue::Utf8String(s) => Some(s.clone()),
+        rcgen::DnValue::PrintableString(s) => Some(s.as_str().to_owned()),
+        rcgen::DnValue::Ia5String(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// The parameters of a peer certificate for `id`: the identity URI and `hosts` as SANs, both
+/// key usages, never a CA. Returns the serial too, as hex.
+fn peer_params(
+    id: &PeerIdentity,
+    hosts: &[String],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<(CertificateParams, String), NetError> {
+    let mut params = CertificateParams::default();
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let (serial, serial_hex) = random_serial();
+    params.serial_number = Some(serial);
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "shoal");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, id.node_id.clone());
+    let mut sans = vec![uri_san(&id.uri())?];
+    for host in hosts {
+        sans.push(host_san(host)?);
+    }
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // Every peer both serves and calls (agents talk to each other), so both usages.
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    Ok((params, serial_hex))
+}
+
 /// The DER certificates in a PEM text (non-certificate blocks are skipped).
 pub(crate) fn pem_certificates(pem: &str) -> Vec<Vec<u8>> {
     use rustls::pki_types::CertificateDer;
@@ -297,6 +508,12 @@ pub(crate) fn pem_certificates(pem: &str) -> Vec<Vec<u8>> {
         .filter_map(Result::ok)
         .map(|c| c.to_vec())
         .collect()
+}
+
+/// The cluster id of a DER CA certificate, if it is a shoal CA.
+pub(crate) fn cluster_of_ca_der(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    ca_cluster_id(&cert).ok()
 }
 
 /// The cluster id a CA certificate was generated for (its `shoal://<cluster_id>` SAN).

@@ -28,7 +28,7 @@ pub const NODE_CERT_FILE: &str = "node.crt";
 pub const NODE_KEY_FILE: &str = "node.key";
 
 /// A TLS handshake that takes longer than this is abandoned (slow or hostile peer).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 pings find dead links that TCP would keep open for minutes.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// A ping unanswered this long closes the connection.
@@ -143,10 +143,7 @@ fn warn_plaintext(side: &'static str, peer: &str) {
 /// cluster CA or the handshake fails; pair it with [`crate::AuthLayer`] for identity checks.
 pub fn server_builder(mode: &TlsMode) -> Result<Server, NetError> {
     ensure_crypto_provider();
-    let server = Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    let server = base_server();
     match mode {
         TlsMode::Plaintext => {
             warn_plaintext("server", "-");
@@ -167,6 +164,14 @@ pub fn server_builder(mode: &TlsMode) -> Result<Server, NetError> {
                 })
         }
     }
+}
+
+/// A tonic server with shoal's socket and HTTP/2 settings and no TLS of its own.
+pub(crate) fn base_server() -> Server {
+    Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
 }
 
 /// Connects to `endpoint` (`host:port`) and waits until the link is up, within
@@ -239,7 +244,7 @@ fn build_endpoint(
 }
 
 /// The host of a `host:port` endpoint (brackets of an IPv6 literal removed).
-fn endpoint_host(endpoint: &str) -> Result<String, NetError> {
+pub(crate) fn endpoint_host(endpoint: &str) -> Result<String, NetError> {
     let invalid = |problem| NetError::InvalidEndpoint {
         endpoint: endpoint.to_owned(),
         problem,

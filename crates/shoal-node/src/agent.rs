@@ -12,12 +12,14 @@
 
 use crate::capability::{HostProbe, benchmark_model, error_chain, host_capability};
 use crate::config::{AgentConfig, AgentError};
-use crate::control::{Control, ControlState};
+use crate::control::{COORDINATOR_DEADLINE, Control, ControlState, RenewingLink};
 use crate::core::NodeCore;
+use crate::enroll::Renewal;
 use crate::http::NodeBackend;
 use crate::metrics::NodeMetrics;
 use crate::service::NodeService;
 use crate::shards::{BackendSettings, ShardTable};
+use crate::stage::{LinkSettings, StageService};
 use shoal_api::metrics::Metrics;
 use shoal_api::{ApiConfig, ApiState};
 use shoal_net::{
@@ -25,6 +27,7 @@ use shoal_net::{
     coordinator_client, with_deadline,
 };
 use shoal_proto::v1::node_server::NodeServer;
+use shoal_proto::v1::stage_server::StageServer;
 use shoal_proto::v1::{Capability, LeaveRequest, Load, ShardStatus};
 use shoal_types::NodeId;
 use std::net::SocketAddr;
@@ -36,8 +39,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::server::TcpIncoming;
 
-/// Default deadline of calls to the coordinator that set none.
-const COORDINATOR_DEADLINE: Duration = Duration::from_secs(5);
 /// Deadline of the `Leave` call at shutdown.
 const LEAVE_DEADLINE: Duration = Duration::from_secs(2);
 /// How long shutdown waits for tasks after cancelling them before giving up on them.
@@ -50,7 +51,7 @@ pub struct Agent {
     core: Arc<NodeCore>,
     data_addr: SocketAddr,
     http_addr: Option<SocketAddr>,
-    coordinator: ShoalCoordinatorClient,
+    coordinator: watch::Receiver<ShoalCoordinatorClient>,
     control: watch::Receiver<ControlState>,
     control_stop: CancellationToken,
     control_task: JoinHandle<()>,
@@ -122,6 +123,28 @@ impl Agent {
     /// background (see [`Agent::control_state`]). Cancelling `cancel` stops everything
     /// without leaving the cluster.
     pub async fn start(cfg: AgentConfig, cancel: CancellationToken) -> Result<Agent, AgentError> {
+        Self::start_with(cfg, None, cancel).await
+    }
+
+    /// Like [`Agent::start`], for an enrolled node: the data plane presents `renewal`'s
+    /// current certificate (`cfg.tls` is ignored for it), and the control loop renews it
+    /// before it expires; new connections use the new certificate, without a restart.
+    pub async fn start_renewing(
+        cfg: AgentConfig,
+        renewal: Renewal,
+        cancel: CancellationToken,
+    ) -> Result<Agent, AgentError> {
+        Self::start_with(cfg, Some(renewal), cancel).await
+    }
+
+    async fn start_with(
+        mut cfg: AgentConfig,
+        renewal: Option<Renewal>,
+        cancel: CancellationToken,
+    ) -> Result<Agent, AgentError> {
+        if let Some(r) = &renewal {
+            cfg.tls = r.identity.mode();
+        }
         cfg.validate()?;
         let cancel = cancel.child_token();
         let cancel_on_drop = cancel.clone().drop_guard();
@@ -131,6 +154,11 @@ impl Agent {
                 threads: cfg.threads,
                 engine: cfg.engine.clone(),
                 default_max_tokens: cfg.default_max_tokens,
+                links: LinkSettings {
+                    node_id: cfg.node_id.clone(),
+                    tls: cfg.tls.clone(),
+                },
+                model_keys: cfg.model_keys.clone(),
             },
         ));
         let capability = {
@@ -167,18 +195,39 @@ impl Agent {
             source,
         })?;
         let revocations = Revocations::new();
-        let router = shoal_net::server_builder(&cfg.tls)?
-            .layer(AuthLayer::new(
-                &cfg.tls,
-                AccessPolicy::shoal_default(),
-                revocations.clone(),
-            )?)
-            .add_service(NodeServer::new(NodeService::new(core.clone())));
-        let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
-            // Small frames (one token each) must not wait for delayed ACKs.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stop_accepting.clone().cancelled_owned(),
+        let auth = AuthLayer::new(&cfg.tls, AccessPolicy::shoal_default(), revocations.clone())?;
+        let service = NodeServer::new(NodeService::new(core.clone()));
+        let stage = StageServer::new(StageService::new(
+            core.clone(),
+            LinkSettings {
+                node_id: cfg.node_id.clone(),
+                tls: cfg.tls.clone(),
+            },
         ));
+        let stop = stop_accepting.clone().cancelled_owned();
+        let grpc = match &renewal {
+            // tonic's TLS keeps the certificate it started with; a renewing node does the
+            // handshake itself with the current one.
+            Some(r) => {
+                let incoming = shoal_net::tls_incoming(listener, &r.identity)?;
+                let router = shoal_net::server_builder_for_incoming()
+                    .layer(auth)
+                    .add_service(service)
+                    .add_service(stage);
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
+            }
+            None => {
+                let router = shoal_net::server_builder(&cfg.tls)?
+                    .layer(auth)
+                    .add_service(service)
+                    .add_service(stage);
+                tokio::spawn(router.serve_with_incoming_shutdown(
+                    // Small frames (one token each) must not wait for delayed ACKs.
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    stop,
+                ))
+            }
+        };
         tracing::info!(node = %cfg.node_id, addr = %data_addr, "data plane listening");
 
         // HTTP: metrics, health and the OpenAI API.
@@ -224,7 +273,8 @@ impl Agent {
                 ..ConnectOptions::default()
             },
         )?;
-        let coordinator = coordinator_client(channel, COORDINATOR_DEADLINE);
+        let coordinator = coordinator_client(channel.clone(), COORDINATOR_DEADLINE);
+        let (clients, coordinator_rx) = watch::channel(coordinator.clone());
         let advertise = cfg
             .advertise_addr
             .clone()
@@ -245,6 +295,16 @@ impl Agent {
                 threads: cfg.threads,
                 memory_budget: cfg.memory_budget,
                 state: state_tx,
+                revocations: revocations.clone(),
+                published: Default::default(),
+                renewal: renewal.map(|renewal| RenewingLink {
+                    renewal,
+                    coordinator: cfg.coordinator.clone(),
+                    channel,
+                    clients,
+                    retry_at: None,
+                    failing: false,
+                }),
             }
             .run(control_stop.clone()),
         );
@@ -253,7 +313,7 @@ impl Agent {
             core,
             data_addr,
             http_addr,
-            coordinator,
+            coordinator: coordinator_rx,
             control,
             control_stop,
             control_task,
@@ -328,7 +388,7 @@ impl Agent {
     pub async fn shutdown(self, grace: Duration) -> Result<(), AgentError> {
         let Agent {
             core,
-            mut coordinator,
+            coordinator,
             control_stop,
             control_task,
             stop_accepting,
@@ -343,6 +403,8 @@ impl Agent {
         // No heartbeat may follow the Leave (it would be told to rejoin).
         control_stop.cancel();
         let control = tokio::time::timeout(CANCEL_WAIT, control_task).await;
+        // The latest link: a renewal may have replaced the first one.
+        let mut coordinator = coordinator.borrow().clone();
         let leave = LeaveRequest {
             node_id: core.node_id.as_str().to_owned(),
             reason: "shutdown".into(),

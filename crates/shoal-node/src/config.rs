@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub memory_budget: Option<u64>,
     /// Whether to run the capability micro-benchmark of every model at start.
     pub benchmark: bool,
+    /// Keys for encrypted model files (decrypted into memory only); `None` refuses them.
+    pub model_keys: Option<std::sync::Arc<dyn shoal_model::KeyProvider>>,
 }
 
 /// One problem with an [`AgentConfig`].

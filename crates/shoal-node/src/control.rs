@@ -5,19 +5,31 @@
 //! A refusal that retrying cannot fix (another protocol version, a bad identity or message)
 //! ends the loop with [`ControlState::Refused`]. Failed heartbeats are counted and retried;
 //! the node keeps serving what it has meanwhile.
+//!
+//! Each heartbeat answer carries the cluster's revocations, which the data plane's
+//! authorization then applies to peers; and an enrolled node renews its certificate here,
+//! between heartbeats, once 2/3 of its lifetime has passed, then dials the coordinator
+//! again with the new one.
 
 use crate::capability::{HostProbe, host_capability};
 use crate::core::NodeCore;
-use shoal_net::{ShoalCoordinatorClient, class_of, with_deadline};
+use crate::enroll::{Renewal, renewal_due};
+use shoal_net::{
+    ConnectOptions, Revocations, Role, ShoalCoordinatorClient, TlsMode, class_of,
+    coordinator_client, enrollment_client, with_deadline,
+};
 use shoal_proto::PROTOCOL_VERSION;
 use shoal_proto::v1::{self, HeartbeatRequest, JoinRequest, LocalModel};
 use shoal_types::ErrorClass;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::SystemTime;
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
+use tonic::transport::Channel;
 
 /// First wait before retrying a failed join.
 const JOIN_BACKOFF_START: Duration = Duration::from_millis(100);
@@ -34,6 +46,10 @@ const HEARTBEAT_DEADLINE_MAX: Duration = Duration::from_secs(5);
 const HOST_REFRESH: Duration = Duration::from_secs(10);
 /// Time constant of the tokens-per-second average.
 const RATE_TAU_SECONDS: f64 = 5.0;
+/// Wait before retrying a failed renewal.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
+/// Default deadline of calls on a rebuilt coordinator link.
+pub(crate) const COORDINATOR_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Where the agent stands with its coordinator.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +109,23 @@ pub(crate) struct Control {
     pub threads: usize,
     pub memory_budget: Option<u64>,
     pub state: watch::Sender<ControlState>,
+    /// What the data plane's authorization consults.
+    pub revocations: Revocations,
+    /// The revocations the coordinator published last (local ones are left alone).
+    pub published: (BTreeSet<String>, BTreeSet<String>),
+    /// Renewal of an enrolled node's certificate, and the link it rebuilds afterwards.
+    pub renewal: Option<RenewingLink>,
+}
+
+/// What renewing needs besides the certificate: the coordinator link to renew over and to
+/// rebuild, and where the rebuilt client is published (the agent leaves over it).
+pub(crate) struct RenewingLink {
+    pub renewal: Renewal,
+    pub coordinator: String,
+    pub channel: Channel,
+    pub clients: watch::Sender<ShoalCoordinatorClient>,
+    pub retry_at: Option<SystemTime>,
+    pub failing: bool,
 }
 
 enum Joined {
@@ -223,6 +256,7 @@ impl Control {
                 last_refresh = Instant::now();
                 self.refresh_host().await;
             }
+            self.renew_if_due().await;
             sequence += 1;
             let mut load = self.core.load();
             load.tokens_per_second = rate.update(load.tokens_generated_total);
@@ -251,6 +285,7 @@ impl Control {
                     }
                     self.core.set_draining(r.drain);
                     self.core.shards.apply(&r.assignments);
+                    self.apply_revocations(&r.revoked_nodes, &r.revoked_serials);
                 }
                 Err(status) => {
                     self.core.metrics.heartbeat_failure();
@@ -264,6 +299,67 @@ impl Control {
                     }
                 }
             }
+        }
+    }
+
+    /// Makes the coordinator's latest list the one in force, keeping revocations made here.
+    fn apply_revocations(&mut self, nodes: &[String], serials: &[String]) {
+        let nodes: BTreeSet<String> = nodes.iter().cloned().collect();
+        let serials: BTreeSet<String> = serials.iter().cloned().collect();
+        let (old_nodes, old_serials) = &self.published;
+        for n in nodes.difference(old_nodes) {
+            tracing::warn!(node = %n, "the coordinator revoked a node; refusing its calls");
+            self.revocations.revoke_node(n);
+        }
+        for n in old_nodes.difference(&nodes) {
+            self.revocations.restore_node(n);
+        }
+        for s in serials.difference(old_serials) {
+            self.revocations.revoke_serial(s);
+        }
+        for s in old_serials.difference(&serials) {
+            self.revocations.restore_serial(s);
+        }
+        self.published = (nodes, serials);
+    }
+
+    /// Renews the certificate once it is due, then dials the coordinator with the new one.
+    async fn renew_if_due(&mut self) {
+        let Some(link) = self.renewal.as_mut() else {
+            return;
+        };
+        let now = SystemTime::now();
+        let due = renewal_due(&link.renewal.identity.certificate());
+        if now < due || link.retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        let mut client = enrollment_client(link.channel.clone(), COORDINATOR_DEADLINE);
+        let material = match link.renewal.renew(&mut client).await {
+            Ok(m) => m,
+            Err(e) => {
+                if !link.failing {
+                    tracing::warn!(error = %e, "renewing the certificate failed; retrying");
+                    link.failing = true;
+                }
+                link.retry_at = Some(now + RENEW_RETRY);
+                return;
+            }
+        };
+        link.failing = false;
+        link.retry_at = None;
+        let opts = ConnectOptions {
+            expect_role: Some(Role::Coordinator),
+            ..ConnectOptions::default()
+        };
+        match shoal_net::connect_lazy(&link.coordinator, &TlsMode::Mtls(material), opts) {
+            Ok(channel) => {
+                link.channel = channel.clone();
+                self.client = coordinator_client(channel, COORDINATOR_DEADLINE);
+                link.clients.send_replace(self.client.clone());
+                let cert = link.renewal.identity.certificate();
+                tracing::info!(serial = %cert.serial, "certificate renewed; new links use it");
+            }
+            Err(e) => tracing::error!(error = %e, "rebuilding the coordinator link failed"),
         }
     }
 

@@ -11,6 +11,9 @@
 //! code path ([`LocalBackend::prepare`]) for both front doors. Must not hold cluster-wide
 //! state: what to serve comes from the coordinator, whole.
 //!
+//! An enrolled node ([`enroll`], [`Agent::start_renewing`]) holds a certificate it got with
+//! a join token for a key it generated, and renews it while running.
+//!
 //! Invariants: a generation whose client goes away (dropped stream, passed deadline) is
 //! cancelled and its KV cache freed; a shard leaves the table before it is unloaded, and is
 //! dropped only after its in-flight generations end; bad input from a client or a peer is an
@@ -21,16 +24,19 @@ pub mod capability;
 mod config;
 mod control;
 mod core;
+mod enroll;
 mod http;
 mod local;
 pub mod metrics;
 mod service;
 mod shards;
+mod stage;
 
 pub use agent::Agent;
 pub use capability::{CapabilityOptions, measure_capability};
 pub use config::{AgentConfig, AgentError, ConfigProblem, ModelFile};
 pub use control::ControlState;
+pub use enroll::{EnrollConfig, EnrollError, Renewal, enroll, renewal_due};
 pub use local::{
     LocalBackend, LocalBackendConfig, MAX_STOP_STRINGS, NodePrompt, NodeRequest, engine_error,
 };

@@ -11,7 +11,7 @@ use shoal_api::{
     GenerateRequest, InferenceBackend, ModelCard, Prompt as ApiPrompt, Readiness,
     SamplingParams as ApiSampling, Usage,
 };
-use shoal_engine::{Engine, EngineConfig, EngineError, EngineEvent, EngineRequest};
+use shoal_engine::{Engine, EngineConfig, EngineError, EngineEvent, EngineRequest, RouteTag};
 use shoal_model::{
     ChatMessage, FinishReason, GenerateOptions, Model, Prompt, SamplingParams, ShardOptions,
     ThreadPool,
@@ -53,6 +53,13 @@ pub struct NodeRequest {
     pub sampling: ApiSampling,
     /// Stop strings (not emitted).
     pub stop: Vec<String>,
+    /// Tokens already generated and delivered by a node that failed: the generation resumes
+    /// after them (see [`EngineRequest::resume`]).
+    pub resume: Vec<u32>,
+    /// On a pipeline head: the stages after this node, in order (empty for a whole model).
+    pub downstream: Vec<shoal_pipeline::StageHop>,
+    /// How the pipeline's links choose their activation codec.
+    pub codec: shoal_pipeline::Preference,
 }
 
 impl From<GenerateRequest> for NodeRequest {
@@ -70,6 +77,9 @@ impl From<GenerateRequest> for NodeRequest {
             max_tokens: r.max_tokens,
             sampling: r.sampling,
             stop: r.stop,
+            resume: Vec::new(),
+            downstream: Vec::new(),
+            codec: shoal_pipeline::Preference::default(),
         }
     }
 }
@@ -108,16 +118,52 @@ impl LocalBackend {
             .map_err(|e| internal(e.to_string()))?;
         let engine = Engine::start(Box::new(rt), model.tokenizer().clone(), cfg.engine.clone())
             .map_err(|e| internal(e.to_string()))?;
+        Ok(Self::with_engine(model, cfg, engine))
+    }
+
+    /// Starts the head of a pipeline: the engine runs `range` (the first layers) and sends its
+    /// hidden states to the later stages each request names.
+    pub(crate) fn start_head(
+        model: Arc<Model>,
+        cfg: LocalBackendConfig,
+        range: shoal_types::LayerRange,
+        sha256: String,
+        links: crate::stage::LinkSettings,
+    ) -> Result<Self, BackendError> {
+        let internal = |e: String| BackendError::new(ErrorClass::Internal, "engine_start", e);
+        let pool =
+            Arc::new(ThreadPool::new(cfg.threads.max(1)).map_err(|e| internal(e.to_string()))?);
+        let rt = model
+            .shard(range, pool, ShardOptions::default())
+            .map_err(|e| internal(e.to_string()))?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| internal(format!("no async runtime for the pipeline links: {e}")))?;
+        let (model_id, context) = (cfg.model_id.clone(), model.config().context_length);
+        let engine = Engine::start_head(
+            Box::new(rt),
+            model.tokenizer().clone(),
+            cfg.engine.clone(),
+            |tail| {
+                Box::new(crate::stage::HeadDownstream::start(
+                    &runtime, tail, model_id, sha256, links, context,
+                ))
+            },
+        )
+        .map_err(|e| internal(e.to_string()))?;
+        Ok(Self::with_engine(model, cfg, engine))
+    }
+
+    fn with_engine(model: Arc<Model>, cfg: LocalBackendConfig, engine: Engine) -> Self {
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        Ok(Self {
+        Self {
             cfg,
             model,
             engine,
             created,
             tasks: TaskTracker::new(),
-        })
+        }
     }
 
     /// The engine, for its live counters.
@@ -244,6 +290,22 @@ impl LocalBackend {
         sampling
             .validate()
             .map_err(|e| invalid("invalid_sampling", e.to_string()))?;
+        let vocab = self.model.tokenizer().vocab_size();
+        if let Some(bad) = req.resume.iter().find(|&&id| id as usize >= vocab) {
+            return Err(invalid(
+                "token_out_of_range",
+                format!("resumed token {bad} is outside the vocabulary of {vocab} tokens"),
+            ));
+        }
+        if req.resume.len() > max_tokens as usize {
+            return Err(invalid(
+                "invalid_resume",
+                format!(
+                    "{} tokens to resume exceed max_tokens ({max_tokens})",
+                    req.resume.len()
+                ),
+            ));
+        }
         Ok(EngineRequest {
             id: req.request_id.clone(),
             prompt: tokens,
@@ -253,6 +315,13 @@ impl LocalBackend {
                 stop: req.stop.clone(),
                 ..GenerateOptions::default()
             },
+            resume: req.resume.clone(),
+            route: (!req.downstream.is_empty()).then(|| {
+                RouteTag(Arc::new(crate::stage::Route {
+                    hops: Arc::new(req.downstream.clone()),
+                    preference: req.codec,
+                }))
+            }),
         })
     }
 
@@ -296,6 +365,7 @@ pub fn engine_error(e: &EngineError) -> BackendError {
         EngineError::ShutDown => "shutting_down",
         EngineError::Invalid(_) => "invalid_request",
         EngineError::Model(_) => "model_error",
+        EngineError::Unavailable(_) => "stage_lost",
     };
     BackendError::new(e.class(), reason, e.to_string())
 }

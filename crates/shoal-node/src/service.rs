@@ -63,7 +63,11 @@ impl NodeService {
             let n = self.unnamed.fetch_add(1, Ordering::Relaxed);
             format!("{}-grpc-{n}", self.core.node_id)
         })?;
-        let backend = self.core.shards.backend_for(req.model.as_str())?;
+        let backend = if req.downstream.is_empty() {
+            self.core.shards.backend_for(req.model.as_str())?
+        } else {
+            self.core.shards.head_for(req.model.as_str())?
+        };
         let ereq = backend.prepare(&req)?;
         let prompt_ids = ereq.prompt.clone();
         let cancel = self.core.requests.child_token();
@@ -104,12 +108,6 @@ pub(crate) fn node_request(
     msg: v1::GenerateRequest,
     unnamed: impl FnOnce() -> String,
 ) -> Result<NodeRequest, BackendError> {
-    if !msg.resume.is_empty() {
-        return Err(invalid(
-            "resume_unsupported",
-            "resuming a generation is not supported by this node",
-        ));
-    }
     if msg.request_id.len() > MAX_REQUEST_ID {
         return Err(invalid(
             "invalid_request_id",
@@ -174,6 +172,14 @@ pub(crate) fn node_request(
         max_tokens: msg.max_tokens.filter(|&m| m > 0),
         sampling,
         stop: msg.stop,
+        resume: msg.resume,
+        downstream: msg
+            .downstream
+            .into_iter()
+            .map(shoal_pipeline::StageHop::try_from)
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid("invalid_route", format!("bad pipeline stage: {e}")))?,
+        codec: shoal_pipeline::preference_from_wire(msg.codec),
     })
 }
 
@@ -442,13 +448,6 @@ mod tests {
     #[test]
     fn bad_wire_requests_are_invalid_with_a_reason() {
         let cases = [
-            (
-                v1::GenerateRequest {
-                    resume: vec![1, 2],
-                    ..req()
-                },
-                "resume_unsupported",
-            ),
             (
                 v1::GenerateRequest {
                     prompt: None,

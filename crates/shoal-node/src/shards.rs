@@ -5,13 +5,14 @@
 //! (state `LOADING` until `READY` or `FAILED`), ones no longer assigned leave the table at once
 //! (no new request finds them) and are dropped once their in-flight generations end.
 //!
-//! Today a shard is a whole model behind a [`LocalBackend`]. A partial layer range is reported
-//! `FAILED` until the pipeline data path exists; [`ShardTable::load`] is where it will cut the
-//! range with `Model::shard` instead.
+//! A shard is a whole model behind a [`LocalBackend`], the first layers of a pipeline (a
+//! [`LocalBackend`] whose engine is a pipeline head) or a later range served to the stage
+//! before it as a [`StageShard`] (see [`crate::stage`]).
 
 use crate::capability::error_chain;
 use crate::config::ModelFile;
 use crate::local::{LocalBackend, LocalBackendConfig};
+use crate::stage::{LinkSettings, StageShard};
 use shoal_api::BackendError;
 use shoal_engine::{BatchSnapshot, EngineConfig, EngineStats};
 use shoal_model::{Model, ModelError};
@@ -29,6 +30,17 @@ pub(crate) struct BackendSettings {
     pub threads: usize,
     pub engine: EngineConfig,
     pub default_max_tokens: u32,
+    pub links: LinkSettings,
+    /// Keys for encrypted model files.
+    pub model_keys: Option<Arc<dyn shoal_model::KeyProvider>>,
+}
+
+/// A loaded shard.
+enum Loaded {
+    /// A whole model or a pipeline head: generations start here.
+    Backend(LocalBackend),
+    /// A later stage of a pipeline.
+    Stage(StageShard),
 }
 
 /// Why an assigned shard could not be loaded. Its text is the `detail` of a `FAILED` status.
@@ -58,9 +70,9 @@ pub enum LoadError {
         /// Layers the model has.
         n_layers: u32,
     },
-    /// Only whole models are served by this node's engine.
-    #[error("partial layer ranges are served by the pipeline data path")]
-    PartialRange,
+    /// The range could not be started as a pipeline stage.
+    #[error("starting the pipeline stage: {0}")]
+    Stage(String),
     /// The model file could not be opened.
     #[error("opening {path}")]
     Open {
@@ -102,6 +114,8 @@ struct Shard {
     state: ShardState,
     detail: String,
     backend: Option<Arc<LocalBackend>>,
+    /// Set for a pipeline stage after the head.
+    stage: Option<Arc<StageShard>>,
     /// Tells a finished load whether its entry is still the one it was started for.
     generation: u64,
 }
@@ -169,10 +183,13 @@ impl ShardTable {
         if let Some(m) = cached {
             return Ok(m);
         }
-        let model = Arc::new(Model::open(&file.path).map_err(|source| LoadError::Open {
-            path: file.path.clone(),
-            source,
-        })?);
+        // Encrypted files are decrypted into memory; a manifest beside the file is checked.
+        let model = shoal_model::open_model(&file.path, self.settings.model_keys.as_deref())
+            .map_err(|source| LoadError::Open {
+                path: file.path.clone(),
+                source,
+            })?;
+        let model = Arc::new(model);
         self.opened
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -201,7 +218,7 @@ impl ShardTable {
                 }
                 // New, or the same range from another file: (re)load.
                 if let Some(old) = t.shards.remove(&key) {
-                    retired.extend(old.backend);
+                    retired.push((old.backend, old.stage));
                 }
                 t.next_generation += 1;
                 let generation = t.next_generation;
@@ -212,6 +229,7 @@ impl ShardTable {
                         state: ShardState::Loading,
                         detail: String::new(),
                         backend: None,
+                        stage: None,
                         generation,
                     },
                 );
@@ -226,12 +244,12 @@ impl ShardTable {
             for key in gone {
                 if let Some(old) = t.shards.remove(&key) {
                     tracing::info!(model = %key.model, start = key.start, end = key.end, "shard unassigned");
-                    retired.extend(old.backend);
+                    retired.push((old.backend, old.stage));
                 }
             }
         }
-        for backend in retired {
-            self.retire(backend);
+        for (backend, stage) in retired {
+            self.retire(backend, stage);
         }
         for (key, assignment, generation) in to_load {
             tracing::info!(model = %key.model, start = key.start, end = key.end, "loading shard");
@@ -246,17 +264,26 @@ impl ShardTable {
         }
     }
 
-    /// Drops `backend` once the generations it is still forwarding have ended.
-    fn retire(&self, backend: Arc<LocalBackend>) {
+    /// Drops a shard: a backend once the generations it is still forwarding have ended, a
+    /// stage at once (its links fail and their heads resume elsewhere).
+    fn retire(&self, backend: Option<Arc<LocalBackend>>, stage: Option<Arc<StageShard>>) {
         self.tasks.spawn(async move {
-            backend.drain().await;
-            // The engine joins its compute thread when dropped: off the reactor.
-            let _ = tokio::task::spawn_blocking(move || drop(backend)).await;
+            if let Some(b) = &backend {
+                b.drain().await;
+            }
+            // Engines and stages join their compute threads when dropped: off the reactor.
+            let _ = tokio::task::spawn_blocking(move || {
+                drop(backend);
+                if let Some(s) = stage {
+                    s.stop();
+                }
+            })
+            .await;
         });
     }
 
     /// Loads one assigned shard. Blocking.
-    fn load(&self, a: &ShardAssignment) -> Result<LocalBackend, LoadError> {
+    fn load(&self, a: &ShardAssignment) -> Result<Loaded, LoadError> {
         let file = self.find_file(a)?;
         let model = self.open(file)?;
         let n_layers = model.config().n_layers;
@@ -266,17 +293,37 @@ impl ShardTable {
         if range.end() > n_layers {
             return Err(LoadError::LayersOutOfRange { range, n_layers });
         }
-        if !(range.is_first() && range.is_last(n_layers)) {
-            // The pipeline data path will run `model.shard(range, ..)` as a stage here.
-            return Err(LoadError::PartialRange);
-        }
         let cfg = LocalBackendConfig {
             model_id: ModelId::new(a.model_id.clone()),
             threads: self.settings.threads,
             engine: self.settings.engine.clone(),
             default_max_tokens: self.settings.default_max_tokens,
         };
-        LocalBackend::start(model, cfg).map_err(LoadError::Start)
+        if range.is_first() && range.is_last(n_layers) {
+            return LocalBackend::start(model, cfg)
+                .map(Loaded::Backend)
+                .map_err(LoadError::Start);
+        }
+        if range.is_first() {
+            return LocalBackend::start_head(
+                model,
+                cfg,
+                range,
+                file.sha256.clone(),
+                self.settings.links.clone(),
+            )
+            .map(Loaded::Backend)
+            .map_err(LoadError::Start);
+        }
+        StageShard::start(
+            &model,
+            cfg.model_id,
+            file.sha256.clone(),
+            range,
+            self.settings.threads,
+        )
+        .map(Loaded::Stage)
+        .map_err(LoadError::Stage)
     }
 
     /// The file an assignment names: by hash, else by model id.
@@ -296,28 +343,29 @@ impl ShardTable {
             })
     }
 
-    fn finish_load(
-        &self,
-        key: &ShardKey,
-        generation: u64,
-        loaded: Result<LocalBackend, LoadError>,
-    ) {
+    fn finish_load(&self, key: &ShardKey, generation: u64, loaded: Result<Loaded, LoadError>) {
         let mut t = self.write();
-        let loaded = loaded.map(Arc::new);
-        if let Ok(b) = &loaded {
+        let loaded = loaded.map(|l| match l {
+            Loaded::Backend(b) => (Some(Arc::new(b)), None),
+            Loaded::Stage(s) => (None, Some(Arc::new(s))),
+        });
+        if let Ok((Some(b), _)) = &loaded {
             t.all_stats.push(b.engine().stats().clone());
         }
         let Some(shard) = t.shards.get_mut(key).filter(|s| s.generation == generation) else {
             // Unassigned while loading: nothing can be using it yet.
             drop(t);
-            drop(loaded);
+            if let Ok((b, s)) = loaded {
+                self.retire(b, s);
+            }
             return;
         };
         match loaded {
-            Ok(backend) => {
-                tracing::info!(model = %key.model, "shard ready");
+            Ok((backend, stage)) => {
+                tracing::info!(model = %key.model, start = key.start, end = key.end, "shard ready");
                 shard.state = ShardState::Ready;
-                shard.backend = Some(backend);
+                shard.backend = backend;
+                shard.stage = stage;
             }
             Err(e) => {
                 let detail = error_chain(&e);
@@ -328,13 +376,64 @@ impl ShardTable {
         }
     }
 
+    /// The ready pipeline stage for `model`'s `layers` (a range after the first), or why
+    /// there is none.
+    pub fn stage_for(
+        &self,
+        model: &str,
+        sha256: &str,
+        layers: LayerRange,
+    ) -> Result<Arc<StageShard>, BackendError> {
+        let t = self.read();
+        let key = ShardKey {
+            model: model.to_owned(),
+            start: layers.start(),
+            end: layers.end(),
+        };
+        let Some(shard) = t.shards.get(&key) else {
+            return Err(BackendError::new(
+                ErrorClass::NotFound,
+                "stage_not_found",
+                format!("this node does not serve layers {layers} of `{model}`"),
+            ));
+        };
+        match (&shard.stage, shard.state) {
+            (Some(s), ShardState::Ready)
+                if sha256.is_empty() || s.sha256.eq_ignore_ascii_case(sha256) =>
+            {
+                Ok(s.clone())
+            }
+            (Some(_), ShardState::Ready) => Err(BackendError::new(
+                ErrorClass::InvalidRequest,
+                "model_mismatch",
+                format!("layers {layers} of `{model}` here come from another file"),
+            )),
+            _ => Err(BackendError::new(
+                ErrorClass::Unavailable,
+                "stage_not_ready",
+                format!("layers {layers} of `{model}` are not ready on this node"),
+            )),
+        }
+    }
+
     /// The backend serving `model`, or why there is none.
     pub fn backend_for(&self, model: &str) -> Result<Arc<LocalBackend>, BackendError> {
+        self.entry_for(model, false)
+    }
+
+    /// The pipeline head serving the first layers of `model`, or why there is none.
+    pub fn head_for(&self, model: &str) -> Result<Arc<LocalBackend>, BackendError> {
+        self.entry_for(model, true)
+    }
+
+    fn entry_for(&self, model: &str, head: bool) -> Result<Arc<LocalBackend>, BackendError> {
         let t = self.read();
         let mut loading = false;
         let mut failed = false;
         for (key, shard) in &t.shards {
-            if key.model != model {
+            let n_layers = shard.backend.as_ref().map(|b| b.model().config().n_layers);
+            let whole = key.start == 0 && n_layers.is_none_or(|n| key.end == n);
+            if key.model != model || key.start != 0 || whole == head {
                 continue;
             }
             match (&shard.backend, shard.state) {
@@ -407,17 +506,86 @@ impl ShardTable {
     /// Unassigns everything and waits until every shard is dropped and every load has
     /// finished. Generations should have been ended (cancelled) first.
     pub async fn shutdown(&self) {
-        let retired: Vec<Arc<LocalBackend>> = {
+        let retired: Vec<_> = {
             let mut t = self.write();
             std::mem::take(&mut t.shards)
                 .into_values()
-                .filter_map(|s| s.backend)
+                .map(|s| (s.backend, s.stage))
                 .collect()
         };
-        for b in retired {
-            self.retire(b);
+        for (b, s) in retired {
+            self.retire(b, s);
         }
         self.tasks.close();
         self.tasks.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use shoal_vault::{EncryptOptions, Key, StaticKeyProvider, VaultError};
+
+    fn table(file: &ModelFile, keys: Option<Arc<dyn shoal_model::KeyProvider>>) -> ShardTable {
+        ShardTable::new(
+            vec![file.clone()],
+            BackendSettings {
+                threads: 1,
+                engine: EngineConfig::default(),
+                default_max_tokens: 16,
+                links: LinkSettings {
+                    node_id: shoal_types::NodeId::new("test"),
+                    tls: shoal_net::TlsMode::Plaintext,
+                },
+                model_keys: keys,
+            },
+        )
+    }
+
+    #[test]
+    fn encrypted_model_files_open_with_the_agents_keys_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("tiny.gguf");
+        shoal_synth::write_model(&shoal_synth::SynthSpec::tiny_llama(), &plain).unwrap();
+        let enc = dir.path().join("tiny.gguf.enc");
+        let key = Key::generate().unwrap();
+        shoal_vault::encrypt_file(&plain, &enc, &key, &EncryptOptions::default()).unwrap();
+        let file = ModelFile {
+            id: ModelId::new("tiny"),
+            path: enc.clone(),
+            sha256: "00".repeat(32),
+            bytes: std::fs::metadata(&enc).unwrap().len(),
+        };
+
+        let keys: Arc<dyn shoal_model::KeyProvider> = Arc::new(StaticKeyProvider::new(key));
+        let model = table(&file, Some(keys)).open(&file).unwrap();
+        assert!(!model.file().is_mapped());
+        assert_eq!(model.file().bytes(), std::fs::read(&plain).unwrap());
+
+        let err = table(&file, None).open(&file).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                LoadError::Open {
+                    source: ModelError::Vault(VaultError::KeyRequired { .. }),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let other: Arc<dyn shoal_model::KeyProvider> =
+            Arc::new(StaticKeyProvider::new(Key::generate().unwrap()));
+        let err = table(&file, Some(other)).open(&file).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                LoadError::Open {
+                    source: ModelError::Vault(VaultError::WrongKey { .. }),
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -173,6 +173,7 @@ impl Cluster {
             default_max_tokens: 16,
             memory_budget: None,
             benchmark: true,
+            model_keys: None,
         }
     }
 
@@ -416,11 +417,22 @@ async fn two_agents_join_serve_the_model_and_leave() {
     .unwrap();
     assert_eq!(completion["choices"][0]["text"], expected.text.as_str());
 
-    // Status answers from the engines' counters.
-    let status = within("Status", client.status(v1::StatusRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    // Status answers from the engines' counters (the engine publishes them after the step
+    // that sent the last event, so the count of active sequences may lag a moment).
+    let status = within("Status showing no active sequence", async {
+        loop {
+            let s = client
+                .status(v1::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if s.load.as_ref().is_some_and(|l| l.active_sequences == 0) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     assert_eq!(status.node_id, "pi-1");
     assert_eq!(status.models, [MODEL]);
     let load = status.load.unwrap();
@@ -653,9 +665,9 @@ async fn bad_calls_are_refused_with_their_class() {
     );
 
     let err = within(
-        "Generate resuming a generation",
+        "Generate resuming more tokens than max_tokens",
         client.generate(v1::GenerateRequest {
-            resume: vec![5, 6],
+            resume: vec![5, 6, 7, 8, 9],
             ..text_request("hi", 4)
         }),
     )
@@ -663,7 +675,20 @@ async fn bad_calls_are_refused_with_their_class() {
     .unwrap_err();
     assert_eq!(
         headers(&err),
-        ("invalid_request".into(), "resume_unsupported".into())
+        ("invalid_request".into(), "invalid_resume".into())
+    );
+    let err = within(
+        "Generate resuming a token outside the vocabulary",
+        client.generate(v1::GenerateRequest {
+            resume: vec![5, vocab + 1],
+            ..text_request("hi", 4)
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        headers(&err),
+        ("invalid_request".into(), "token_out_of_range".into())
     );
 
     let context = c.model.config().context_length;
@@ -718,7 +743,7 @@ async fn bad_calls_are_refused_with_their_class() {
     let refused = a.metrics().generations(shoal_api::metrics::Outcome::Error(
         ErrorClass::InvalidRequest,
     ));
-    assert_eq!(refused, 3);
+    assert_eq!(refused, 4);
 }
 
 /// A model with a long context, so a generation outlasts every buffer between the engine and

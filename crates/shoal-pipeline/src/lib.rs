@@ -24,4 +24,6 @@ pub use frame::{
     Activations, Frame, LinkAccept, LinkOpen, MAX_SEQS_PER_STEP, SeqOutput, SeqSlice, SequenceOpen,
     StageFault, StageHop, Step, StepProblem, StepResult,
 };
-pub use wire::{FrameError, codec_from_wire, codec_to_wire};
+pub use wire::{
+    FrameError, codec_from_wire, codec_to_wire, preference_from_wire, preference_to_wire,
+};

@@ -126,7 +126,8 @@ pub fn codec_from_wire(value: i32) -> Option<Codec> {
     }
 }
 
-fn preference_to_wire(p: Preference) -> v1::CodecPreference {
+/// The wire form of a codec preference.
+pub fn preference_to_wire(p: Preference) -> v1::CodecPreference {
     match p {
         Preference::Balanced => v1::CodecPreference::Balanced,
         Preference::Exact => v1::CodecPreference::Exact,
@@ -134,7 +135,8 @@ fn preference_to_wire(p: Preference) -> v1::CodecPreference {
     }
 }
 
-fn preference_from_wire(value: i32) -> Preference {
+/// A codec preference from the wire (unknown values mean the default).
+pub fn preference_from_wire(value: i32) -> Preference {
     match v1::CodecPreference::try_from(value) {
         Ok(v1::CodecPreference::Exact) => Preference::Exact,
         Ok(v1::CodecPreference::Smallest) => Preference::Smallest,

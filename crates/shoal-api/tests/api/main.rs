@@ -3,9 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
 mod client;
 mod errors;
+mod keys;
 mod metrics;
 mod responses;
 mod streaming;
 mod support;
+mod tls;

@@ -47,6 +47,8 @@ pub enum Step {
     WaitForCancel,
     /// Drop the sender without a terminal event (a broken backend).
     Close,
+    /// Report the nodes serving the generation.
+    Path(&'static [&'static str]),
 }
 
 /// What one `generate` call does.
@@ -218,6 +220,9 @@ async fn play(
                 },
             },
             Step::Fail(err) => GenerateEvent::Failed(err),
+            Step::Path(nodes) => GenerateEvent::Path {
+                nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            },
             Step::WaitForCancel => {
                 let _ = started_tx.send(request_id.clone()).await;
                 cancel.cancelled().await;
@@ -374,9 +379,50 @@ impl TestServer {
         }
     }
 
+    /// A server run by [`shoal_api::serve_gateway`] (HTTPS if configured, audit log closed on
+    /// [`TestServer::stop`]); also returns its state.
+    pub async fn start_gateway(
+        backend: Arc<ScriptedBackend>,
+        config: ApiConfig,
+    ) -> (Self, ApiState) {
+        let (_router, state, state_cancel) = app_with(backend, config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(shoal_api::serve_gateway(
+            listener,
+            state.clone(),
+            shutdown.clone(),
+        ));
+        let server = Self {
+            addr,
+            shutdown,
+            state_cancel,
+            handle: Some(handle),
+        };
+        (server, state)
+    }
+
+    /// Stops accepting, waits for the server (and, for a gateway, its state's close) to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            within("the server to stop", handle).await.unwrap().unwrap();
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
+}
+
+/// A request with `Authorization: Bearer <key>`.
+pub fn with_key(mut req: Request<Body>, key: &str) -> Request<Body> {
+    req.headers_mut().insert(
+        header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    req
 }
 
 impl Drop for TestServer {

@@ -143,6 +143,9 @@ impl Actor {
             Command::Undrain(node, reply) => {
                 let _ = reply.send(self.undrain(node).await);
             }
+            Command::DeclareDead(node, reply) => {
+                let _ = reply.send(self.declare_dead(node).await);
+            }
         }
     }
 
@@ -324,6 +327,16 @@ impl Actor {
         let saved = self.checkpoint();
         self.set_state(&id, NodeState::Alive);
         self.transition(id, saved, MembershipEvent::Undrained).await
+    }
+
+    async fn declare_dead(&mut self, id: NodeId) -> Result<(), MembershipError> {
+        if !self.nodes.get(&id).is_some_and(|n| n.state.is_live()) {
+            return Ok(());
+        }
+        tracing::warn!(node = %id, "node declared dead by the coordinator");
+        let saved = self.checkpoint();
+        self.set_state(&id, NodeState::Dead);
+        self.transition(id, saved, MembershipEvent::Dead).await
     }
 
     /// Settles a state change of one node, undoing it when it cannot be persisted.

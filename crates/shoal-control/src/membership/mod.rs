@@ -417,6 +417,7 @@ pub(crate) enum Command {
     Leave(NodeId, oneshot::Sender<Result<(), MembershipError>>),
     Drain(NodeId, oneshot::Sender<Result<(), MembershipError>>),
     Undrain(NodeId, oneshot::Sender<Result<(), MembershipError>>),
+    DeclareDead(NodeId, oneshot::Sender<Result<(), MembershipError>>),
 }
 
 /// Talks to the membership actor. Cheap to clone.
@@ -463,6 +464,12 @@ impl MembershipHandle {
     /// Puts a draining node back in service.
     pub async fn undrain(&self, node: NodeId) -> Result<(), MembershipError> {
         self.call(|r| Command::Undrain(node, r)).await?
+    }
+
+    /// Declares a live node dead now, without waiting for its lease (its credentials were
+    /// revoked): its work moves elsewhere. Unknown or already dead nodes are left as they are.
+    pub async fn declare_dead(&self, node: NodeId) -> Result<(), MembershipError> {
+        self.call(|r| Command::DeclareDead(node, r)).await?
     }
 
     /// The latest snapshot.

@@ -157,6 +157,14 @@ pub struct Running {
 }
 
 impl Running {
+    /// A server at `addr` that stops when `shutdown` fires (on drop).
+    pub fn new(addr: SocketAddr, shutdown: oneshot::Sender<()>) -> Self {
+        Running {
+            addr,
+            shutdown: Some(shutdown),
+        }
+    }
+
     /// `127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         self.addr.to_string()
