@@ -201,8 +201,14 @@ async fn heartbeat_as(f: &Fixture, mode: TlsMode, node: &str) -> (ErrorClass, Op
     )
     .await
     .unwrap_err();
-    if err.metadata().get(shoal_proto::ERROR_CLASS_HEADER).is_none()
-        && matches!(err.code(), Code::Unknown | Code::Unavailable | Code::Cancelled)
+    if err
+        .metadata()
+        .get(shoal_proto::ERROR_CLASS_HEADER)
+        .is_none()
+        && matches!(
+            err.code(),
+            Code::Unknown | Code::Unavailable | Code::Cancelled
+        )
     {
         // Nothing reached a handler: the server refused the certificate in the handshake.
         // With TLS 1.3 the client learns of it on its first read, as the server's alert or,
