@@ -7,38 +7,8 @@
 # Usage: bash scripts/bench/cluster_bench.sh [requests-per-run]   (needs `shoal model fetch`)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release -p shoal-cli >/dev/null
-shoal=$PWD/target/release/shoal
+source scripts/bench/lib.sh
 requests=${1:-48}
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-start_cluster() { # $1 = number of agents
-  local n=$1
-  "$shoal" coordinator --listen 127.0.0.1:18181 --grpc-listen 127.0.0.1:17171 \
-    --cluster-dir "$work/cluster" >"$work/coordinator.log" 2>&1 &
-  pids+=($!)
-  for _ in $(seq 50); do curl -fs 127.0.0.1:18181/healthz >/dev/null 2>&1 && break; sleep 0.2; done
-  for i in $(seq 1 "$n"); do
-    taskset -c $((i - 1)) "$shoal" agent --join 127.0.0.1:17171 --name "agent-$i" --threads 1 \
-      --http 127.0.0.1:$((18190 + i)) --cluster-dir "$work/cluster" >"$work/agent-$i.log" 2>&1 &
-    pids+=($!)
-  done
-  for _ in $(seq 300); do
-    ready=$("$shoal" status --coordinator 127.0.0.1:17171 --cluster-dir "$work/cluster" 2>/dev/null | grep -c "=ready" || true)
-    [[ "$ready" -ge "$n" ]] && return 0
-    sleep 0.2
-  done
-  echo "cluster of $n did not become ready" >&2; exit 1
-}
-stop_cluster() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); rm -rf "$work/cluster"; }
-
-bench() { # $1 = url, rest = flags; prints the JSON report
-  "$shoal" bench --url "$1" --json "${@:2}"
-}
-field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
 
 echo "== 8 concurrent streams, 64 tokens each, $requests requests, greedy"
 for n in ${ONLY:-1 2}; do

@@ -298,13 +298,14 @@ impl Inner {
         }
     }
 
-    /// Whether the membership still counts `node` alive.
+    /// Whether the membership still counts `node` alive. A draining node is: it finishes
+    /// the generations it has.
     fn alive(&self, node: &NodeId) -> bool {
         self.view
             .borrow()
             .nodes
             .get(node)
-            .is_some_and(|n| n.state == NodeState::Alive)
+            .is_some_and(|n| matches!(n.state, NodeState::Alive | NodeState::Draining))
     }
 }
 

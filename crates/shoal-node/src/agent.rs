@@ -148,16 +148,18 @@ impl Agent {
         cfg.validate()?;
         let cancel = cancel.child_token();
         let cancel_on_drop = cancel.clone().drop_guard();
+        let links = LinkSettings {
+            node_id: cfg.node_id.clone(),
+            tls: cfg.tls.clone(),
+            renewing: renewal.as_ref().map(|r| r.identity.clone()),
+        };
         let shards = Arc::new(ShardTable::new(
             cfg.models.clone(),
             BackendSettings {
                 threads: cfg.threads,
                 engine: cfg.engine.clone(),
                 default_max_tokens: cfg.default_max_tokens,
-                links: LinkSettings {
-                    node_id: cfg.node_id.clone(),
-                    tls: cfg.tls.clone(),
-                },
+                links: links.clone(),
                 model_keys: cfg.model_keys.clone(),
             },
         ));
@@ -197,13 +199,7 @@ impl Agent {
         let revocations = Revocations::new();
         let auth = AuthLayer::new(&cfg.tls, AccessPolicy::shoal_default(), revocations.clone())?;
         let service = NodeServer::new(NodeService::new(core.clone()));
-        let stage = StageServer::new(StageService::new(
-            core.clone(),
-            LinkSettings {
-                node_id: cfg.node_id.clone(),
-                tls: cfg.tls.clone(),
-            },
-        ));
+        let stage = StageServer::new(StageService::new(core.clone(), links));
         let stop = stop_accepting.clone().cancelled_owned();
         let grpc = match &renewal {
             // tonic's TLS keeps the certificate it started with; a renewing node does the

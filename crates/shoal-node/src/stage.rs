@@ -22,7 +22,7 @@ use crate::core::NodeCore;
 use futures::Stream;
 use shoal_engine::{Downstream, EngineError, EngineRequest, HeadStep, TailEvent, TailSender};
 use shoal_model::{Model, Sampler, SamplingParams, SeqStep, ShardInput, ShardOutput, ShardRuntime};
-use shoal_net::{ConnectOptions, Role, TlsMode};
+use shoal_net::{ConnectOptions, RenewableIdentity, Role, TlsMode};
 use shoal_pipeline::{
     Activations, Codec, Frame, LinkOpen, Preference, SeqOutput, SeqSlice, SequenceOpen, StageFault,
     StageHop, Step, StepResult,
@@ -54,6 +54,18 @@ pub struct LinkSettings {
     pub node_id: NodeId,
     /// Credentials for agent-to-agent links.
     pub tls: TlsMode,
+    /// An enrolled node's certificate, renewed at run time: new links present the current
+    /// one instead of `tls`.
+    pub renewing: Option<RenewableIdentity>,
+}
+
+impl LinkSettings {
+    /// The credentials a link opened now presents.
+    fn mode(&self) -> TlsMode {
+        self.renewing
+            .as_ref()
+            .map_or_else(|| self.tls.clone(), RenewableIdentity::mode)
+    }
 }
 
 fn fault(seq: Option<SeqId>, class: ErrorClass, reason: &str, message: String) -> StageFault {
@@ -361,7 +373,7 @@ impl Link {
             expect_role: Some(Role::Agent),
             ..ConnectOptions::default()
         };
-        let channel = shoal_net::connect_lazy(&hop.data_addr, &settings.tls, opts)
+        let channel = shoal_net::connect_lazy(&hop.data_addr, &settings.mode(), opts)
             .map_err(|e| lost(format!("stage {} at {}: {e}", hop.node, hop.data_addr)))?;
         let mut client = StageClient::with_interceptor(
             channel,
