@@ -8,7 +8,8 @@
 #     KILL_EVERY seconds, one agent serving the model (picked at random with SEED) is killed;
 #  3. `shoal chaos-report` compares the two: completed %, identical-output %, stall at
 #     failover (longest silence of requests that moved, from the gateway's audit log) and
-#     detection time (kill -> the coordinator's "declared dead" log line).
+#     detection time (kill -> the coordinator's "declared dead" log line; kill -> the gateway's
+#     first "node lost in the middle of a generation" line for that node).
 #
 # Usage: bash scripts/bench/chaos.sh            (needs `shoal model fetch`)
 # Settings (environment): REQUESTS=200 CONCURRENCY=6 MAX_TOKENS=48 TEMPERATURE=0.8 SEED=1
@@ -121,11 +122,16 @@ kill "$killer" 2>/dev/null || true
 wait "$killer" 2>/dev/null || true
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['wall_seconds']:.1f} s, {r['requests_ok']} ok, {r['requests_failed']} failed\")" "$work/chaos.json"
 
-# Deaths declared by the coordinator, with its log's timestamps.
-sed 's/\x1b\[[0-9;]*m//g' "$work/coordinator.log" | grep 'declared dead' |
-  sed -E 's/^([^ ]+) .*node=([^ ]+).*$/\1 \2/' | while read -r ts node; do
-    fault dead "$node" "$(date -d "$ts" +%s%3N)"
-  done
+# Deaths declared by the coordinator and losses the gateway noticed in a generation, with the
+# coordinator log's timestamps.
+log_events() { # $1 = event, $2 = log text to match
+  sed 's/\x1b\[[0-9;]*m//g' "$work/coordinator.log" | grep "$2" |
+    sed -E 's/^([^ ]+) .* node=([^ ]+).*$/\1 \2/' | while read -r ts node; do
+      fault "$1" "$node" "$(date -d "$ts" +%s%3N)"
+    done
+}
+log_events dead 'declared dead'
+log_events lost 'node lost in the middle of a generation'
 
 echo "== failovers counted by the gateway"
 curl -fs 127.0.0.1:$http_port/metrics | grep '^shoal_failovers_total' || true

@@ -14,10 +14,11 @@
 //! - **stall**: a request's longest silence (request sent → first chunk, or between two
 //!   chunks), for the failed-over requests, beside the same requests' longest silence in the
 //!   reference run and the difference (the extra latency of the failover);
-//! - **detection**: from each kill to the coordinator declaring that node dead, and to the
-//!   restarted node being ready again.
+//! - **detection**: from each kill to the coordinator declaring that node dead (its lease
+//!   expired), to the gateway first noticing the loss in a generation it was relaying, and to
+//!   the restarted node being ready again.
 //!
-//! The fault log is JSON lines `{"event": "kill" | "dead" | "ready", "node": "...",
+//! The fault log is JSON lines `{"event": "kill" | "dead" | "lost" | "ready", "node": "...",
 //! "unix_ms": ...}`, written by whatever injects the faults (`scripts/bench/chaos.sh`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -61,6 +62,8 @@ pub enum FaultKind {
     Kill,
     /// The coordinator declared it dead.
     Dead,
+    /// The gateway noticed the loss in the middle of a generation (and moved it).
+    Lost,
     /// It (restarted) reported its model ready.
     Ready,
 }
@@ -106,6 +109,8 @@ pub struct KillOutcome {
     pub unix_ms: f64,
     /// Kill → the coordinator declared the node dead (none if it never did).
     pub detected_ms: Option<f64>,
+    /// Kill → the gateway first noticed the loss in a generation (none if none was running).
+    pub noticed_ms: Option<f64>,
     /// Kill → the restarted node was ready again.
     pub ready_ms: Option<f64>,
 }
@@ -149,6 +154,8 @@ pub struct ChaosReport {
     pub kills: Vec<KillOutcome>,
     /// Kill → declared dead (ms).
     pub detection_ms: Option<LatencySummary>,
+    /// Kill → the gateway noticed it in a generation (ms).
+    pub gateway_detection_ms: Option<LatencySummary>,
     /// Kill → ready again (ms).
     pub recovery_ms: Option<LatencySummary>,
 }
@@ -271,6 +278,7 @@ impl ChaosReport {
             normal_gap_ms: None,
             kills: Vec::new(),
             detection_ms: None,
+            gateway_detection_ms: None,
             recovery_ms: None,
         };
         let mut stalls = Vec::new();
@@ -348,10 +356,12 @@ impl ChaosReport {
                 node: kill.node.clone(),
                 unix_ms: kill.unix_ms,
                 detected_ms: after(FaultKind::Dead),
+                noticed_ms: after(FaultKind::Lost),
                 ready_ms: after(FaultKind::Ready),
             });
         }
         report.detection_ms = summary(report.kills.iter().filter_map(|k| k.detected_ms));
+        report.gateway_detection_ms = summary(report.kills.iter().filter_map(|k| k.noticed_ms));
         report.recovery_ms = summary(report.kills.iter().filter_map(|k| k.ready_ms));
         report
     }
@@ -418,7 +428,16 @@ impl ChaosReport {
         let _ = writeln!(out, "  extra          {}", line(&self.extra_stall_ms));
         let _ = writeln!(out, "  normal gaps    {}", line(&self.normal_gap_ms));
         let _ = writeln!(out, "kills            {}", self.kills.len());
-        let _ = writeln!(out, "  detection      {}", line(&self.detection_ms));
+        let _ = writeln!(
+            out,
+            "  declared dead  {}",
+            line(&self.detection_ms)
+        );
+        let _ = writeln!(
+            out,
+            "  gateway saw it {}",
+            line(&self.gateway_detection_ms)
+        );
         let _ = writeln!(out, "  ready again    {}", line(&self.recovery_ms));
         out
     }
@@ -526,6 +545,7 @@ mod tests {
         ];
         let faults = vec![
             fault(FaultKind::Kill, "a", T0 + 100.0),
+            fault(FaultKind::Lost, "a", T0 + 130.0),
             fault(FaultKind::Dead, "a", T0 + 3_100.0),
             fault(FaultKind::Ready, "a", T0 + 5_100.0),
             fault(FaultKind::Kill, "b", T0 + 10_000.0),
@@ -555,6 +575,7 @@ mod tests {
         assert_eq!(r.kills.len(), 2);
         assert_eq!(r.kills[0].detected_ms, Some(3_000.0));
         assert_eq!(r.kills[0].ready_ms, Some(5_000.0));
+        assert_eq!(r.kills[0].noticed_ms, Some(30.0));
         assert_eq!(r.kills[1].detected_ms, None);
         assert_eq!(r.detection_ms.unwrap().count, 1);
         let text = r.render_text();
