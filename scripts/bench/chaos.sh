@@ -107,8 +107,12 @@ echo "== chaos run: the same requests, an agent serving the model SIGKILLed ever
 bench_pid=$!
 RANDOM=$seed
 (
+  # Kills on a fixed grid (every KILL_EVERY s from the start), whatever a restart takes.
+  next=$(($(now_ms) + kill_every * 1000))
   while true; do
-    sleep "$kill_every"
+    wait_ms=$((next - $(now_ms)))
+    ((wait_ms > 0)) && sleep "$(printf '%d.%03d' $((wait_ms / 1000)) $((wait_ms % 1000)))"
+    next=$((next + kill_every * 1000))
     mapfile -t serving < <(serving_nodes)
     if [[ ${#serving[@]} -eq 0 ]]; then echo "no agent serving the model" >&2; continue; fi
     victim=${serving[$((RANDOM % ${#serving[@]}))]}

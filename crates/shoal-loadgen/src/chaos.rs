@@ -207,6 +207,40 @@ fn gaps_ms(r: &RequestRecord) -> impl Iterator<Item = f64> + '_ {
     r.chunk_ms.windows(2).map(|w| w[1] - w[0])
 }
 
+/// How many times each request moved to another node.
+enum Moves<'a> {
+    /// Nodes per request id, from the audit log (each move adds one).
+    Audit(HashMap<&'a str, usize>),
+    /// Kill times: a request in flight at a kill counts as moved once per such kill.
+    InFlightAtKill(Vec<f64>),
+}
+
+impl Moves<'_> {
+    fn source(&self) -> &'static str {
+        match self {
+            Moves::Audit(_) => "audit",
+            Moves::InFlightAtKill(_) => "in_flight_at_kill",
+        }
+    }
+
+    fn of(&self, r: &RequestRecord) -> u64 {
+        match self {
+            Moves::Audit(nodes) => r
+                .request_id
+                .as_deref()
+                .and_then(|id| nodes.get(id))
+                .map_or(0, |&n| n.saturating_sub(1) as u64),
+            Moves::InFlightAtKill(times) => {
+                let end = r.started_unix_ms + r.e2e_ms;
+                times
+                    .iter()
+                    .filter(|&&t| r.started_unix_ms <= t && t < end)
+                    .count() as u64
+            }
+        }
+    }
+}
+
 impl ChaosReport {
     /// Compares `run` with `reference`; `audit` (when given) tells which requests moved;
     /// `faults` gives kills, deaths and recoveries.
@@ -228,37 +262,15 @@ impl ChaosReport {
         kills.sort_by(|a, b| a.unix_ms.total_cmp(&b.unix_ms));
 
         // Moves per request: from the audit log, or exposure to a kill.
-        let (failover_source, moves_of): (&str, Box<dyn Fn(&RequestRecord) -> u64>) = match audit {
-            Some(entries) => {
-                let nodes: HashMap<&str, usize> = entries
+        let moves = match audit {
+            Some(entries) => Moves::Audit(
+                entries
                     .iter()
                     .map(|e| (e.request_id.as_str(), e.nodes.len()))
-                    .collect();
-                (
-                    "audit",
-                    Box::new(move |r: &RequestRecord| {
-                        r.request_id
-                            .as_deref()
-                            .and_then(|id| nodes.get(id))
-                            .map_or(0, |&n| n.saturating_sub(1) as u64)
-                    }),
-                )
-            }
-            None => {
-                let times: Vec<f64> = kills.iter().map(|k| k.unix_ms).collect();
-                (
-                    "in_flight_at_kill",
-                    Box::new(move |r: &RequestRecord| {
-                        let end = r.started_unix_ms + r.e2e_ms;
-                        times
-                            .iter()
-                            .filter(|&&t| r.started_unix_ms <= t && t < end)
-                            .count() as u64
-                    }),
-                )
-            }
+                    .collect(),
+            ),
+            None => Moves::InFlightAtKill(kills.iter().map(|k| k.unix_ms).collect()),
         };
-
         let mut report = ChaosReport {
             requests: run.len() as u64,
             completed: 0,
@@ -269,7 +281,7 @@ impl ChaosReport {
             token_count_different: 0,
             without_reference: 0,
             failed: Vec::new(),
-            failover_source: failover_source.to_owned(),
+            failover_source: moves.source().to_owned(),
             failed_over: 0,
             moves: 0,
             stall_ms: None,
@@ -286,9 +298,9 @@ impl ChaosReport {
         let mut extra = Vec::new();
         let mut normal_gaps = Vec::new();
         for r in run {
-            let moves = moves_of(r);
-            report.moves += moves;
-            if moves > 0 {
+            let moved = moves.of(r);
+            report.moves += moved;
+            if moved > 0 {
                 report.failed_over += 1;
             }
             if r.outcome != RecordOutcome::Ok {
@@ -314,7 +326,7 @@ impl ChaosReport {
                     }
                 }
             }
-            if moves > 0 {
+            if moved > 0 {
                 let stall = longest_silence_ms(r);
                 stalls.push(stall);
                 if let Some(reference) = reference {
@@ -428,16 +440,8 @@ impl ChaosReport {
         let _ = writeln!(out, "  extra          {}", line(&self.extra_stall_ms));
         let _ = writeln!(out, "  normal gaps    {}", line(&self.normal_gap_ms));
         let _ = writeln!(out, "kills            {}", self.kills.len());
-        let _ = writeln!(
-            out,
-            "  declared dead  {}",
-            line(&self.detection_ms)
-        );
-        let _ = writeln!(
-            out,
-            "  gateway saw it {}",
-            line(&self.gateway_detection_ms)
-        );
+        let _ = writeln!(out, "  declared dead  {}", line(&self.detection_ms));
+        let _ = writeln!(out, "  gateway saw it {}", line(&self.gateway_detection_ms));
         let _ = writeln!(out, "  ready again    {}", line(&self.recovery_ms));
         out
     }
