@@ -48,6 +48,9 @@ enum Command {
     /// Load generator: concurrent requests against an OpenAI-compatible API, with TTFT,
     /// inter-token and end-to-end latency percentiles, throughput, errors and bytes.
     Bench(shoal_loadgen::BenchArgs),
+    /// Compare a run recorded under faults (`shoal bench --record`) with a fault-free
+    /// recording: completed and identical outputs, stall at failover, detection time.
+    ChaosReport(shoal_loadgen::ChaosReportArgs),
     /// Interactive chat against an OpenAI-compatible API (a `shoal up` cluster by default).
     Chat(shoal_loadgen::ChatArgs),
     /// The cluster's certificate authority.
@@ -101,6 +104,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => {
             runtime().and_then(|rt| rt.block_on(shoal_loadgen::run_bench(args)))
         }
+        Command::ChaosReport(args) => chaos_report(&args),
         Command::Chat(args) => runtime().and_then(|rt| {
             rt.block_on(shoal_loadgen::run_chat(
                 args,
@@ -121,6 +125,17 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `shoal chaos-report`: the report as text or JSON on stdout.
+fn chaos_report(args: &shoal_loadgen::ChaosReportArgs) -> Result<()> {
+    let report = shoal_loadgen::run_chaos_report(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render_text());
+    }
+    Ok(())
 }
 
 /// Threads to compute with: the flag, else every core.

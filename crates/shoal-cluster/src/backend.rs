@@ -19,8 +19,13 @@
 //! the one a run without the fault gives. Up to [`ClusterBackendConfig::max_failovers`] such
 //! moves are made per request.
 
+use crate::metrics::FAILOVERS_TOTAL;
 use crate::wire;
 use futures::StreamExt;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use shoal_api::{
     BackendError, BoxFuture, GenerateEvent, GenerateRequest, InferenceBackend, ModelCard, Readiness,
 };
@@ -40,6 +45,34 @@ use tonic::transport::Channel;
 
 /// Events buffered per request between the agent's stream and the HTTP response.
 const EVENT_BUFFER: usize = 64;
+
+/// How the gateway noticed that a node serving a generation was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values are written as is
+pub enum FailoverCause {
+    /// The stream broke or ended without finishing (a closed connection, a killed process).
+    stream_broken,
+    /// The node reported itself unavailable or failing.
+    node_error,
+    /// The node sent nothing for the stall timeout.
+    stalled,
+    /// The membership declared the node dead.
+    declared_dead,
+}
+
+impl FailoverCause {
+    const ALL: [FailoverCause; 4] = [
+        FailoverCause::stream_broken,
+        FailoverCause::node_error,
+        FailoverCause::stalled,
+        FailoverCause::declared_dead,
+    ];
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CauseLabels {
+    cause: FailoverCause,
+}
 
 /// Settings of a [`ClusterBackend`].
 #[derive(Debug, Clone)]
@@ -97,6 +130,7 @@ struct Inner {
     tls: TlsMode,
     channels: Mutex<HashMap<String, Channel>>,
     failovers: AtomicU64,
+    failovers_by_cause: Family<CauseLabels, Counter>,
 }
 
 impl ClusterBackend {
@@ -117,6 +151,7 @@ impl ClusterBackend {
                 tls,
                 channels: Mutex::default(),
                 failovers: AtomicU64::new(0),
+                failovers_by_cause: Family::default(),
             }),
             created,
             tasks: TaskTracker::new(),
@@ -131,6 +166,23 @@ impl ClusterBackend {
     /// Generations moved to another replica in their middle since start.
     pub fn failovers(&self) -> u64 {
         self.inner.failovers.load(Ordering::Relaxed)
+    }
+
+    /// Registers the failover counter ([`FAILOVERS_TOTAL`], by [`FailoverCause`]) in
+    /// `registry`; every cause is exposed from the start, at zero.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let family = &self.inner.failovers_by_cause;
+        for cause in FailoverCause::ALL {
+            let _ = family.get_or_create(&CauseLabels { cause });
+        }
+        registry.register(
+            // The client library appends `_total` to counters.
+            FAILOVERS_TOTAL
+                .strip_suffix("_total")
+                .unwrap_or(FAILOVERS_TOTAL),
+            "Generations moved to another replica in their middle, by how the loss was noticed",
+            family.clone(),
+        );
     }
 
     /// Waits until every forwarding task has ended.
@@ -427,7 +479,7 @@ enum Leg {
     /// client went away): nothing more to do.
     Done,
     /// The node failed in the middle: continue elsewhere.
-    Lost(BackendError),
+    Lost(BackendError, FailoverCause),
 }
 
 /// One generation's journal and the task that copies its events from the node to the gateway,
@@ -469,9 +521,9 @@ impl Relay {
             if self.tx.send(GenerateEvent::Path { nodes }).await.is_err() {
                 return;
             }
-            let err = match self.leg(opened, prompt_tokens).await {
+            let (err, cause) = match self.leg(opened, prompt_tokens).await {
                 Leg::Done => return,
-                Leg::Lost(err) => err,
+                Leg::Lost(err, cause) => (err, cause),
             };
             self.failed.push(node.clone());
             if self.failovers >= self.inner.cfg.max_failovers {
@@ -494,6 +546,10 @@ impl Relay {
             {
                 Ok(next) => {
                     self.inner.failovers.fetch_add(1, Ordering::Relaxed);
+                    self.inner
+                        .failovers_by_cause
+                        .get_or_create(&CauseLabels { cause })
+                        .inc();
                     tracing::info!(
                         request = %self.request.request_id,
                         from = %node,
@@ -541,12 +597,15 @@ impl Relay {
             route, mut stream, ..
         } = opened;
         let node = route.node.clone();
-        let lost = |why: String| {
-            Leg::Lost(BackendError::new(
-                ErrorClass::Unavailable,
-                "node_lost",
-                format!("node {node} failed during the generation: {why}"),
-            ))
+        let lost = |cause: FailoverCause, why: String| {
+            Leg::Lost(
+                BackendError::new(
+                    ErrorClass::Unavailable,
+                    "node_lost",
+                    format!("node {node} failed during the generation: {why}"),
+                ),
+                cause,
+            )
         };
         let mut view = self.inner.view.clone();
         let mut last_id = self.delivered.last().copied().unwrap_or(0);
@@ -565,13 +624,21 @@ impl Relay {
                 () = self.tx.closed() => return Leg::Done,
                 changed = view.changed() => {
                     if changed.is_ok() && !self.inner.alive(&node) {
-                        return lost("the membership declared it dead".into());
+                        return lost(
+                            FailoverCause::declared_dead,
+                            "the membership declared it dead".into(),
+                        );
                     }
                     continue;
                 }
                 next = tokio::time::timeout(quiet, stream.next()) => match next {
                     Ok(n) => n,
-                    Err(_) => return lost(format!("nothing received for {quiet:?}")),
+                    Err(_) => {
+                        return lost(
+                            FailoverCause::stalled,
+                            format!("nothing received for {quiet:?}"),
+                        );
+                    }
                 },
             };
             let event = match next {
@@ -580,12 +647,17 @@ impl Relay {
                 Some(Err(status)) => {
                     let err = wire::status_error(&status);
                     if is_node_failure(err.class) {
-                        return lost(err.message);
+                        return lost(FailoverCause::stream_broken, err.message);
                     }
                     let _ = self.tx.send(GenerateEvent::Failed(err)).await;
                     return Leg::Done;
                 }
-                None => return lost("the stream ended without finishing".into()),
+                None => {
+                    return lost(
+                        FailoverCause::stream_broken,
+                        "the stream ended without finishing".into(),
+                    );
+                }
             };
             match event {
                 v1::generate_event::Event::Started(_) => {}
@@ -618,7 +690,7 @@ impl Relay {
                 v1::generate_event::Event::Error(e) => {
                     let err = wire::event_error(&e);
                     if is_node_failure(err.class) {
-                        return lost(err.message);
+                        return lost(FailoverCause::node_error, err.message);
                     }
                     let _ = self.tx.send(GenerateEvent::Failed(err)).await;
                     return Leg::Done;

@@ -180,7 +180,8 @@ impl Coordinator {
         ));
         let cluster_metrics = Arc::new(ClusterMetrics::default());
         let metrics = Arc::new(shoal_api::metrics::Metrics::with_extension(|registry| {
-            cluster_metrics.register(registry)
+            cluster_metrics.register(registry);
+            backend.register_metrics(registry);
         }));
         let state = ApiState::try_new_with_metrics(
             opts.api.clone(),

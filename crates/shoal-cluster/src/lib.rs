@@ -25,7 +25,7 @@ mod spec;
 mod wire;
 
 pub use admin::{AdminService, cluster_status};
-pub use backend::{ClusterBackend, ClusterBackendConfig};
+pub use backend::{ClusterBackend, ClusterBackendConfig, FailoverCause};
 pub use coordinator::{ClusterError, Coordinator, CoordinatorOptions};
 pub use enroll::{EnrollmentOptions, EnrollmentService, Trust};
 pub use spec::{SpecError, model_spec};

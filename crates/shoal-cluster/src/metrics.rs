@@ -27,13 +27,18 @@ pub const SHARDS_READY: &str = "shoal_cluster_shards_ready";
 /// Shards the plan assigns (gauge).
 pub const SHARDS_ASSIGNED: &str = "shoal_cluster_shards_assigned";
 
-/// Every metric name this module exposes.
-pub const ALL_NAMES: [&str; 5] = [
+/// Generations the gateway moved to another replica in their middle (counter, label `cause`:
+/// see [`crate::FailoverCause`]); registered by [`crate::ClusterBackend::register_metrics`].
+pub const FAILOVERS_TOTAL: &str = "shoal_failovers_total";
+
+/// Every metric name the coordinator adds to the gateway's.
+pub const ALL_NAMES: [&str; 6] = [
     HEARTBEAT_AGE_SECONDS,
     NODES,
     PLAN_EPOCH,
     SHARDS_READY,
     SHARDS_ASSIGNED,
+    FAILOVERS_TOTAL,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]

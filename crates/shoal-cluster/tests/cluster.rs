@@ -660,7 +660,30 @@ async fn a_replica_killed_mid_stream_is_resumed_with_no_token_lost_or_repeated()
         .await;
         assert_eq!(seen, reference);
         assert_eq!(cluster.coordinator.backend().failovers(), 1);
+        // The gateway's /metrics counts the move, under the cause that noticed it.
+        assert_eq!(failovers_on_metrics(&cluster).await, 1);
     }
+}
+
+/// The sum of `shoal_failovers_total` over its causes on the coordinator's `/metrics`.
+async fn failovers_on_metrics(cluster: &TestCluster) -> u64 {
+    let metrics = cluster
+        .http
+        .get(cluster.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("{}{{cause=", shoal_cluster::metrics::FAILOVERS_TOTAL);
+    let counts: Vec<u64> = metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(counts.len(), 4, "one series per cause in:\n{metrics}");
+    counts.iter().sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +23,7 @@ use crate::client::{
     request_body,
 };
 use crate::prompts::{Prompt, PromptsError, builtin_prompts, load_prompts};
+use crate::record::{RecordingError, RequestTag, write_recording};
 use crate::report::{LoadReport, PhaseResult, RunMeta};
 
 /// Arguments of `shoal bench`.
@@ -60,6 +61,18 @@ pub struct BenchArgs {
     /// Sampling seed sent with every request.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Give request `i` (from 0, in the order requests start) the seed `--seed + i` (`i`
+    /// without --seed): every request differs and is reproducible.
+    #[arg(long)]
+    pub seed_per_request: bool,
+    /// Send `x-request-id: PREFIX-i` with request `i` (`PREFIX-warmup-i` during warm-up);
+    /// `bench` when --record is given without it.
+    #[arg(long, value_name = "PREFIX")]
+    pub request_id_prefix: Option<String>,
+    /// Write every measured request (index, request id, seed, outcome, the whole output text
+    /// and each content chunk's arrival time) to FILE as JSON lines, for `shoal chaos-report`.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
     /// Ask for whole replies instead of SSE streams (no TTFT or inter-token latency then).
     #[arg(long)]
     pub no_stream: bool,
@@ -112,6 +125,12 @@ pub struct LoadConfig {
     pub temperature: f32,
     /// `seed` of every request.
     pub seed: Option<u64>,
+    /// Request `i` carries `seed + i` (`i` without a seed).
+    pub seed_per_request: bool,
+    /// Requests carry `x-request-id: <prefix>-<i>`.
+    pub request_id_prefix: Option<String>,
+    /// Keep a [`RequestRecord`] of every measured request ([`LoadReport::records`]).
+    pub record: bool,
     /// SSE streaming (true) or whole replies.
     pub stream: bool,
     /// Endpoint.
@@ -133,6 +152,9 @@ impl Default for LoadConfig {
             max_tokens: 64,
             temperature: 0.0,
             seed: None,
+            seed_per_request: false,
+            request_id_prefix: None,
+            record: false,
             stream: true,
             endpoint: Endpoint::Chat,
             request_timeout: Duration::from_secs(300),
@@ -232,6 +254,9 @@ pub enum LoadError {
     /// The run was cancelled before it started (during model discovery).
     #[error("cancelled before the run started")]
     Cancelled,
+    /// The recording could not be written.
+    #[error("recording")]
+    Recording(#[from] RecordingError),
     /// A worker task ended abnormally (a bug: workers catch every request failure).
     #[error("a load worker stopped abnormally")]
     Worker(#[source] tokio::task::JoinError),
@@ -279,6 +304,12 @@ impl BenchArgs {
             max_tokens: self.max_tokens,
             temperature: self.temperature,
             seed: self.seed,
+            seed_per_request: self.seed_per_request,
+            request_id_prefix: self
+                .request_id_prefix
+                .clone()
+                .or_else(|| self.record.as_ref().map(|_| "bench".to_owned())),
+            record: self.record.is_some(),
             stream: !self.no_stream,
             endpoint: if self.completions {
                 Endpoint::Completions
@@ -331,6 +362,14 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     cancel.cancel();
     let _ = signal.await;
     let report = result?;
+    if let Some(path) = &args.record {
+        write_recording(path, &report.records).await?;
+        eprintln!(
+            "bench: {} requests recorded in {}",
+            report.records.len(),
+            path.display()
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -348,9 +387,77 @@ struct Shared {
     client: HttpClient,
     endpoint: Endpoint,
     stream: bool,
-    /// Serialised bodies, one per prompt.
+    /// Request bodies, one per prompt.
+    templates: Vec<serde_json::Value>,
+    /// The same, serialised once (used as they are unless seeds vary per request).
     bodies: Vec<bytes::Bytes>,
+    seed: Option<u64>,
+    seed_per_request: bool,
+    request_id_prefix: Option<String>,
+    record: bool,
     timeout: Duration,
+}
+
+impl Shared {
+    /// The shared state of a run of `cfg` against `model`.
+    fn new(cfg: &LoadConfig, client: HttpClient, model: String) -> Self {
+        let params = BodyParams {
+            model,
+            max_tokens: cfg.max_tokens,
+            temperature: cfg.temperature,
+            seed: cfg.seed,
+            stream: cfg.stream,
+        };
+        let templates: Vec<serde_json::Value> = cfg
+            .prompts
+            .iter()
+            .map(|p| request_body(&params, cfg.endpoint, p))
+            .collect();
+        let bodies = templates
+            .iter()
+            .map(|b| bytes::Bytes::from(b.to_string()))
+            .collect();
+        Shared {
+            client,
+            endpoint: cfg.endpoint,
+            stream: cfg.stream,
+            templates,
+            bodies,
+            seed: cfg.seed,
+            seed_per_request: cfg.seed_per_request,
+            request_id_prefix: cfg.request_id_prefix.clone(),
+            record: cfg.record,
+            timeout: cfg.request_timeout,
+        }
+    }
+
+    /// What request `ticket` of a phase sends: its tag (prompt, seed, id) and body.
+    fn request(&self, ticket: u64, warmup: bool) -> Option<(RequestTag, bytes::Bytes)> {
+        let prompt = usize::try_from(ticket % self.bodies.len() as u64).ok()?;
+        let (seed, body) = if self.seed_per_request {
+            let seed = self.seed.unwrap_or(0).wrapping_add(ticket);
+            let mut body = self.templates.get(prompt)?.clone();
+            body["seed"] = seed.into();
+            (Some(seed), bytes::Bytes::from(body.to_string()))
+        } else {
+            (self.seed, self.bodies.get(prompt)?.clone())
+        };
+        let request_id = self.request_id_prefix.as_ref().map(|p| {
+            if warmup {
+                format!("{p}-warmup-{ticket}")
+            } else {
+                format!("{p}-{ticket}")
+            }
+        });
+        let tag = RequestTag {
+            index: ticket,
+            request_id,
+            prompt,
+            seed,
+            started: SystemTime::now(),
+        };
+        Some((tag, body))
+    }
 }
 
 /// A successful request's measurements.
@@ -365,6 +472,8 @@ pub(crate) struct Measured {
     pub finish_reason: Option<String>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// The output text (kept only when recording).
+    pub text: String,
 }
 
 /// Runs a load run and returns its report. Request failures are counted in the report, never
@@ -381,31 +490,14 @@ pub async fn run_load(cfg: LoadConfig, cancel: CancellationToken) -> Result<Load
             found = client.first_model() => found?,
         },
     };
-    let params = BodyParams {
-        model: model.clone(),
-        max_tokens: cfg.max_tokens,
-        temperature: cfg.temperature,
-        seed: cfg.seed,
-        stream: cfg.stream,
-    };
-    let bodies = cfg
-        .prompts
-        .iter()
-        .map(|p| bytes::Bytes::from(request_body(&params, cfg.endpoint, p).to_string()))
-        .collect();
-    let shared = Arc::new(Shared {
-        client,
-        endpoint: cfg.endpoint,
-        stream: cfg.stream,
-        bodies,
-        timeout: cfg.request_timeout,
-    });
+    let shared = Arc::new(Shared::new(&cfg, client, model.clone()));
     let warmup = if cfg.warmup > 0 {
         Some(
             run_phase(
                 &shared,
                 cfg.concurrency,
                 StopAfter::Requests(cfg.warmup),
+                true,
                 &cancel,
             )
             .await?,
@@ -413,7 +505,7 @@ pub async fn run_load(cfg: LoadConfig, cancel: CancellationToken) -> Result<Load
     } else {
         None
     };
-    let measured = run_phase(&shared, cfg.concurrency, cfg.stop, &cancel).await?;
+    let measured = run_phase(&shared, cfg.concurrency, cfg.stop, false, &cancel).await?;
     let meta = RunMeta {
         url: shared.client.base().to_owned(),
         model,
@@ -431,6 +523,7 @@ async fn run_phase(
     shared: &Arc<Shared>,
     concurrency: usize,
     stop: StopAfter,
+    warmup: bool,
     cancel: &CancellationToken,
 ) -> Result<PhaseResult, LoadError> {
     let phase = cancel.child_token();
@@ -458,6 +551,7 @@ async fn run_phase(
             shared.clone(),
             tickets.clone(),
             limit,
+            warmup,
             phase.clone(),
         ));
     }
@@ -489,37 +583,63 @@ async fn worker(
     shared: Arc<Shared>,
     tickets: Arc<AtomicU64>,
     limit: Option<u64>,
+    warmup: bool,
     phase: CancellationToken,
 ) -> PhaseResult {
     let mut result = PhaseResult::default();
+    let record = shared.record && !warmup;
     while !phase.is_cancelled() {
         let ticket = tickets.fetch_add(1, Ordering::Relaxed);
         if limit.is_some_and(|n| ticket >= n) {
             break;
         }
-        let index = usize::try_from(ticket % shared.bodies.len() as u64).unwrap_or(0);
-        let Some(body) = shared.bodies.get(index).cloned() else {
+        let Some((tag, body)) = shared.request(ticket, warmup) else {
             break;
         };
-        let attempt = tokio::time::timeout(shared.timeout, run_one(&shared, body));
-        tokio::select! {
+        let start = Instant::now();
+        let attempt = tokio::time::timeout(
+            shared.timeout,
+            run_one(&shared, body, tag.request_id.as_deref()),
+        );
+        let (recorded, failure) = tokio::select! {
             biased;
-            _ = phase.cancelled() => result.cancelled += 1,
+            _ = phase.cancelled() => {
+                result.cancelled += 1;
+                (tag.cancelled(start.elapsed()), None)
+            }
             outcome = attempt => match outcome {
-                Ok(Ok(measured)) => result.samples.push(measured),
-                Ok(Err(failure)) => result.record_failure(&failure),
-                Err(_) => result.record_failure(&RequestFailure::Timeout(shared.timeout)),
+                Ok(Ok(measured)) => {
+                    let recorded = tag.ok(&measured);
+                    result.samples.push(measured);
+                    (recorded, None)
+                }
+                Ok(Err(failure)) => (tag.failed(&failure, start.elapsed()), Some(failure)),
+                Err(_) => {
+                    let failure = RequestFailure::Timeout(shared.timeout);
+                    (tag.failed(&failure, start.elapsed()), Some(failure))
+                }
             },
+        };
+        if let Some(failure) = failure {
+            result.record_failure(&failure);
+        }
+        if record {
+            result.records.push(recorded);
         }
     }
     result
 }
 
 /// Sends one request and reads its reply to the end.
-async fn run_one(shared: &Shared, body: bytes::Bytes) -> Result<Measured, RequestFailure> {
-    let (request, bytes_sent) = shared
-        .client
-        .prepare(shared.endpoint, body, shared.stream)?;
+async fn run_one(
+    shared: &Shared,
+    body: bytes::Bytes,
+    request_id: Option<&str>,
+) -> Result<Measured, RequestFailure> {
+    let (request, bytes_sent) =
+        shared
+            .client
+            .prepare(shared.endpoint, body, shared.stream, request_id)?;
     let start = Instant::now();
     let mut reply = shared.client.send(request).await?;
     if !shared.stream {
@@ -534,6 +654,7 @@ async fn run_one(shared: &Shared, body: bytes::Bytes) -> Result<Measured, Reques
             finish_reason: whole.info.finish_reason,
             bytes_sent,
             bytes_received: whole.bytes_received,
+            text: String::new(),
         });
     }
     let mut ttft = None;
@@ -542,8 +663,12 @@ async fn run_one(shared: &Shared, body: bytes::Bytes) -> Result<Measured, Reques
     let mut content_chunks = 0u64;
     let mut usage = None;
     let mut finish_reason = None;
+    let mut text = String::new();
     while let Some((at, chunk)) = reply.next_chunk().await? {
         if !chunk.content.is_empty() {
+            if shared.record {
+                text.push_str(&chunk.content);
+            }
             content_chunks += 1;
             match last {
                 None => ttft = Some(at.saturating_duration_since(start)),
@@ -570,6 +695,7 @@ async fn run_one(shared: &Shared, body: bytes::Bytes) -> Result<Measured, Reques
         finish_reason,
         bytes_sent,
         bytes_received: reply.bytes_received(),
+        text,
     })
 }
 
@@ -633,6 +759,34 @@ mod tests {
         assert_eq!(cfg.stop, StopAfter::Duration(Duration::from_millis(2500)));
         assert_eq!(cfg.seed, Some(3));
         assert_eq!(cfg.warmup, 2);
+    }
+
+    #[tokio::test]
+    async fn per_request_seeds_and_ids_follow_the_request_index() {
+        let args = parse(&["--seed", "100", "--seed-per-request", "--record", "x.jsonl"]).unwrap();
+        let cfg = args.to_config().await.unwrap();
+        assert!(cfg.record);
+        assert_eq!(cfg.request_id_prefix.as_deref(), Some("bench"));
+        let client = HttpClient::new(&cfg.url, None, 1).unwrap();
+        let shared = Shared::new(&cfg, client, "m".into());
+        let body = |b: &bytes::Bytes| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+        let (tag, sent) = shared.request(17, false).unwrap();
+        assert_eq!(tag.seed, Some(117));
+        assert_eq!(tag.prompt, 17 % cfg.prompts.len());
+        assert_eq!(tag.request_id.as_deref(), Some("bench-17"));
+        assert_eq!(body(&sent)["seed"], 117);
+        // The same index gives the same request; warm-up ids differ from measured ones.
+        let (again, resent) = shared.request(17, true).unwrap();
+        assert_eq!(resent, sent);
+        assert_eq!(again.request_id.as_deref(), Some("bench-warmup-17"));
+
+        // Without the flag every request carries --seed and no id.
+        let cfg = parse(&["--seed", "5"]).unwrap().to_config().await.unwrap();
+        let client = HttpClient::new(&cfg.url, None, 1).unwrap();
+        let shared = Shared::new(&cfg, client, "m".into());
+        let (tag, sent) = shared.request(3, false).unwrap();
+        assert_eq!((tag.seed, tag.request_id), (Some(5), None));
+        assert_eq!(body(&sent)["seed"], 5);
     }
 
     #[test]

@@ -151,7 +151,7 @@ async fn turn(
     let body = request_body(params, Endpoint::Chat, &Prompt::Messages(messages));
     let mut text = String::new();
     let result = async {
-        let (request, _) = client.prepare(Endpoint::Chat, body.to_string().into(), true)?;
+        let (request, _) = client.prepare(Endpoint::Chat, body.to_string().into(), true, None)?;
         let mut reply = client.send(request).await?;
         let mut usage = None;
         loop {

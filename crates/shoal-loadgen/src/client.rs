@@ -369,17 +369,22 @@ impl HttpClient {
         endpoint: Endpoint,
         body: bytes::Bytes,
         stream: bool,
+        request_id: Option<&str>,
     ) -> Result<(reqwest::Request, u64), RequestFailure> {
         let accept = if stream {
             "text/event-stream"
         } else {
             "application/json"
         };
-        let request = self
+        let mut builder = self
             .client
             .post(format!("{}{}", self.base, endpoint.path()))
             .headers(self.headers(accept))
-            .header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_TYPE, "application/json");
+        if let Some(id) = request_id {
+            builder = builder.header("x-request-id", id);
+        }
+        let request = builder
             .body(body)
             .build()
             .map_err(RequestFailure::from_reqwest)?;
@@ -598,7 +603,7 @@ mod tests {
         let client = HttpClient::new("http://127.0.0.1:8080/v1/", None, 1).unwrap();
         assert_eq!(client.base(), "http://127.0.0.1:8080/v1");
         let body = bytes::Bytes::from_static(b"{\"a\":1}");
-        let (request, size) = client.prepare(Endpoint::Chat, body, true).unwrap();
+        let (request, size) = client.prepare(Endpoint::Chat, body, true, None).unwrap();
         let expected = "POST /v1/chat/completions HTTP/1.1\r\n".len()
             + "accept: text/event-stream\r\n".len()
             + format!(
@@ -621,7 +626,7 @@ mod tests {
         assert!(!format!("{key:?}").contains("sk-secret"));
         let client = HttpClient::new("http://localhost:1/v1", Some(key), 1).unwrap();
         let (request, _) = client
-            .prepare(Endpoint::Completions, bytes::Bytes::new(), false)
+            .prepare(Endpoint::Completions, bytes::Bytes::new(), false, None)
             .unwrap();
         assert_eq!(request.headers()[AUTHORIZATION], "Bearer sk-secret");
         assert_eq!(request.url().path(), "/v1/completions");

@@ -1,5 +1,6 @@
-//! Clients of shoal's OpenAI-compatible gateway: the `shoal bench` load generator and the
-//! `shoal chat` interactive client.
+//! Clients of shoal's OpenAI-compatible gateway: the `shoal bench` load generator, the
+//! `shoal chat` interactive client, and `shoal chaos-report`, which compares a recorded run
+//! under faults with a fault-free recording of the same requests.
 //!
 //! The crate owns the client side of the HTTP API: request bodies, SSE parsing, model
 //! discovery, per-request measurements (time to first token, inter-token gaps, end-to-end
@@ -46,18 +47,25 @@
 //! ```
 
 mod bench;
+mod chaos;
 mod chat;
 mod client;
 mod prompts;
+mod record;
 mod report;
 mod sse;
 mod stats;
 
 pub use bench::{BenchArgs, ConfigProblem, LoadConfig, LoadError, StopAfter, run_bench, run_load};
+pub use chaos::{
+    AuditPath, ChaosReport, ChaosReportArgs, ChaosReportError, FailedRequest, FaultEvent,
+    FaultKind, KillOutcome, longest_silence_ms, run_chaos_report,
+};
 pub use chat::{ChatArgs, run_chat};
 pub use client::{ApiKey, BadReply, DEFAULT_URL, Endpoint, ModelsError, RequestFailure};
 pub use prompts::{
     ChatMessage, Prompt, PromptsError, builtin_prompts, load_prompts, parse_prompts,
 };
+pub use record::{RecordOutcome, RecordingError, RequestRecord, read_recording, write_recording};
 pub use report::{ErrorGroup, LoadReport, RequestSample};
 pub use stats::{LatencySummary, nearest_rank};

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::bench::{ErrorTally, Measured};
 use crate::client::{Endpoint, RequestFailure};
+use crate::record::RequestRecord;
 use crate::stats::LatencySummary;
 
 /// Failures with the same HTTP status and error code.
@@ -103,6 +104,9 @@ pub struct LoadReport {
     pub errors: Vec<ErrorGroup>,
     /// Every successful request, in completion order per worker.
     pub samples: Vec<RequestSample>,
+    /// Every measured request in full, when the run recorded them (`--record`), by index.
+    #[serde(skip)]
+    pub records: Vec<RequestRecord>,
 }
 
 /// Run facts that are not measurements.
@@ -121,6 +125,7 @@ pub(crate) struct RunMeta {
 #[derive(Debug, Default)]
 pub(crate) struct PhaseResult {
     pub samples: Vec<Measured>,
+    pub records: Vec<RequestRecord>,
     pub errors: ErrorTally,
     pub failed: u64,
     pub cancelled: u64,
@@ -140,6 +145,7 @@ impl PhaseResult {
 
     pub(crate) fn merge(&mut self, other: PhaseResult) {
         self.samples.extend(other.samples);
+        self.records.extend(other.records);
         self.failed += other.failed;
         self.cancelled += other.cancelled;
         for (key, (count, message)) in other.errors {
@@ -230,6 +236,11 @@ impl LoadReport {
                     itl_ms: s.gaps.iter().copied().map(ms).collect(),
                 })
                 .collect(),
+            records: {
+                let mut records = phase.records;
+                records.sort_by_key(|r| r.index);
+                records
+            },
         }
     }
 
@@ -345,6 +356,7 @@ mod tests {
             finish_reason: Some("length".into()),
             bytes_sent: 100,
             bytes_received: 300,
+            text: String::new(),
         }
     }
 

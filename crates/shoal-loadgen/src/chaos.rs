@@ -1,0 +1,617 @@
+//! `shoal chaos-report`: what faults cost a load run, from a fault-free recording of the same
+//! requests (the reference), the recording made while faults were injected, the gateway's audit
+//! log (which nodes served each request) and a log of the faults themselves.
+//!
+//! Both runs must send the same reproducible requests (`shoal bench --seed-per-request` or
+//! greedy sampling, the same prompts, `--record`), so request `i` of one run is request `i` of
+//! the other. The report gives:
+//!
+//! - **completed**: requests of the faulty run that completed;
+//! - **identical**: requests whose output text and finish reason equal the reference's;
+//! - **failed over**: requests the audit log shows served by more than one node (whole-model
+//!   replicas: each move adds a node); without an audit log, the requests in flight when a
+//!   node was killed;
+//! - **stall**: a request's longest silence (request sent → first chunk, or between two
+//!   chunks), for the failed-over requests, beside the same requests' longest silence in the
+//!   reference run and the difference (the extra latency of the failover);
+//! - **detection**: from each kill to the coordinator declaring that node dead (its lease
+//!   expired), to the gateway first noticing the loss in a generation it was relaying, and to
+//!   the restarted node being ready again.
+//!
+//! The fault log is JSON lines `{"event": "kill" | "dead" | "lost" | "ready", "node": "...",
+//! "unix_ms": ...}`, written by whatever injects the faults (`scripts/bench/chaos.sh`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::record::{
+    RecordOutcome, RecordingError, RequestRecord, read_json_lines, read_recording,
+};
+use crate::stats::LatencySummary;
+
+/// Arguments of `shoal chaos-report`.
+#[derive(Debug, clap::Args)]
+pub struct ChaosReportArgs {
+    /// The fault-free recording (`shoal bench --record`).
+    #[arg(long, value_name = "FILE")]
+    pub reference: PathBuf,
+    /// The recording made while faults were injected.
+    #[arg(long, value_name = "FILE")]
+    pub run: PathBuf,
+    /// The gateway's audit log of the faulty run (`--audit-log`), to tell which requests
+    /// moved to another node.
+    #[arg(long, value_name = "FILE")]
+    pub audit: Option<PathBuf>,
+    /// The fault log: JSON lines of kills, deaths declared and nodes ready again.
+    #[arg(long, value_name = "FILE")]
+    pub faults: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What happened to a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// It was killed.
+    Kill,
+    /// The coordinator declared it dead.
+    Dead,
+    /// The gateway noticed the loss in the middle of a generation (and moved it).
+    Lost,
+    /// It (restarted) reported its model ready.
+    Ready,
+}
+
+/// One line of the fault log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultEvent {
+    /// What happened.
+    pub event: FaultKind,
+    /// To which node.
+    pub node: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub unix_ms: f64,
+}
+
+/// The part of an audit-log entry the report uses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct AuditPath {
+    /// The request's id.
+    pub request_id: String,
+    /// The nodes that served it, in order.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+}
+
+/// A request of the faulty run that did not complete.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FailedRequest {
+    /// Its index.
+    pub index: u64,
+    /// How it ended.
+    pub outcome: RecordOutcome,
+    /// Its error.
+    pub error: Option<String>,
+}
+
+/// One kill and what followed it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KillOutcome {
+    /// The node killed.
+    pub node: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub unix_ms: f64,
+    /// Kill → the coordinator declared the node dead (none if it never did).
+    pub detected_ms: Option<f64>,
+    /// Kill → the gateway first noticed the loss in a generation (none if none was running).
+    pub noticed_ms: Option<f64>,
+    /// Kill → the restarted node was ready again.
+    pub ready_ms: Option<f64>,
+}
+
+/// The report of `shoal chaos-report`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChaosReport {
+    /// Requests in the faulty run.
+    pub requests: u64,
+    /// Of them, completed.
+    pub completed: u64,
+    /// `completed / requests`, in percent.
+    pub completed_pct: f64,
+    /// Completed with the reference's output text and finish reason.
+    pub identical: u64,
+    /// `identical / requests`, in percent.
+    pub identical_pct: f64,
+    /// Indices of completed requests whose output differs from the reference's.
+    pub different: Vec<u64>,
+    /// Completed requests whose token count differs from the reference's.
+    pub token_count_different: u64,
+    /// Requests with no completed counterpart in the reference (not comparable).
+    pub without_reference: u64,
+    /// Requests that did not complete.
+    pub failed: Vec<FailedRequest>,
+    /// How failed-over requests were found: `audit` or `in_flight_at_kill`.
+    pub failover_source: String,
+    /// Requests that failed over.
+    pub failed_over: u64,
+    /// Moves between nodes in all (a request can move more than once).
+    pub moves: u64,
+    /// Longest silence of each failed-over request in the faulty run (ms).
+    pub stall_ms: Option<LatencySummary>,
+    /// The same requests' longest silence in the reference run (ms).
+    pub reference_stall_ms: Option<LatencySummary>,
+    /// Per failed-over request, faulty minus reference longest silence (ms; floored at 0).
+    pub extra_stall_ms: Option<LatencySummary>,
+    /// Gaps between chunks of the completed requests that did not fail over (ms).
+    pub normal_gap_ms: Option<LatencySummary>,
+    /// Every kill.
+    pub kills: Vec<KillOutcome>,
+    /// Kill → declared dead (ms).
+    pub detection_ms: Option<LatencySummary>,
+    /// Kill → the gateway noticed it in a generation (ms).
+    pub gateway_detection_ms: Option<LatencySummary>,
+    /// Kill → ready again (ms).
+    pub recovery_ms: Option<LatencySummary>,
+}
+
+/// Why the report could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ChaosReportError {
+    /// An input file is unreadable.
+    #[error(transparent)]
+    Read(#[from] RecordingError),
+    /// The faulty run recorded nothing.
+    #[error("the faulty run's recording holds no request")]
+    EmptyRun,
+}
+
+fn summary(ms: impl IntoIterator<Item = f64>) -> Option<LatencySummary> {
+    let mut durations: Vec<Duration> = ms
+        .into_iter()
+        .map(|m| Duration::try_from_secs_f64(m.max(0.0) / 1e3).unwrap_or(Duration::ZERO))
+        .collect();
+    LatencySummary::from_durations(&mut durations)
+}
+
+fn pct(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+/// The longest silence of a request: sent → first chunk, or between two chunks; for a request
+/// that received nothing, its whole duration.
+pub fn longest_silence_ms(r: &RequestRecord) -> f64 {
+    let mut prev = 0.0;
+    let mut longest: f64 = 0.0;
+    for &at in &r.chunk_ms {
+        longest = longest.max(at - prev);
+        prev = at;
+    }
+    if r.chunk_ms.is_empty() {
+        r.e2e_ms
+    } else {
+        longest
+    }
+}
+
+fn gaps_ms(r: &RequestRecord) -> impl Iterator<Item = f64> + '_ {
+    r.chunk_ms.windows(2).map(|w| w[1] - w[0])
+}
+
+/// How many times each request moved to another node.
+enum Moves<'a> {
+    /// Nodes per request id, from the audit log (each move adds one).
+    Audit(HashMap<&'a str, usize>),
+    /// Kill times: a request in flight at a kill counts as moved once per such kill.
+    InFlightAtKill(Vec<f64>),
+}
+
+impl Moves<'_> {
+    fn source(&self) -> &'static str {
+        match self {
+            Moves::Audit(_) => "audit",
+            Moves::InFlightAtKill(_) => "in_flight_at_kill",
+        }
+    }
+
+    fn of(&self, r: &RequestRecord) -> u64 {
+        match self {
+            Moves::Audit(nodes) => r
+                .request_id
+                .as_deref()
+                .and_then(|id| nodes.get(id))
+                .map_or(0, |&n| n.saturating_sub(1) as u64),
+            Moves::InFlightAtKill(times) => {
+                let end = r.started_unix_ms + r.e2e_ms;
+                times
+                    .iter()
+                    .filter(|&&t| r.started_unix_ms <= t && t < end)
+                    .count() as u64
+            }
+        }
+    }
+}
+
+impl ChaosReport {
+    /// Compares `run` with `reference`; `audit` (when given) tells which requests moved;
+    /// `faults` gives kills, deaths and recoveries.
+    pub fn build(
+        reference: &[RequestRecord],
+        run: &[RequestRecord],
+        audit: Option<&[AuditPath]>,
+        faults: &[FaultEvent],
+    ) -> Self {
+        let by_index: HashMap<u64, &RequestRecord> = reference
+            .iter()
+            .filter(|r| r.outcome == RecordOutcome::Ok)
+            .map(|r| (r.index, r))
+            .collect();
+        let mut kills: Vec<&FaultEvent> = faults
+            .iter()
+            .filter(|f| f.event == FaultKind::Kill)
+            .collect();
+        kills.sort_by(|a, b| a.unix_ms.total_cmp(&b.unix_ms));
+
+        // Moves per request: from the audit log, or exposure to a kill.
+        let moves = match audit {
+            Some(entries) => Moves::Audit(
+                entries
+                    .iter()
+                    .map(|e| (e.request_id.as_str(), e.nodes.len()))
+                    .collect(),
+            ),
+            None => Moves::InFlightAtKill(kills.iter().map(|k| k.unix_ms).collect()),
+        };
+        let mut report = ChaosReport {
+            requests: run.len() as u64,
+            completed: 0,
+            completed_pct: 0.0,
+            identical: 0,
+            identical_pct: 0.0,
+            different: Vec::new(),
+            token_count_different: 0,
+            without_reference: 0,
+            failed: Vec::new(),
+            failover_source: moves.source().to_owned(),
+            failed_over: 0,
+            moves: 0,
+            stall_ms: None,
+            reference_stall_ms: None,
+            extra_stall_ms: None,
+            normal_gap_ms: None,
+            kills: Vec::new(),
+            detection_ms: None,
+            gateway_detection_ms: None,
+            recovery_ms: None,
+        };
+        let mut stalls = Vec::new();
+        let mut reference_stalls = Vec::new();
+        let mut extra = Vec::new();
+        let mut normal_gaps = Vec::new();
+        for r in run {
+            let moved = moves.of(r);
+            report.moves += moved;
+            if moved > 0 {
+                report.failed_over += 1;
+            }
+            if r.outcome != RecordOutcome::Ok {
+                report.failed.push(FailedRequest {
+                    index: r.index,
+                    outcome: r.outcome,
+                    error: r.error.clone(),
+                });
+                continue;
+            }
+            report.completed += 1;
+            let reference = by_index.get(&r.index);
+            match reference {
+                None => report.without_reference += 1,
+                Some(reference) => {
+                    if reference.text == r.text && reference.finish_reason == r.finish_reason {
+                        report.identical += 1;
+                    } else {
+                        report.different.push(r.index);
+                    }
+                    if reference.output_tokens != r.output_tokens {
+                        report.token_count_different += 1;
+                    }
+                }
+            }
+            if moved > 0 {
+                let stall = longest_silence_ms(r);
+                stalls.push(stall);
+                if let Some(reference) = reference {
+                    let before = longest_silence_ms(reference);
+                    reference_stalls.push(before);
+                    extra.push(stall - before);
+                }
+            } else {
+                normal_gaps.extend(gaps_ms(r));
+            }
+        }
+        report.completed_pct = pct(report.completed, report.requests);
+        report.identical_pct = pct(report.identical, report.requests);
+        report.stall_ms = summary(stalls);
+        report.reference_stall_ms = summary(reference_stalls);
+        report.extra_stall_ms = summary(extra);
+        report.normal_gap_ms = summary(normal_gaps);
+
+        // Each kill pairs with the first death and the first readiness of that node after it
+        // (and before its next kill).
+        for (i, kill) in kills.iter().enumerate() {
+            let next_kill = kills[i + 1..]
+                .iter()
+                .find(|k| k.node == kill.node)
+                .map_or(f64::INFINITY, |k| k.unix_ms);
+            let after = |kind: FaultKind| {
+                faults
+                    .iter()
+                    .filter(|f| {
+                        f.event == kind
+                            && f.node == kill.node
+                            && f.unix_ms >= kill.unix_ms
+                            && f.unix_ms < next_kill
+                    })
+                    .map(|f| f.unix_ms - kill.unix_ms)
+                    .min_by(f64::total_cmp)
+            };
+            report.kills.push(KillOutcome {
+                node: kill.node.clone(),
+                unix_ms: kill.unix_ms,
+                detected_ms: after(FaultKind::Dead),
+                noticed_ms: after(FaultKind::Lost),
+                ready_ms: after(FaultKind::Ready),
+            });
+        }
+        report.detection_ms = summary(report.kills.iter().filter_map(|k| k.detected_ms));
+        report.gateway_detection_ms = summary(report.kills.iter().filter_map(|k| k.noticed_ms));
+        report.recovery_ms = summary(report.kills.iter().filter_map(|k| k.ready_ms));
+        report
+    }
+
+    /// The report for a person.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        let line = |s: &Option<LatencySummary>| match s {
+            Some(s) => format!(
+                "p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms  (n={})",
+                s.p50, s.p99, s.max, s.count
+            ),
+            None => "n/a".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "completed        {}/{} ({:.1}%)",
+            self.completed, self.requests, self.completed_pct
+        );
+        let _ = writeln!(
+            out,
+            "identical output {}/{} ({:.1}%)",
+            self.identical, self.requests, self.identical_pct
+        );
+        if !self.different.is_empty() {
+            let _ = writeln!(out, "  different: requests {:?}", self.different);
+        }
+        if self.token_count_different > 0 {
+            let _ = writeln!(
+                out,
+                "  token counts differ: {} requests",
+                self.token_count_different
+            );
+        }
+        if self.without_reference > 0 {
+            let _ = writeln!(
+                out,
+                "  {} requests have no completed reference",
+                self.without_reference
+            );
+        }
+        let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+        for f in &self.failed {
+            let key = f
+                .error
+                .clone()
+                .unwrap_or_else(|| format!("{:?}", f.outcome));
+            *errors.entry(key).or_insert(0) += 1;
+        }
+        for (error, count) in errors {
+            let _ = writeln!(out, "  {count} x {error}");
+        }
+        let _ = writeln!(
+            out,
+            "failed over      {} requests, {} moves (from {})",
+            self.failed_over, self.moves, self.failover_source
+        );
+        let _ = writeln!(out, "stall            {}", line(&self.stall_ms));
+        let _ = writeln!(
+            out,
+            "  same requests without faults {}",
+            line(&self.reference_stall_ms)
+        );
+        let _ = writeln!(out, "  extra          {}", line(&self.extra_stall_ms));
+        let _ = writeln!(out, "  normal gaps    {}", line(&self.normal_gap_ms));
+        let _ = writeln!(out, "kills            {}", self.kills.len());
+        let _ = writeln!(out, "  declared dead  {}", line(&self.detection_ms));
+        let _ = writeln!(out, "  gateway saw it {}", line(&self.gateway_detection_ms));
+        let _ = writeln!(out, "  ready again    {}", line(&self.recovery_ms));
+        out
+    }
+}
+
+/// Runs `shoal chaos-report`: reads the files, prints the report.
+pub fn run_chaos_report(args: &ChaosReportArgs) -> Result<ChaosReport, ChaosReportError> {
+    let reference = read_recording(&args.reference)?;
+    let run = read_recording(&args.run)?;
+    if run.is_empty() {
+        return Err(ChaosReportError::EmptyRun);
+    }
+    let audit: Option<Vec<AuditPath>> = args.audit.as_deref().map(read_json_lines).transpose()?;
+    let faults: Vec<FaultEvent> = match &args.faults {
+        Some(path) => read_json_lines(path)?,
+        None => Vec::new(),
+    };
+    Ok(ChaosReport::build(
+        &reference,
+        &run,
+        audit.as_deref(),
+        &faults,
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const T0: f64 = 1_000_000.0;
+
+    fn ok(index: u64, text: &str, started: f64, chunk_ms: &[f64]) -> RequestRecord {
+        RequestRecord {
+            index,
+            request_id: Some(format!("run-{index}")),
+            prompt: 0,
+            seed: Some(index),
+            started_unix_ms: started,
+            outcome: RecordOutcome::Ok,
+            error: None,
+            text: text.to_owned(),
+            finish_reason: Some("length".into()),
+            output_tokens: chunk_ms.len() as u64,
+            chunk_ms: chunk_ms.to_vec(),
+            e2e_ms: chunk_ms.last().copied().unwrap_or(0.0) + 1.0,
+        }
+    }
+
+    fn fault(event: FaultKind, node: &str, unix_ms: f64) -> FaultEvent {
+        FaultEvent {
+            event,
+            node: node.into(),
+            unix_ms,
+        }
+    }
+
+    fn audit(id: &str, nodes: &[&str]) -> AuditPath {
+        AuditPath {
+            request_id: id.into(),
+            nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn longest_silence_counts_the_wait_for_the_first_chunk() {
+        assert_eq!(
+            longest_silence_ms(&ok(0, "x", 0.0, &[50.0, 60.0, 70.0])),
+            50.0
+        );
+        assert_eq!(
+            longest_silence_ms(&ok(0, "x", 0.0, &[5.0, 10.0, 900.0])),
+            890.0
+        );
+        let mut silent = ok(0, "", 0.0, &[]);
+        silent.e2e_ms = 42.0;
+        assert_eq!(longest_silence_ms(&silent), 42.0);
+    }
+
+    #[test]
+    fn outputs_stalls_and_detection_are_compared_request_by_request() {
+        let reference = vec![
+            ok(0, "abc", T0, &[10.0, 20.0, 30.0]),
+            ok(1, "def", T0, &[10.0, 20.0, 30.0]),
+            ok(2, "ghi", T0, &[10.0, 20.0, 30.0]),
+            ok(3, "jkl", T0, &[10.0, 20.0, 30.0]),
+        ];
+        let mut failed = ok(3, "", T0, &[]);
+        failed.outcome = RecordOutcome::Failed;
+        failed.error = Some("node_lost: gone".into());
+        let run = vec![
+            // Unmoved and identical.
+            ok(0, "abc", T0, &[10.0, 25.0, 40.0]),
+            // Moved once, identical, with a 500 ms hole.
+            ok(1, "def", T0, &[10.0, 510.0, 520.0]),
+            // Moved twice and different: a lost token.
+            ok(2, "gh", T0, &[10.0, 20.0, 400.0]),
+            failed,
+        ];
+        let audit = vec![
+            audit("run-0", &["a"]),
+            audit("run-1", &["a", "b"]),
+            audit("run-2", &["a", "b", "c"]),
+            audit("run-3", &["c"]),
+        ];
+        let faults = vec![
+            fault(FaultKind::Kill, "a", T0 + 100.0),
+            fault(FaultKind::Lost, "a", T0 + 130.0),
+            fault(FaultKind::Dead, "a", T0 + 3_100.0),
+            fault(FaultKind::Ready, "a", T0 + 5_100.0),
+            fault(FaultKind::Kill, "b", T0 + 10_000.0),
+            // A death of `a` long after its kill and after nothing else: not b's.
+            fault(FaultKind::Dead, "a", T0 + 12_000.0),
+        ];
+        let r = ChaosReport::build(&reference, &run, Some(&audit), &faults);
+        assert_eq!(r.requests, 4);
+        assert_eq!(r.completed, 3);
+        assert_eq!(r.completed_pct, 75.0);
+        assert_eq!(r.identical, 2);
+        assert_eq!(r.identical_pct, 50.0);
+        assert_eq!(r.different, vec![2]);
+        assert_eq!(r.token_count_different, 0);
+        assert_eq!(r.failed.len(), 1);
+        assert_eq!(r.failed[0].index, 3);
+        assert_eq!(r.failover_source, "audit");
+        assert_eq!(r.failed_over, 2);
+        assert_eq!(r.moves, 3);
+        let stall = r.stall_ms.unwrap();
+        assert_eq!((stall.count, stall.min, stall.max), (2, 380.0, 500.0));
+        let extra = r.extra_stall_ms.unwrap();
+        assert_eq!((extra.min, extra.max), (370.0, 490.0));
+        // Only the unmoved request's gaps are normal ones.
+        let normal = r.normal_gap_ms.unwrap();
+        assert_eq!((normal.count, normal.max), (2, 15.0));
+        assert_eq!(r.kills.len(), 2);
+        assert_eq!(r.kills[0].detected_ms, Some(3_000.0));
+        assert_eq!(r.kills[0].ready_ms, Some(5_000.0));
+        assert_eq!(r.kills[0].noticed_ms, Some(30.0));
+        assert_eq!(r.kills[1].detected_ms, None);
+        assert_eq!(r.detection_ms.unwrap().count, 1);
+        let text = r.render_text();
+        assert!(text.contains("completed        3/4 (75.0%)"), "{text}");
+        assert!(text.contains("1 x node_lost: gone"), "{text}");
+    }
+
+    #[test]
+    fn without_an_audit_log_requests_in_flight_at_a_kill_count_as_failed_over() {
+        let reference = vec![ok(0, "a", T0, &[10.0]), ok(1, "b", T0 + 500.0, &[10.0])];
+        let run = vec![
+            ok(0, "a", T0, &[10.0, 300.0]),
+            ok(1, "b", T0 + 500.0, &[10.0]),
+        ];
+        let faults = vec![fault(FaultKind::Kill, "a", T0 + 100.0)];
+        let r = ChaosReport::build(&reference, &run, None, &faults);
+        assert_eq!(r.failover_source, "in_flight_at_kill");
+        assert_eq!(r.failed_over, 1);
+        assert_eq!(r.stall_ms.unwrap().max, 290.0);
+        assert_eq!(r.identical, 2);
+    }
+
+    #[test]
+    fn a_later_kill_of_the_same_node_bounds_the_pairing() {
+        let faults = vec![
+            fault(FaultKind::Kill, "a", T0),
+            fault(FaultKind::Kill, "a", T0 + 1_000.0),
+            fault(FaultKind::Dead, "a", T0 + 2_000.0),
+        ];
+        let run = vec![ok(0, "a", T0, &[1.0])];
+        let r = ChaosReport::build(&run, &run, None, &faults);
+        assert_eq!(r.kills[0].detected_ms, None);
+        assert_eq!(r.kills[1].detected_ms, Some(1_000.0));
+    }
+}
