@@ -148,6 +148,7 @@ impl Agent {
         cfg.validate()?;
         let cancel = cancel.child_token();
         let cancel_on_drop = cancel.clone().drop_guard();
+        let metrics = Arc::new(NodeMetrics::new());
         let shards = Arc::new(ShardTable::new(
             cfg.models.clone(),
             BackendSettings {
@@ -157,6 +158,7 @@ impl Agent {
                 links: LinkSettings {
                     node_id: cfg.node_id.clone(),
                     tls: cfg.tls.clone(),
+                    metrics: metrics.links().clone(),
                 },
                 model_keys: cfg.model_keys.clone(),
             },
@@ -174,7 +176,7 @@ impl Agent {
         let core = Arc::new(NodeCore::new(
             cfg.node_id.clone(),
             shards,
-            Arc::new(NodeMetrics::new()),
+            metrics.clone(),
             capability,
             cancel.child_token(),
         ));
@@ -202,6 +204,7 @@ impl Agent {
             LinkSettings {
                 node_id: cfg.node_id.clone(),
                 tls: cfg.tls.clone(),
+                metrics: metrics.links().clone(),
             },
         ));
         let stop = stop_accepting.clone().cancelled_owned();

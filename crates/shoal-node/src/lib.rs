@@ -26,6 +26,7 @@ mod control;
 mod core;
 mod enroll;
 mod http;
+pub mod link_metrics;
 mod local;
 pub mod metrics;
 mod service;
@@ -40,6 +41,7 @@ pub use enroll::{EnrollConfig, EnrollError, Renewal, enroll, renewal_due};
 pub use local::{
     LocalBackend, LocalBackendConfig, MAX_STOP_STRINGS, NodePrompt, NodeRequest, engine_error,
 };
+pub use link_metrics::{LatencySnapshot, LinkMetrics, LinkTotals, Peer, PeerTotals};
 pub use metrics::NodeMetrics;
 pub use service::GenerateStream;
 pub use shards::LoadError;

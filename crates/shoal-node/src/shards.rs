@@ -537,6 +537,7 @@ mod tests {
                 links: LinkSettings {
                     node_id: shoal_types::NodeId::new("test"),
                     tls: shoal_net::TlsMode::Plaintext,
+                    metrics: Arc::default(),
                 },
                 model_keys: keys,
             },
