@@ -178,9 +178,10 @@ impl Cluster {
             let port = free_port();
             let proxy = if proxied {
                 let upstream = format!("127.0.0.1:{port}").parse().unwrap();
-                let p = FaultProxy::start("127.0.0.1:0".parse().unwrap(), upstream, Faults::default())
-                    .await
-                    .unwrap();
+                let p =
+                    FaultProxy::start("127.0.0.1:0".parse().unwrap(), upstream, Faults::default())
+                        .await
+                        .unwrap();
                 Some(p)
             } else {
                 None
@@ -229,9 +230,9 @@ impl Cluster {
                     .values()
                     .filter(|n| {
                         n.state == NodeState::Alive
-                            && n.shards.iter().any(|s| {
-                                s.state == shoal_control::membership::ShardState::Ready
-                            })
+                            && n.shards
+                                .iter()
+                                .any(|s| s.state == shoal_control::membership::ShardState::Ready)
                     })
                     .count();
                 let chains = v.plan.chains(&ModelId::new(MODEL));
@@ -244,12 +245,20 @@ impl Cluster {
                         .stages
                         .iter()
                         .map(|a| {
-                            let n: usize = a.node.as_str().trim_start_matches("agent-").parse().unwrap();
+                            let n: usize = a
+                                .node
+                                .as_str()
+                                .trim_start_matches("agent-")
+                                .parse()
+                                .unwrap();
                             n - 1
                         })
                         .collect();
-                    let layers: Vec<String> =
-                        c.stages.iter().map(|a| format!("{}:{}", a.node, a.layers)).collect();
+                    let layers: Vec<String> = c
+                        .stages
+                        .iter()
+                        .map(|a| format!("{}:{}", a.node, a.layers))
+                        .collect();
                     println!("  pipeline: {}", layers.join(" -> "));
                     return;
                 }
@@ -394,6 +403,17 @@ async fn two_stage_figures(cluster: &Cluster, opts: &Opts, hidden: u64) -> (f64,
         "  1 stream:  {one:.1} tok/s (median of {:?})",
         rates.iter().map(|r| format!("{r:.1}")).collect::<Vec<_>>()
     );
+    let mid = cluster.hops();
+    for (h, ((_, l0, _), (_, l1, _))) in before.iter().zip(&mid).enumerate() {
+        let lat = l1.since(l0);
+        println!(
+            "  hop {h}->{} with 1 stream: latency p50 {} p99 {} over {} steps",
+            h + 1,
+            ms(lat.quantile(0.5)),
+            ms(lat.quantile(0.99)),
+            lat.count()
+        );
+    }
     let mut aggs = Vec::new();
     let mut produced = 0u64;
     for _ in 0..opts.runs {
@@ -403,7 +423,10 @@ async fn two_stage_figures(cluster: &Cluster, opts: &Opts, hidden: u64) -> (f64,
             .iter()
             .map(|r| (r.first - r.start).as_secs_f64() * 1e3)
             .fold(0f64, f64::max);
-        println!("    {} streams: {agg:.1} tok/s aggregate (slowest first token {ttft:.0} ms)", opts.streams);
+        println!(
+            "    {} streams: {agg:.1} tok/s aggregate (slowest first token {ttft:.0} ms)",
+            opts.streams
+        );
         aggs.push(agg);
     }
     let agg = median(aggs);
@@ -414,21 +437,24 @@ async fn two_stage_figures(cluster: &Cluster, opts: &Opts, hidden: u64) -> (f64,
     );
     let after = cluster.hops();
     let budget = 2 * hidden + 64;
-    for (h, ((t0, l0, w0), (t1, l1, w1))) in before.iter().zip(&after).enumerate() {
+    for (h, (((t0, _, w0), (_, l0, _)), (t1, l1, w1))) in
+        before.iter().zip(&mid).zip(&after).enumerate()
+    {
         let t = t1.since(t0);
         let lat = l1.since(l0);
         let rows = t.received.rows.max(1);
         let per_row = t.bytes() as f64 / rows as f64;
         println!(
-            "  hop {h}->{}: latency p50 {} p99 {} mean {} over {} steps",
+            "  hop {h}->{} with {} streams: latency p50 {} p99 {} mean {} over {} steps (includes waiting behind the stage's previous step)",
             h + 1,
+            opts.streams,
             ms(lat.quantile(0.5)),
             ms(lat.quantile(0.99)),
             ms(lat.mean()),
             lat.count()
         );
         println!(
-            "    frames: {:.1} B per token position (down {:.1} + up {:.1}; {} rows, {} tokens sampled) vs target {budget} B (2 x {hidden} + 64)",
+            "    frames (whole block): {:.1} B per token position (down {:.1} + up {:.1}; {} rows, {} tokens sampled) vs target {budget} B (2 x {hidden} + 64)",
             per_row,
             t.received.bytes as f64 / rows as f64,
             t.sent.bytes as f64 / rows as f64,

@@ -895,7 +895,10 @@ async fn a_two_stage_pipeline_counts_its_link_traffic_on_both_ends() {
     let hidden = shoal_synth::SynthSpec::tiny_llama().hidden as u64;
     assert!(sent.sent.bytes >= sent.sent.rows * 2 * hidden, "{sent:?}");
     // The head has no previous stage and the tail no next one.
-    assert_eq!(cluster.link_totals(head, Peer::Previous), PeerTotals::default());
+    assert_eq!(
+        cluster.link_totals(head, Peer::Previous),
+        PeerTotals::default()
+    );
     assert_eq!(cluster.link_totals(tail, Peer::Next), PeerTotals::default());
     // Every step was stamped and timed by the stage that received it.
     let hop = cluster.hop_latency(tail);

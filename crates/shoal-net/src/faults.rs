@@ -401,8 +401,7 @@ mod tests {
         proxy.cut();
         s.write_all(b"lost?").await.unwrap();
         let mut got = [0u8; 5];
-        let waited =
-            tokio::time::timeout(Duration::from_millis(300), s.read_exact(&mut got)).await;
+        let waited = tokio::time::timeout(Duration::from_millis(300), s.read_exact(&mut got)).await;
         assert!(waited.is_err(), "data crossed a cut proxy");
         assert_eq!(proxy.bytes(), (4, 4));
         proxy.heal();

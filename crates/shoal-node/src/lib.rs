@@ -38,10 +38,10 @@ pub use capability::{CapabilityOptions, measure_capability};
 pub use config::{AgentConfig, AgentError, ConfigProblem, ModelFile};
 pub use control::ControlState;
 pub use enroll::{EnrollConfig, EnrollError, Renewal, enroll, renewal_due};
+pub use link_metrics::{LatencySnapshot, LinkMetrics, LinkTotals, Peer, PeerTotals};
 pub use local::{
     LocalBackend, LocalBackendConfig, MAX_STOP_STRINGS, NodePrompt, NodeRequest, engine_error,
 };
-pub use link_metrics::{LatencySnapshot, LinkMetrics, LinkTotals, Peer, PeerTotals};
 pub use metrics::NodeMetrics;
 pub use service::GenerateStream;
 pub use shards::LoadError;

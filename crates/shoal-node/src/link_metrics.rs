@@ -360,12 +360,8 @@ impl Collector for LinkCollector {
             ),
         ];
         for (name, help, get) in counters {
-            let mut family = encoder.encode_descriptor(
-                counter_base(name),
-                help,
-                None,
-                MetricType::Counter,
-            )?;
+            let mut family =
+                encoder.encode_descriptor(counter_base(name), help, None, MetricType::Counter)?;
             for (peer, totals) in &peers {
                 for (direction, t) in [("sent", &totals.sent), ("received", &totals.received)] {
                     let labels = LinkLabels {
@@ -452,7 +448,10 @@ mod tests {
     fn frames_are_counted_by_direction_and_steps_stamp_the_hop() {
         let m = LinkMetrics::default();
         m.frame_sent(Peer::Next, &step(3, 0));
-        m.frame_received(Peer::Previous, &step(2, unix_micros().saturating_sub(2_000)));
+        m.frame_received(
+            Peer::Previous,
+            &step(2, unix_micros().saturating_sub(2_000)),
+        );
         m.frame_received(Peer::Previous, &step(1, 0)); // unstamped: counted, not timed
         m.frame_received(
             Peer::Previous,

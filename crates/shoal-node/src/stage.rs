@@ -384,7 +384,9 @@ impl Link {
         });
         let open = v1::StageFrame::from(open);
         settings.metrics.frame_sent(Peer::Next, &open);
-        tx.send(open).await.map_err(|_| lost("link closed".into()))?;
+        tx.send(open)
+            .await
+            .map_err(|_| lost("link closed".into()))?;
         let outbound =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
         let call = async {
