@@ -7,7 +7,7 @@ use shoal_api::{ApiConfig, InferenceBackend};
 use shoal_cluster::{ClusterBackendConfig, Coordinator, CoordinatorOptions};
 use shoal_control::{CoordinatorConfig, NodeState, PlacementMode};
 use shoal_net::{ClusterCa, PeerIdentity, Role, TlsMode};
-use shoal_node::{Agent, AgentConfig, ModelFile};
+use shoal_node::{Agent, AgentConfig, ModelFile, Peer, PeerTotals};
 use shoal_pipeline::Preference;
 use shoal_types::{ModelId, NodeId};
 use std::future::Future;
@@ -176,7 +176,7 @@ impl TestCluster {
             tls: tls(&self.ca, Role::Agent, name),
             data_listen: "127.0.0.1:0".parse().unwrap(),
             advertise_addr: None,
-            http_listen: None,
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
             models: vec![self.model.clone()],
             threads: 1,
             engine: shoal_engine::EngineConfig::default(),
@@ -943,4 +943,117 @@ async fn a_middle_pipeline_stage_killed_mid_stream_costs_no_token() {
     assert!(killed.is_some());
     assert_eq!(seen, reference);
     assert_eq!(cluster.coordinator.backend().failovers(), 1);
+}
+
+impl TestCluster {
+    /// What the agent named `name` exchanged with its `peer` stage so far.
+    fn link_totals(&self, name: &str, peer: Peer) -> PeerTotals {
+        let agents = self.agents.lock().unwrap();
+        let (agent, _) = agents
+            .iter()
+            .flatten()
+            .find(|(a, _)| a.node_id().as_str() == name)
+            .unwrap();
+        agent.metrics().links().with(peer)
+    }
+
+    fn hop_latency(&self, name: &str) -> shoal_node::LatencySnapshot {
+        let agents = self.agents.lock().unwrap();
+        let (agent, _) = agents
+            .iter()
+            .flatten()
+            .find(|(a, _)| a.node_id().as_str() == name)
+            .unwrap();
+        agent.metrics().links().hop_latency()
+    }
+
+    fn agent_http(&self, name: &str) -> std::net::SocketAddr {
+        let agents = self.agents.lock().unwrap();
+        let (agent, _) = agents
+            .iter()
+            .flatten()
+            .find(|(a, _)| a.node_id().as_str() == name)
+            .unwrap();
+        agent.http_addr().unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_stage_pipeline_counts_its_link_traffic_on_both_ends() {
+    let cluster = TestCluster::start_opts(
+        shoal_synth::SynthSpec::tiny_llama(),
+        2,
+        PlacementMode::Shard { max_stages: 2 },
+        Preference::default(),
+    )
+    .await;
+    let chain = cluster.first_chain();
+    assert_eq!(chain.len(), 2, "{chain:?}");
+    let (head, tail) = (&chain[0], &chain[1]);
+    // Nothing crossed the link yet: the head opens it with the first sequence.
+    assert_eq!(cluster.link_totals(head, Peer::Next), PeerTotals::default());
+
+    let (status, body) = cluster.chat(greedy("count the waves", 12)).await;
+    assert_eq!(status, 200, "{body}");
+    let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    let completion = body["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(completion >= 2, "{body}");
+
+    // The sequence's release follows the answer; wait until both ends saw the same frames.
+    let (sent, received) = within("the two ends of the link agreeing", async {
+        loop {
+            let sent = cluster.link_totals(head, Peer::Next);
+            let received = cluster.link_totals(tail, Peer::Previous);
+            if sent.sent == received.received && sent.received == received.sent {
+                let released = sent.sent.frames >= 1 + 1 + completion + 1;
+                if released {
+                    return (sent, received);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Down: link open, sequence open, one step per sampled token (the prompt in one step,
+    // then each token but the last fed back), the release.
+    assert_eq!(sent.sent.frames, 1 + 1 + completion + 1, "{sent:?}");
+    assert_eq!(sent.sent.steps, completion);
+    assert_eq!(sent.sent.rows, prompt + completion - 1);
+    // Up: the accept and one result per step.
+    assert_eq!(sent.received.frames, 1 + completion);
+    assert_eq!(sent.received.steps, 0);
+    // Hidden rows at f16 dominate: at least two bytes per value per row.
+    let hidden = shoal_synth::SynthSpec::tiny_llama().hidden as u64;
+    assert!(sent.sent.bytes >= sent.sent.rows * 2 * hidden, "{sent:?}");
+    // The head has no previous stage and the tail no next one.
+    assert_eq!(
+        cluster.link_totals(head, Peer::Previous),
+        PeerTotals::default()
+    );
+    assert_eq!(cluster.link_totals(tail, Peer::Next), PeerTotals::default());
+    // Every step was stamped and timed by the stage that received it.
+    let hop = cluster.hop_latency(tail);
+    assert_eq!(hop.count(), received.received.steps);
+    assert!(hop.quantile(0.5).is_some());
+    assert_eq!(cluster.hop_latency(head).count(), 0);
+
+    // The same figures on the receiving agent's /metrics.
+    let text = within(
+        "scraping the tail's metrics",
+        cluster
+            .http
+            .get(format!("http://{}/metrics", cluster.agent_http(tail)))
+            .send(),
+    )
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let steps = format!(
+        "shoal_node_stage_link_steps_total{{peer=\"previous\",direction=\"received\"}} {completion}"
+    );
+    assert!(text.contains(&steps), "{steps} not in {text}");
+    let count = format!("shoal_node_stage_hop_latency_seconds_count {completion}");
+    assert!(text.contains(&count), "{count} not in {text}");
 }

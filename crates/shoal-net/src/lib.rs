@@ -37,6 +37,7 @@ mod auth;
 mod client;
 mod enroll;
 mod error;
+pub mod faults;
 mod identity;
 mod live;
 mod pki;

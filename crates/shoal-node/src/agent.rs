@@ -148,10 +148,12 @@ impl Agent {
         cfg.validate()?;
         let cancel = cancel.child_token();
         let cancel_on_drop = cancel.clone().drop_guard();
+        let metrics = Arc::new(NodeMetrics::new());
         let links = LinkSettings {
             node_id: cfg.node_id.clone(),
             tls: cfg.tls.clone(),
             renewing: renewal.as_ref().map(|r| r.identity.clone()),
+            metrics: metrics.links().clone(),
         };
         let shards = Arc::new(ShardTable::new(
             cfg.models.clone(),
@@ -176,7 +178,7 @@ impl Agent {
         let core = Arc::new(NodeCore::new(
             cfg.node_id.clone(),
             shards,
-            Arc::new(NodeMetrics::new()),
+            metrics.clone(),
             capability,
             cancel.child_token(),
         ));

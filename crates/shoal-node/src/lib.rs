@@ -26,6 +26,7 @@ mod control;
 mod core;
 mod enroll;
 mod http;
+pub mod link_metrics;
 mod local;
 pub mod metrics;
 mod service;
@@ -37,6 +38,7 @@ pub use capability::{CapabilityOptions, measure_capability};
 pub use config::{AgentConfig, AgentError, ConfigProblem, ModelFile};
 pub use control::ControlState;
 pub use enroll::{EnrollConfig, EnrollError, Renewal, enroll, renewal_due};
+pub use link_metrics::{LatencySnapshot, LinkMetrics, LinkTotals, Peer, PeerTotals};
 pub use local::{
     LocalBackend, LocalBackendConfig, MAX_STOP_STRINGS, NodePrompt, NodeRequest, engine_error,
 };

@@ -6,6 +6,7 @@
 //! registered in the gateway's registry ([`shoal_api::metrics::Metrics::with_extension`]), so
 //! one `GET /metrics` exposes the node and its HTTP API together.
 
+use crate::link_metrics::{LinkCollector, LinkMetrics};
 use crate::shards::{EngineTotals, ShardTable};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
@@ -70,6 +71,7 @@ pub struct NodeMetrics {
     inter_token: Histogram,
     generations: Family<OutcomeLabels, Counter>,
     heartbeat_failures: Counter,
+    links: Arc<LinkMetrics>,
 }
 
 impl Default for NodeMetrics {
@@ -97,6 +99,7 @@ impl NodeMetrics {
             inter_token: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             generations,
             heartbeat_failures: Counter::default(),
+            links: Arc::default(),
         }
     }
 
@@ -134,6 +137,11 @@ impl NodeMetrics {
         self.heartbeat_failures.get()
     }
 
+    /// What this node's pipeline stage links carried.
+    pub fn links(&self) -> &Arc<LinkMetrics> {
+        &self.links
+    }
+
     /// Registers these metrics, and a collector reading `shards`' engines at scrape time.
     pub(crate) fn register(&self, registry: &mut Registry, shards: Arc<ShardTable>) {
         registry.register(
@@ -157,6 +165,7 @@ impl NodeMetrics {
             self.heartbeat_failures.clone(),
         );
         registry.register_collector(Box::new(EngineCollector { shards }));
+        registry.register_collector(Box::new(LinkCollector(self.links.clone())));
     }
 }
 

@@ -538,6 +538,7 @@ mod tests {
                     node_id: shoal_types::NodeId::new("test"),
                     tls: shoal_net::TlsMode::Plaintext,
                     renewing: None,
+                    metrics: Arc::default(),
                 },
                 model_keys: keys,
             },

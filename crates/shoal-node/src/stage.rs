@@ -19,6 +19,7 @@
 //! `unavailable` at the head, whose caller (the gateway) resumes them elsewhere.
 
 use crate::core::NodeCore;
+use crate::link_metrics::{LinkMetrics, Peer, unix_micros};
 use futures::Stream;
 use shoal_engine::{Downstream, EngineError, EngineRequest, HeadStep, TailEvent, TailSender};
 use shoal_model::{Model, Sampler, SamplingParams, SeqStep, ShardInput, ShardOutput, ShardRuntime};
@@ -57,6 +58,8 @@ pub struct LinkSettings {
     /// An enrolled node's certificate, renewed at run time: new links present the current
     /// one instead of `tls`.
     pub renewing: Option<RenewableIdentity>,
+    /// What the node's links carry, counted by every link it opens or accepts.
+    pub metrics: Arc<LinkMetrics>,
 }
 
 impl LinkSettings {
@@ -353,6 +356,7 @@ fn run_step(
 /// One open link to the next stage.
 struct Link {
     tx: mpsc::Sender<v1::StageFrame>,
+    metrics: Arc<LinkMetrics>,
     codec: Codec,
     width: u32,
     /// Cancelled when the link ends (either side).
@@ -390,7 +394,9 @@ impl Link {
             preference,
             sender: settings.node_id.clone(),
         });
-        tx.send(open.into())
+        let open = v1::StageFrame::from(open);
+        settings.metrics.frame_sent(Peer::Next, &open);
+        tx.send(open)
             .await
             .map_err(|_| lost("link closed".into()))?;
         let outbound =
@@ -405,6 +411,9 @@ impl Link {
                 .message()
                 .await
                 .map_err(|s| lost(format!("stage {}: {}", hop.node, s.message())))?;
+            if let Some(f) = &first {
+                settings.metrics.frame_received(Peer::Next, f);
+            }
             match first.map(Frame::try_from) {
                 Some(Ok(Frame::LinkAccept(a))) => Ok((a, inbound)),
                 Some(Ok(Frame::Error(f))) => Err(f),
@@ -421,6 +430,7 @@ impl Link {
         Ok((
             Link {
                 tx,
+                metrics: settings.metrics.clone(),
                 codec: accept.codec,
                 width: accept.hidden_width,
                 closed: CancellationToken::new(),
@@ -429,8 +439,14 @@ impl Link {
         ))
     }
 
+    /// Sends a frame down the link, stamping steps with the moment they are handed over.
     async fn send(&self, frame: Frame) -> bool {
-        self.tx.send(frame.into()).await.is_ok()
+        let mut wire = v1::StageFrame::from(frame);
+        if let Some(v1::stage_frame::Frame::Step(s)) = &mut wire.frame {
+            s.sent_unix_micros = unix_micros();
+        }
+        self.metrics.frame_sent(Peer::Next, &wire);
+        self.tx.send(wire).await.is_ok()
     }
 }
 
@@ -610,6 +626,7 @@ impl HeadLinks {
                     tokio::spawn(read_results(
                         inbound,
                         link.closed.clone(),
+                        link.metrics.clone(),
                         self.tail.clone(),
                         first.node.clone(),
                     ));
@@ -703,6 +720,7 @@ impl HeadLinks {
                 step: self.next_step,
                 seqs,
                 hidden: encoded,
+                sent_unix_micros: 0,
             });
             if !link.send(frame).await {
                 let f = fault(
@@ -724,6 +742,7 @@ impl HeadLinks {
 async fn read_results(
     mut inbound: Streaming<v1::StageFrame>,
     closed: CancellationToken,
+    metrics: Arc<LinkMetrics>,
     tail: TailSender,
     node: NodeId,
 ) {
@@ -732,6 +751,9 @@ async fn read_results(
             () = closed.cancelled() => break "the link was closed".to_owned(),
             m = inbound.message() => m,
         };
+        if let Ok(Some(f)) = &msg {
+            metrics.frame_received(Peer::Next, f);
+        }
         match msg.map(|m| m.map(Frame::try_from)) {
             Ok(Some(Ok(Frame::StepResult(r)))) => {
                 for out in r.outputs {
@@ -793,10 +815,18 @@ impl Stage for StageService {
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no link open frame"))??;
-        let open = match first.map(Frame::try_from) {
-            Some(Ok(Frame::LinkOpen(o))) => o,
-            Some(Err(e)) => return Err(Status::invalid_argument(format!("bad frame: {e}"))),
-            _ => {
+        let Some(first_wire) = first else {
+            return Err(Status::invalid_argument(
+                "the first frame of a link must open it",
+            ));
+        };
+        self.settings
+            .metrics
+            .frame_received(Peer::Previous, &first_wire);
+        let open = match Frame::try_from(first_wire) {
+            Ok(Frame::LinkOpen(o)) => o,
+            Err(e) => return Err(Status::invalid_argument(format!("bad frame: {e}"))),
+            Ok(_) => {
                 return Err(Status::invalid_argument(
                     "the first frame of a link must open it",
                 ));
@@ -814,8 +844,12 @@ impl Stage for StageService {
                 "no activation codec acceptable to both ends",
             ));
         };
-        let (up, rx) = mpsc::channel::<Result<v1::StageFrame, Status>>(LINK_BUFFER);
-        let _ = up.send(Ok(Frame::LinkAccept(accept.clone()).into())).await;
+        let (tx, rx) = mpsc::channel::<Result<v1::StageFrame, Status>>(LINK_BUFFER);
+        let up = Upstream {
+            tx,
+            metrics: self.settings.metrics.clone(),
+        };
+        up.send(Frame::LinkAccept(accept.clone())).await;
         let link = shard.next_link.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(from = %open.sender, layers = %shard.range, codec = %accept.codec, "stage link accepted");
         let server = LinkServer {
@@ -837,16 +871,31 @@ impl Stage for StageService {
     }
 }
 
+/// The answering half of an accepted link; counts what it sends.
+#[derive(Clone)]
+struct Upstream {
+    tx: mpsc::Sender<Result<v1::StageFrame, Status>>,
+    metrics: Arc<LinkMetrics>,
+}
+
+impl Upstream {
+    /// Sends a frame up; false once the upstream stage is gone.
+    async fn send(&self, frame: impl Into<v1::StageFrame>) -> bool {
+        let wire = frame.into();
+        self.metrics.frame_sent(Peer::Previous, &wire);
+        self.tx.send(Ok(wire)).await.is_ok()
+    }
+}
+
 /// One accepted link on a stage after the head.
 struct LinkServer {
     shard: Arc<StageShard>,
     link: u64,
     /// The codec negotiated for steps arriving on this link (each frame names its own).
-    #[allow(dead_code)] // kept for logs and metrics
     codec: Codec,
     preference: Preference,
     settings: LinkSettings,
-    up: mpsc::Sender<Result<v1::StageFrame, Status>>,
+    up: Upstream,
     /// The link to the next stage, once a sequence named it.
     down: Option<Arc<Link>>,
     opened: HashSet<SeqId>,
@@ -858,9 +907,12 @@ impl LinkServer {
         let why = loop {
             let msg = tokio::select! {
                 () = self.cancel.cancelled() => break "the node is shutting down".to_owned(),
-                () = self.up.closed() => break "the upstream stage went away".to_owned(),
+                () = self.up.tx.closed() => break "the upstream stage went away".to_owned(),
                 m = inbound.message() => m,
             };
+            if let Ok(Some(f)) = &msg {
+                self.up.metrics.frame_received(Peer::Previous, f);
+            }
             let frame = match msg {
                 Ok(Some(f)) => match Frame::try_from(f) {
                     Ok(f) => f,
@@ -905,7 +957,7 @@ impl LinkServer {
                 break "the link failed".to_owned();
             }
         };
-        tracing::debug!(layers = %self.shard.range, reason = %why, "stage link closed");
+        tracing::debug!(layers = %self.shard.range, codec = %self.codec, reason = %why, "stage link closed");
         self.shard.send(Job::CloseLink { link: self.link });
         if let Some(d) = self.down.take() {
             d.closed.cancel();
@@ -914,7 +966,7 @@ impl LinkServer {
 
     async fn error(&self, seq: Option<SeqId>, class: ErrorClass, reason: &str, message: String) {
         let f = Frame::Error(fault(seq, class, reason, message));
-        let _ = self.up.send(Ok(f.into())).await;
+        self.up.send(f).await;
     }
 
     async fn open_sequence(&mut self, o: SequenceOpen) -> bool {
@@ -980,9 +1032,8 @@ impl LinkServer {
                     }
                     Err(f) => {
                         // The whole link is unusable for this route: tell the head and end.
-                        let _ = self
-                            .up
-                            .send(Ok(Frame::Error(StageFault { seq: None, ..f }).into()))
+                        self.up
+                            .send(Frame::Error(StageFault { seq: None, ..f }))
                             .await;
                         return false;
                     }
@@ -1048,7 +1099,7 @@ impl LinkServer {
             Ok(Ok(out)) => out,
             Ok(Err(f)) => {
                 let link_wide = f.seq.is_none();
-                let _ = self.up.send(Ok(Frame::Error(f).into())).await;
+                self.up.send(Frame::Error(f)).await;
                 return !link_wide;
             }
             Err(_) => {
@@ -1071,10 +1122,7 @@ impl LinkServer {
                         .map(|(seq, token)| SeqOutput::Token { seq, token })
                         .collect(),
                 };
-                self.up
-                    .send(Ok(Frame::StepResult(result).into()))
-                    .await
-                    .is_ok()
+                self.up.send(Frame::StepResult(result)).await
             }
             StageOut::Hidden(h) => {
                 let Some(d) = &self.down else {
@@ -1099,6 +1147,7 @@ impl LinkServer {
                     step: step.step,
                     seqs: slices,
                     hidden,
+                    sent_unix_micros: 0,
                 }))
                 .await
             }
@@ -1110,7 +1159,7 @@ impl LinkServer {
 async fn relay_results(
     mut inbound: Streaming<v1::StageFrame>,
     closed: CancellationToken,
-    up: mpsc::Sender<Result<v1::StageFrame, Status>>,
+    up: Upstream,
 ) {
     loop {
         let msg = tokio::select! {
@@ -1119,7 +1168,8 @@ async fn relay_results(
         };
         match msg {
             Ok(Some(frame)) => {
-                if up.send(Ok(frame)).await.is_err() {
+                up.metrics.frame_received(Peer::Next, &frame);
+                if !up.send(frame).await {
                     break;
                 }
             }
@@ -1129,7 +1179,7 @@ async fn relay_results(
                     _ => "the next stage ended the link".to_owned(),
                 };
                 let f = Frame::Error(fault(None, ErrorClass::Unavailable, "stage_lost", why));
-                let _ = up.send(Ok(f.into())).await;
+                up.send(f).await;
                 break;
             }
         }

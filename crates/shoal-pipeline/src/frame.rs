@@ -160,6 +160,9 @@ pub struct Step {
     pub seqs: Vec<SeqSlice>,
     /// `Σ n_tokens` rows of hidden states.
     pub hidden: Activations,
+    /// When the sender handed the step to its link, in microseconds since the Unix epoch (0:
+    /// unknown). Across machines, `now - sent_unix_micros` includes their clock skew.
+    pub sent_unix_micros: u64,
 }
 
 /// Why a step is not internally consistent.

@@ -275,6 +275,7 @@ impl From<Frame> for v1::StageFrame {
                     })
                     .collect(),
                 hidden: Some(s.hidden.into()),
+                sent_unix_micros: s.sent_unix_micros,
             }),
             Frame::StepResult(r) => WireFrame::StepResult(v1::StageStepResult {
                 step: r.step,
@@ -363,6 +364,7 @@ impl TryFrom<v1::StageFrame> for Frame {
                         })
                         .collect(),
                     hidden: activations_from_wire("step.hidden", s.hidden)?,
+                    sent_unix_micros: s.sent_unix_micros,
                 };
                 step.check().map_err(|problem| FrameError::BadStep {
                     step: s.step,

@@ -84,6 +84,7 @@ fn every_kind_of_frame() -> Vec<Frame> {
                 slice(9, 3, 1, true),
             ],
             hidden: hidden(Codec::F16, 7, 64),
+            sent_unix_micros: 1_790_000_000_123_456,
         }),
         Frame::StepResult(StepResult {
             step: 12,
@@ -135,6 +136,8 @@ fn a_single_sequence_decode_step_costs_at_most_two_bytes_per_value_plus_64() {
             tokens: vec![151_935],
         }],
         hidden: hidden(Codec::F16, 1, n_embd),
+        // A send time in this century: an 8-byte varint.
+        sent_unix_micros: 1_790_000_000_123_456,
     });
     let wire = v1::StageFrame::from(step.clone());
     let len = wire.encoded_len();
@@ -160,6 +163,7 @@ fn wire_step(seqs: Vec<v1::StageSeqSlice>, hidden: Option<v1::Activations>) -> v
             step: 5,
             seqs,
             hidden,
+            sent_unix_micros: 0,
         })),
     }
 }
