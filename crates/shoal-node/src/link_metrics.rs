@@ -330,6 +330,9 @@ struct LinkLabels {
 #[derive(Debug)]
 pub(crate) struct LinkCollector(pub Arc<LinkMetrics>);
 
+/// A counter family: its name, its help text and which total it reads.
+type CounterFamily = (&'static str, &'static str, fn(&LinkTotals) -> u64);
+
 fn counter_base(name: &'static str) -> &'static str {
     name.strip_suffix("_total").unwrap_or(name)
 }
@@ -337,7 +340,7 @@ fn counter_base(name: &'static str) -> &'static str {
 impl Collector for LinkCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let peers = [Peer::Previous, Peer::Next].map(|p| (p, self.0.with(p)));
-        let counters: [(&'static str, &str, fn(&LinkTotals) -> u64); 4] = [
+        let counters: [CounterFamily; 4] = [
             (
                 NODE_STAGE_LINK_BYTES_TOTAL,
                 "Encoded bytes of pipeline stage-link frames",
