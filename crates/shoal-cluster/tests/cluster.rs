@@ -242,6 +242,12 @@ impl TestCluster {
         (status, r.json().await.unwrap())
     }
 
+    /// The coordinator's `/metrics` text.
+    async fn metrics(&self) -> String {
+        let r = within("the metrics", self.http.get(self.url("/metrics")).send()).await;
+        r.unwrap().text().await.unwrap()
+    }
+
     /// Stops an agent abruptly: no Leave, its lease must run out.
     fn kill(&self, index: usize) {
         let (agent, cancel) = self.agents.lock().unwrap()[index].take().unwrap();
@@ -372,15 +378,7 @@ async fn three_agents_serve_the_same_greedy_answer_and_share_the_load() {
     assert!(usage.unwrap()["completion_tokens"].as_u64().unwrap() > 0);
 
     // The coordinator's metrics show a heartbeat age for each node.
-    let metrics = cluster
-        .http
-        .get(cluster.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = cluster.metrics().await;
     for i in 1..=3 {
         assert!(
             metrics.contains(&format!(
@@ -667,15 +665,7 @@ async fn a_replica_killed_mid_stream_is_resumed_with_no_token_lost_or_repeated()
 
 /// The sum of `shoal_failovers_total` over its causes on the coordinator's `/metrics`.
 async fn failovers_on_metrics(cluster: &TestCluster) -> u64 {
-    let metrics = cluster
-        .http
-        .get(cluster.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = cluster.metrics().await;
     let prefix = format!("{}{{cause=", shoal_cluster::metrics::FAILOVERS_TOTAL);
     let counts: Vec<u64> = metrics
         .lines()

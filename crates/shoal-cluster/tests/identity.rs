@@ -184,6 +184,17 @@ async fn an_enrolled_agent_renews_its_certificate_and_keeps_serving_past_the_fir
     assert_eq!(refused.0, ErrorClass::Unauthenticated, "{refused:?}");
 }
 
+/// A channel to the coordinator's main listener presenting `mode`.
+async fn coordinator_channel(f: &Fixture, mode: &TlsMode) -> tonic::transport::Channel {
+    connect(
+        &f.coordinator.grpc_addr().to_string(),
+        mode,
+        ConnectOptions::default(),
+    )
+    .await
+    .unwrap()
+}
+
 /// One `Heartbeat` for `node` with `mode`; the refusal's class and reason (or the handshake's).
 async fn heartbeat_as(f: &Fixture, mode: TlsMode, node: &str) -> (ErrorClass, Option<String>) {
     let endpoint = f.coordinator.grpc_addr().to_string();
@@ -310,13 +321,7 @@ async fn nodes_act_only_as_themselves_and_operators_and_strangers_not_at_all() {
         (class, reason.as_deref()),
         (ErrorClass::PermissionDenied, Some("node_id_mismatch"))
     );
-    let ch = connect(
-        &f.coordinator.grpc_addr().to_string(),
-        &b,
-        ConnectOptions::default(),
-    )
-    .await
-    .unwrap();
+    let ch = coordinator_channel(&f, &b).await;
     let err = coordinator_client(ch, Duration::from_secs(10))
         .leave(v1::LeaveRequest {
             node_id: "node-a".into(),
@@ -337,13 +342,7 @@ async fn nodes_act_only_as_themselves_and_operators_and_strangers_not_at_all() {
         (class, reason.as_deref()),
         (ErrorClass::PermissionDenied, Some("role_not_allowed"))
     );
-    let ch = connect(
-        &f.coordinator.grpc_addr().to_string(),
-        &op,
-        ConnectOptions::default(),
-    )
-    .await
-    .unwrap();
+    let ch = coordinator_channel(&f, &op).await;
     let err = coordinator_client(ch, Duration::from_secs(10))
         .join(v1::JoinRequest {
             protocol_version: shoal_proto::PROTOCOL_VERSION,
@@ -356,13 +355,7 @@ async fn nodes_act_only_as_themselves_and_operators_and_strangers_not_at_all() {
     assert_eq!(err.code(), Code::PermissionDenied);
     assert_eq!(class_of(&err).1.as_deref(), Some("role_not_allowed"));
     // ... nor renew a node certificate.
-    let ch = connect(
-        &f.coordinator.grpc_addr().to_string(),
-        &op,
-        ConnectOptions::default(),
-    )
-    .await
-    .unwrap();
+    let ch = coordinator_channel(&f, &op).await;
     let csr = shoal_net::CertificateRequest::generate("operator", &[]).unwrap();
     let err = shoal_net::enrollment_client(ch, Duration::from_secs(10))
         .renew(v1::RenewRequest {
@@ -374,13 +367,7 @@ async fn nodes_act_only_as_themselves_and_operators_and_strangers_not_at_all() {
 
     // An agent renews only its own certificate.
     let a = TlsMode::Mtls(material(&f.ca, Role::Agent, "node-a"));
-    let ch = connect(
-        &f.coordinator.grpc_addr().to_string(),
-        &a,
-        ConnectOptions::default(),
-    )
-    .await
-    .unwrap();
+    let ch = coordinator_channel(&f, &a).await;
     let csr = shoal_net::CertificateRequest::generate("node-z", &[]).unwrap();
     let err = shoal_net::enrollment_client(ch, Duration::from_secs(10))
         .renew(v1::RenewRequest {
