@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Builds the `shoal:local` container image FROM scratch: the release binary plus exactly the
-# shared libraries it links (as ldd reports them), staged in target/docker-context.
+# Builds the `shoal:local` container image FROM scratch: the release binary (or the build of
+# profile $SHOAL_PROFILE) plus exactly the shared libraries it links (as ldd reports them),
+# staged in target/docker-context.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release -p shoal-cli
-bin=target/release/shoal
+profile="${SHOAL_PROFILE:-release}"
+cargo build --profile "$profile" -p shoal-cli
+bin="target/$profile/shoal"
 ctx=target/docker-context
 rm -rf "$ctx"
 mkdir -p "$ctx/rootfs/usr/local/bin" "$ctx/rootfs/var/lib/shoal" "$ctx/rootfs/tmp"

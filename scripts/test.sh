@@ -5,23 +5,26 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR=never
+# Release optimisation without LTO (see [profile.ci] in Cargo.toml); the Compose test's image
+# uses the same build.
+export SHOAL_PROFILE=ci
 step() { printf '\n== %s\n' "$*"; }
 
 step "python reference packages"
 bash scripts/setup-python.sh
 
 step "default model"
-cargo build --release -p shoal-cli
-./target/release/shoal model fetch
+cargo build --profile ci -p shoal-cli
+./target/ci/shoal model fetch
 
 step "format"
 cargo fmt --all -- --check
 
 step "lint"
-cargo clippy --workspace --all-targets --release -- -D warnings
+cargo clippy --workspace --all-targets --profile ci -- -D warnings
 
 step "tests"
-cargo test --workspace --release
+cargo test --workspace --profile ci
 
 step "containers (Compose: a coordinator and three resource-limited agents)"
 if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 \

@@ -125,13 +125,20 @@ pub fn resolve_model(name_or_path: &str, fetch_if_missing: bool) -> Result<Resol
     })
 }
 
-/// The name clients use: the catalogue name, or the file's stem for a path.
+/// The name clients use: the catalogue name, or for a path the file's name without its
+/// `.gguf` (and `.enc`, for an encrypted copy) extension.
 pub fn model_name(arg: &str, path: &Path) -> String {
     if lookup(arg).is_some() {
         return arg.to_owned();
     }
-    path.file_stem()
-        .map_or_else(|| arg.to_owned(), |s| s.to_string_lossy().into_owned())
+    let Some(file) = path.file_name().map(|s| s.to_string_lossy().into_owned()) else {
+        return arg.to_owned();
+    };
+    let plain = file.strip_suffix(".enc").unwrap_or(&file);
+    match plain.rsplit_once('.') {
+        Some((stem, _)) if !stem.is_empty() => stem.to_owned(),
+        _ => plain.to_owned(),
+    }
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -233,4 +240,20 @@ pub fn fetch(entry: &CatalogEntry) -> Result<PathBuf> {
         .with_context(|| format!("moving the model to {}", dest.display()))?;
     spinner.finish_with_message(format!("cached {} at {}", entry.name, dest.display()));
     Ok(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_is_named_after_its_file_without_extensions() {
+        let name = |p: &str| model_name(p, Path::new(p));
+        assert_eq!(name("/m/tiny.gguf"), "tiny");
+        assert_eq!(name("/m/tiny.gguf.enc"), "tiny");
+        assert_eq!(name("/m/Qwen2-0.5B.Q4_0.gguf"), "Qwen2-0.5B.Q4_0");
+        assert_eq!(name("/m/plain"), "plain");
+        assert_eq!(name("/m/.hidden"), ".hidden");
+        assert_eq!(name(DEFAULT_MODEL), DEFAULT_MODEL);
+    }
 }

@@ -48,6 +48,10 @@ pub struct CoordinatorArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub gateway: GatewayArgs,
+    /// The key of encrypted models: the coordinator decrypts them into memory once, to read
+    /// their shape for placement.
+    #[command(flatten)]
+    pub keys: crate::cmd_model::ModelKeyArgs,
     /// Enroll new nodes with join tokens on this address (TLS that authenticates the
     /// coordinator only; `Enroll` is the one call it serves). Needs the cluster CA's key.
     #[arg(long)]
@@ -87,9 +91,15 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     if args.store.is_some() {
         config.store_path = args.store.clone();
     }
+    let keys = args.keys.provider()?;
     for name in &args.models {
         let m = catalog::resolve_model(name, true)?;
-        let spec = shoal_cluster::model_spec(ModelId::new(&m.name), &m.path, m.sha256)?;
+        // Opened as an agent opens it: the sidecar manifest checked, an encrypted file
+        // decrypted into memory (and dropped once described).
+        let (model, _) = crate::cmd_model::open(&m.path, keys.as_deref(), None)?;
+        let spec = shoal_cluster::spec_of(ModelId::new(&m.name), model.file(), m.sha256)
+            .with_context(|| format!("describing {}", m.path.display()))?;
+        drop(model);
         config.models.retain(|existing| existing.id != spec.id);
         config.models.push(spec);
     }

@@ -44,6 +44,9 @@ pub struct UpArgs {
     /// Cluster directory (CA, certificates, logs). Default: `$SHOAL_HOME/cluster`.
     #[arg(long)]
     pub cluster_dir: Option<PathBuf>,
+    /// The key of an encrypted model, passed on to the coordinator and every agent.
+    #[command(flatten)]
+    pub keys: crate::cmd_model::ModelKeyArgs,
     /// Give up if the cluster is not serving after this many seconds.
     #[arg(long, default_value_t = 180)]
     pub ready_timeout_secs: u64,
@@ -146,6 +149,11 @@ pub fn run(args: UpArgs) -> Result<()> {
     // Children resolve the same argument (a catalogue name keeps its name; the file is cached
     // by now, so nothing is fetched twice).
     let model_arg = args.model.clone();
+    let key_arg = args.keys.model_key_file.as_ref().map(|k| {
+        // Children run in the same directory, but an absolute path survives any change.
+        let abs = std::path::absolute(k).unwrap_or_else(|_| k.clone());
+        format!("--model-key-file={}", abs.display())
+    });
 
     let coord_dir = peer_dir("coordinator");
     tls::issue(&ca, Role::Coordinator, "coordinator", &[])?.save(&coord_dir)?;
@@ -176,6 +184,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     if let Some(l) = args.lease_ms {
         coord_args.push(format!("--lease-ms={l}"));
     }
+    coord_args.extend(key_arg.clone());
 
     let runtime = crate::runtime()?;
     runtime.block_on(async move {
@@ -194,7 +203,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                 let name = format!("agent-{i}");
                 let tls_dir = peer_dir(&name);
                 tls::issue(&ca, Role::Agent, &name, &[])?.save(&tls_dir)?;
-                let agent_args = vec![
+                let mut agent_args = vec![
                     "agent".to_owned(),
                     format!("--join={}", args.grpc_listen),
                     format!("--name={name}"),
@@ -203,6 +212,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                     "--http=127.0.0.1:0".to_owned(),
                     format!("--tls-dir={}", tls_dir.display()),
                 ];
+                agent_args.extend(key_arg.clone());
                 procs.push(spawn(&exe, &name, &agent_args, &logs)?);
                 // One at a time: each agent benchmarks the model at start, and agents measuring
                 // together on shared cores would report each other's contention as their speed.

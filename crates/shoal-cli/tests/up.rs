@@ -58,6 +58,11 @@ struct Up {
 impl Up {
     /// Starts `shoal up` and waits for its ready line.
     fn start(home: &Path, model: &str, agents: usize) -> Up {
+        Up::start_with(home, model, agents, &[])
+    }
+
+    /// `shoal up` with `extra` arguments.
+    fn start_with(home: &Path, model: &str, agents: usize, extra: &[&str]) -> Up {
         let dir = home.join("cluster");
         let (api, grpc) = (
             format!("127.0.0.1:{}", free_port()),
@@ -73,7 +78,10 @@ impl Up {
                 "--lease-ms=1500",
                 &format!("--cluster-dir={}", dir.display()),
             ])
+            .args(extra)
             .env("SHOAL_HOME", home)
+            .env_remove("SHOAL_MODEL_KEY")
+            .env_remove("SHOAL_MODEL_KEY_FILE")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -205,6 +213,96 @@ fn shoal_up_serves_survives_a_killed_agent_and_stops_on_ctrl_c() {
             first["choices"][0]["message"]["content"]
         );
     }
+    up.stop();
+}
+
+fn run_ok(home: &Path, args: &[&str]) -> String {
+    let out = Command::new(SHOAL)
+        .args(args)
+        .env("SHOAL_HOME", home)
+        .env_remove("SHOAL_MODEL_KEY")
+        .env_remove("SHOAL_MODEL_KEY_FILE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shoal {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_cluster_serves_an_encrypted_model_and_answers_like_the_plain_one() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny.gguf");
+    shoal_synth::write_model(&shoal_synth::SynthSpec::tiny_llama(), &model).unwrap();
+    let (model_s, key, enc) = (
+        model.to_str().unwrap(),
+        h.join("model.key"),
+        h.join("tiny.gguf.enc"),
+    );
+    let (key_s, enc_s) = (key.to_str().unwrap(), enc.to_str().unwrap());
+    run_ok(h, &["model", "keygen", "--out", key_s]);
+    run_ok(
+        h,
+        &[
+            "model",
+            "encrypt",
+            model_s,
+            "--key-file",
+            key_s,
+            "--manifest",
+        ],
+    );
+    let prompt = "the quick brown fox";
+    let plain = run_ok(
+        h,
+        &[
+            "generate",
+            "--model",
+            model_s,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "12",
+            "--threads",
+            "1",
+        ],
+    );
+
+    // Without the key the coordinator refuses to start, and says how to give one.
+    let out = Command::new(SHOAL)
+        .args(["coordinator", "--model", enc_s, "--listen=127.0.0.1:0"])
+        .env("SHOAL_HOME", h)
+        .env_remove("SHOAL_MODEL_KEY")
+        .env_remove("SHOAL_MODEL_KEY_FILE")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        e.contains("encrypted") && e.contains("--model-key-file"),
+        "{e}"
+    );
+
+    // With it, the coordinator plans the encrypted file and the agent serves it; the model
+    // keeps its plain name.
+    let key_arg = format!("--model-key-file={key_s}");
+    let up = Up::start_with(h, enc_s, 1, &[&key_arg]);
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let (status, answer) = post(
+        &client,
+        &format!("{}/completions", up.base()),
+        &json!({"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let text = answer["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(text.trim_end(), plain.trim_end(), "{answer}");
     up.stop();
 }
 

@@ -10,7 +10,8 @@
 //! - [`enroll`]: join tokens, enrollment and renewal of node certificates, revocation
 //!   ([`Trust`], [`EnrollmentService`]); the control plane binds each call to the caller's
 //!   certificate and publishes revocations to agents.
-//! - [`model_spec`]: a model file described for the planner.
+//! - [`model_spec`], [`spec_of`]: a model file (or an opened, decrypted one) described for the
+//!   planner.
 //!
 //! Invariants: the gateway never talks to a node the router did not pick; every generation
 //! call carries a deadline; a request counts as in flight on its node until its stream ends.
@@ -28,4 +29,4 @@ pub use admin::{AdminService, cluster_status};
 pub use backend::{ClusterBackend, ClusterBackendConfig, FailoverCause};
 pub use coordinator::{ClusterError, Coordinator, CoordinatorOptions};
 pub use enroll::{EnrollmentOptions, EnrollmentService, Trust};
-pub use spec::{SpecError, model_spec};
+pub use spec::{SpecError, model_spec, spec_of};

@@ -32,17 +32,27 @@ pub enum SpecError {
 /// largest layer, so a range never under-counts) and KV bytes per token of context.
 ///
 /// `sha256` is the file's digest as the caller verified it (hashing a large file is the
-/// caller's choice of when to pay).
+/// caller's choice of when to pay). An encrypted model is opened by the caller (it holds the
+/// key) and described with [`spec_of`].
 pub fn model_spec(id: ModelId, path: &Path, sha256: String) -> Result<ModelSpec, SpecError> {
     let shown = path.display().to_string();
     let file = shoal_gguf::GgufFile::open(path).map_err(|source| SpecError::Gguf {
         path: shown.clone(),
         source,
     })?;
-    let config = ModelConfig::from_gguf(&file).map_err(|source| SpecError::Model {
+    spec_of(id, &file, sha256).map_err(|source| SpecError::Model {
         path: shown,
         source,
-    })?;
+    })
+}
+
+/// Describes an opened (mapped or decrypted) GGUF model, as [`model_spec`] does a file.
+pub fn spec_of(
+    id: ModelId,
+    file: &shoal_gguf::GgufFile,
+    sha256: String,
+) -> Result<ModelSpec, ModelError> {
+    let config = ModelConfig::from_gguf(file)?;
     let mut per_layer = vec![0u64; config.n_layers as usize];
     for t in file.tensors() {
         let layer = t

@@ -5,7 +5,7 @@ use shoal_model::{
     ShardRuntime, StopMatcher, StopScan, StreamDecoder, Tokenizer,
 };
 use shoal_types::{ErrorClass, RequestId, SeqId};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc as std_mpsc};
 use std::thread::JoinHandle;
@@ -94,8 +94,9 @@ pub struct HeadStep {
 /// Where a pipeline head sends its work: the later stages of the model, reached through the
 /// network. Called from the engine's compute thread; must not block for long.
 pub trait Downstream: Send + 'static {
-    /// A sequence starts: `req` carries its sampling, its resume tokens and its route.
-    fn open(&mut self, seq: SeqId, req: &EngineRequest) -> Result<(), EngineError>;
+    /// A sequence starts: `req` carries its sampling, its resume tokens and its route. Returns
+    /// how many stages follow the head on that route.
+    fn open(&mut self, seq: SeqId, req: &EngineRequest) -> Result<usize, EngineError>;
     /// Sends one step down.
     fn step(&mut self, step: HeadStep) -> Result<(), EngineError>;
     /// A sequence ended: its caches can be freed on every stage.
@@ -363,6 +364,13 @@ impl Engine {
     /// stop strings, detokenization, cancellation and resume work as on a whole model; a
     /// sequence waits for its token to come back before its next decode step, and the others
     /// run meanwhile, so several sequences are in flight along the pipeline at once.
+    ///
+    /// Micro-batches: the sequences sampled by one step form a group that travels the
+    /// pipeline together. At most one group per stage is in flight; when that many are out,
+    /// the head waits for one to come back whole instead of stepping the first sequences
+    /// whose tokens return. Groups that return meanwhile are merged into the next step, so
+    /// sequences that arrived one by one end up sharing steps instead of each keeping a
+    /// one-row step of its own in every stage.
     pub fn start_head(
         runtime: Box<dyn ShardRuntime>,
         tokenizer: Arc<Tokenizer>,
@@ -412,6 +420,8 @@ impl Engine {
             next_seq: 0,
             logits: Vec::new(),
             down,
+            groups: HashMap::new(),
+            next_group: 0,
         };
         let thread = std::thread::Builder::new()
             .name("shoal-engine".into())
@@ -523,6 +533,10 @@ enum Phase {
 
 struct Active {
     seq: SeqId,
+    /// (Pipeline head.) Stages after the head on this sequence's route.
+    depth: usize,
+    /// (Pipeline head.) The micro-batch this sequence's token is coming back with.
+    group: Option<u64>,
     sub: Submission,
     phase: Phase,
     sampler: Sampler,
@@ -548,6 +562,10 @@ struct Worker {
     logits: Vec<f32>,
     /// A pipeline head's later stages; `None` on a whole model.
     down: Option<Box<dyn Downstream>>,
+    /// (Pipeline head.) Micro-batches in flight: sequences still waiting for their token, by
+    /// group.
+    groups: HashMap<u64, usize>,
+    next_group: u64,
 }
 
 impl Worker {
@@ -555,12 +573,13 @@ impl Worker {
         let mut open = true;
         while open || !self.waiting.is_empty() || !self.active.is_empty() {
             // Intake: block only when there is nothing to compute (on a pipeline head, when
-            // every sequence waits for its token).
-            let idle = self.waiting.is_empty()
-                && self
-                    .active
-                    .iter()
-                    .all(|a| matches!(a.phase, Phase::Sampling) && a.done.is_none());
+            // every sequence waits for its token, or every stage has a micro-batch).
+            let idle = self.pipeline_full()
+                || (self.waiting.is_empty()
+                    && self
+                        .active
+                        .iter()
+                        .all(|a| matches!(a.phase, Phase::Sampling) && a.done.is_none()));
             if idle {
                 // With sequences in flight, wake now and then to notice cancellations.
                 let got = if self.active.is_empty() {
@@ -621,6 +640,9 @@ impl Worker {
                     && matches!(a.phase, Phase::Sampling)
                     && a.done.is_none()
                 {
+                    if let Some(g) = a.group.take() {
+                        group_returned(&mut self.groups, g);
+                    }
                     a.generated += 1;
                     a.history.push(token);
                     self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
@@ -672,17 +694,21 @@ impl Worker {
             };
             self.next_seq += 1;
             let seq = SeqId(self.next_seq);
-            if let Some(down) = &mut self.down
-                && let Err(e) = down.open(seq, &sub.req)
-            {
-                let _ = sub.events.try_send(EngineEvent::Failed(e));
-                continue;
-            }
+            let depth = match self.down.as_mut().map(|d| d.open(seq, &sub.req)) {
+                None => 0,
+                Some(Ok(depth)) => depth,
+                Some(Err(e)) => {
+                    let _ = sub.events.try_send(EngineEvent::Failed(e));
+                    continue;
+                }
+            };
             let _ = sub.events.try_send(EngineEvent::Started {
                 prompt_tokens: sub.req.prompt.len() as u32,
             });
             let mut a = Active {
                 seq,
+                depth,
+                group: None,
                 stops: StopMatcher::new(&sub.req.options.stop),
                 history: sub.req.prompt.clone(),
                 sub,
@@ -698,17 +724,31 @@ impl Worker {
         }
     }
 
+    /// (Pipeline head.) Whether every stage has a micro-batch in flight, so the next step
+    /// must wait for one to come back.
+    fn pipeline_full(&self) -> bool {
+        if self.down.is_none() || self.groups.is_empty() {
+            return false;
+        }
+        let stages = self.active.iter().map(|a| a.depth + 1).max().unwrap_or(2);
+        self.groups.len() >= stages.max(2)
+    }
+
     /// Runs one forward step; returns false when nothing could be scheduled.
     fn step(&mut self) -> bool {
+        for a in &mut self.active {
+            if a.sub.cancel.is_cancelled() || a.sub.events.is_closed() {
+                a.done
+                    .get_or_insert((FinishReason::Cancelled, String::new()));
+            }
+        }
+        if self.pipeline_full() {
+            return false;
+        }
         let mut batch = Vec::new();
         let mut tokens = Vec::new();
         let mut members = Vec::new();
         for (i, a) in self.active.iter_mut().enumerate() {
-            if a.sub.cancel.is_cancelled() || a.sub.events.is_closed() {
-                a.done
-                    .get_or_insert((FinishReason::Cancelled, String::new()));
-                continue;
-            }
             if a.done.is_some() {
                 continue;
             }
@@ -764,9 +804,11 @@ impl Worker {
         let out = self.rt.forward(&batch, ShardInput::Tokens(&tokens));
         match (out, &mut self.down) {
             (Ok(ShardOutput::Hidden(h)), Some(down)) => {
-                // A pipeline head: the rows go down, the tokens come back later.
+                // A pipeline head: the rows go down, the tokens come back later, together.
                 let mut slices = Vec::with_capacity(batch.len());
                 let mut row = 0;
+                let group = self.next_group;
+                self.next_group += 1;
                 for (st, &i) in batch.iter().zip(&members) {
                     let n = st.n_tokens as usize;
                     slices.push(HeadSlice {
@@ -780,7 +822,11 @@ impl Worker {
                     let a = &mut self.active[i];
                     a.phase = match a.phase {
                         Phase::Prefill(done) if !st.logits => Phase::Prefill(done + n),
-                        _ => Phase::Sampling,
+                        _ => {
+                            a.group = Some(group);
+                            *self.groups.entry(group).or_default() += 1;
+                            Phase::Sampling
+                        }
                     };
                 }
                 let step = HeadStep {
@@ -844,6 +890,7 @@ impl Worker {
     }
 
     fn fail_all(&mut self, err: EngineError) {
+        self.groups.clear();
         for a in self.active.drain(..) {
             let _ = a.sub.events.try_send(EngineEvent::Failed(err.clone()));
             self.rt.release(a.seq);
@@ -866,6 +913,9 @@ impl Worker {
                 continue;
             }
             let a = self.active.swap_remove(i);
+            if let Some(g) = a.group {
+                group_returned(&mut self.groups, g);
+            }
             self.rt.release(a.seq);
             if let Some(down) = &mut self.down {
                 down.release(a.seq);
@@ -884,6 +934,16 @@ impl Worker {
                     tail,
                 });
             }
+        }
+    }
+}
+
+/// One sequence of micro-batch `g` is back (or gone); the group ends with its last.
+fn group_returned(groups: &mut HashMap<u64, usize>, g: u64) {
+    if let Some(left) = groups.get_mut(&g) {
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            groups.remove(&g);
         }
     }
 }

@@ -2,12 +2,19 @@
 //! generations, cancellation and dropped receivers free KV caches, full queues refuse work.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use shoal_engine::{Engine, EngineConfig, EngineError, EngineEvent, EngineRequest};
-use shoal_model::{FinishReason, GenerateOptions, Model, SamplingParams, ShardOptions, ThreadPool};
+use shoal_engine::{
+    Downstream, Engine, EngineConfig, EngineError, EngineEvent, EngineRequest, HeadStep, TailEvent,
+    TailSender,
+};
+use shoal_model::{
+    FinishReason, GenerateOptions, Model, Sampler, SamplingParams, SeqStep, ShardInput,
+    ShardOptions, ShardOutput, ShardRuntime, ThreadPool,
+};
 use shoal_synth::SynthSpec;
-use shoal_types::{RequestId, SeqId};
+use shoal_types::{LayerRange, RequestId, SeqId};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -369,4 +376,214 @@ async fn bad_resumes_are_refused() {
         eng.submit(req, CancellationToken::new()),
         Err(EngineError::Invalid(_))
     ));
+}
+
+/// What the in-process tail of [`pipeline_head_batches_sequences_that_arrive_one_by_one`]
+/// receives.
+enum TailJob {
+    Step(HeadStep),
+    Release(SeqId),
+}
+
+/// A pipeline's later stage in process: runs the last layers of the same model on its own
+/// thread, samples greedily and answers steps in order, each after `delay` (a last stage
+/// slower than the head, as the output head makes it). Counts sampled micro-batches in flight.
+struct LocalTail {
+    jobs: std::sync::mpsc::Sender<TailJob>,
+    in_flight: Arc<AtomicUsize>,
+    most_in_flight: Arc<AtomicUsize>,
+}
+
+impl LocalTail {
+    fn start(
+        mut shard: Box<dyn ShardRuntime>,
+        tail: TailSender,
+        delay: Duration,
+        widest: Arc<AtomicUsize>,
+    ) -> Self {
+        let (jobs, rx) = std::sync::mpsc::channel::<TailJob>();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let counter = in_flight.clone();
+        std::thread::spawn(move || {
+            let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
+            let mut history: HashMap<SeqId, Vec<u32>> = HashMap::new();
+            while let Ok(job) = rx.recv() {
+                let step = match job {
+                    TailJob::Step(step) => step,
+                    TailJob::Release(seq) => {
+                        shard.release(seq);
+                        history.remove(&seq);
+                        continue;
+                    }
+                };
+                widest.fetch_max(step.slices.len(), Ordering::SeqCst);
+                let batch: Vec<SeqStep> = step
+                    .slices
+                    .iter()
+                    .map(|s| SeqStep {
+                        seq: s.seq,
+                        pos: s.pos,
+                        n_tokens: s.n_tokens,
+                        logits: s.sample,
+                    })
+                    .collect();
+                let Ok(ShardOutput::Logits(logits)) =
+                    shard.forward(&batch, ShardInput::Hidden(&step.hidden))
+                else {
+                    panic!("the tail's step failed");
+                };
+                let vocab = logits.len() / batch.iter().filter(|s| s.logits).count().max(1);
+                let mut rows = logits.chunks_exact(vocab);
+                let mut tokens = Vec::new();
+                for s in &step.slices {
+                    let h = history.entry(s.seq).or_default();
+                    h.extend_from_slice(&s.tokens);
+                    if s.sample {
+                        tokens.push((s.seq, sampler.sample(rows.next().unwrap(), h, 0)));
+                    }
+                }
+                std::thread::sleep(delay);
+                if !tokens.is_empty() {
+                    counter.fetch_sub(1, Ordering::SeqCst);
+                }
+                for (seq, token) in tokens {
+                    if !tail.send(TailEvent::Token { seq, token }) {
+                        return;
+                    }
+                }
+            }
+        });
+        Self {
+            jobs,
+            in_flight,
+            most_in_flight: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+impl Downstream for LocalTail {
+    fn open(&mut self, _seq: SeqId, _req: &EngineRequest) -> Result<usize, EngineError> {
+        Ok(1)
+    }
+
+    fn step(&mut self, step: HeadStep) -> Result<(), EngineError> {
+        if step.slices.iter().any(|s| s.sample) {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        }
+        self.jobs
+            .send(TailJob::Step(step))
+            .map_err(|_| EngineError::ShutDown)
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        let _ = self.jobs.send(TailJob::Release(seq));
+    }
+}
+
+/// Sequences that reach a two-stage pipeline one at a time (each admitted only after the one
+/// before it has its first token, so each starts in a micro-batch of its own) end up sharing
+/// steps: the head never has more than one micro-batch per stage in flight, merges the ones
+/// that come back while it waits, and every answer is what the whole model gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_head_batches_sequences_that_arrive_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir, SynthSpec::tiny_llama());
+    let n_layers = model.config().n_layers;
+    let split = n_layers / 2;
+    let n = 8;
+    let max_tokens = 40;
+    let prompts: Vec<Vec<u32>> = (0..n)
+        .map(|i| {
+            (0..(4 + i))
+                .map(|j| (5 + i * 13 + j * 7) as u32 % 250)
+                .collect()
+        })
+        .collect();
+
+    let whole = engine(&model, EngineConfig::default());
+    let mut expected = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let rx = whole
+            .submit(
+                request(i, p.clone(), max_tokens, SamplingParams::greedy()),
+                CancellationToken::new(),
+            )
+            .unwrap();
+        expected.push(collect(rx).await.0);
+    }
+
+    let pool = Arc::new(ThreadPool::new(1).unwrap());
+    let head = model
+        .shard(
+            LayerRange::new(0, split).unwrap(),
+            pool.clone(),
+            ShardOptions::default(),
+        )
+        .unwrap();
+    let tail = model
+        .shard(
+            LayerRange::new(split, n_layers).unwrap(),
+            pool,
+            ShardOptions::default(),
+        )
+        .unwrap();
+    let widest = Arc::new(AtomicUsize::new(0));
+    let (mut in_flight, mut most) = (None, None);
+    let eng = Engine::start_head(
+        Box::new(head),
+        model.tokenizer().clone(),
+        EngineConfig::default(),
+        |sender| {
+            let t = LocalTail::start(
+                Box::new(tail),
+                sender,
+                Duration::from_millis(3),
+                widest.clone(),
+            );
+            in_flight = Some(t.in_flight.clone());
+            most = Some(t.most_in_flight.clone());
+            Box::new(t)
+        },
+    )
+    .unwrap();
+    let most = most.unwrap();
+
+    // One at a time: the next request only once the previous one has its first token.
+    let mut started = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut rx = eng
+            .submit(
+                request(i, p.clone(), max_tokens, SamplingParams::greedy()),
+                CancellationToken::new(),
+            )
+            .unwrap();
+        let first = loop {
+            match tokio::time::timeout(WAIT, rx.recv()).await.unwrap() {
+                Some(EngineEvent::Started { .. }) => {}
+                Some(EngineEvent::Token { id, .. }) => break id,
+                other => panic!("request {i}: {other:?}"),
+            }
+        };
+        started.push((first, rx));
+    }
+    for (i, (first, rx)) in started.into_iter().enumerate() {
+        let (mut ids, last) = collect(rx).await;
+        ids.insert(0, first);
+        assert!(matches!(last, EngineEvent::Finished { .. }), "{last:?}");
+        assert_eq!(ids, expected[i], "request {i} differs through the pipeline");
+    }
+    assert!(
+        most.load(Ordering::SeqCst) <= 2,
+        "{} micro-batches were in flight on a two-stage pipeline",
+        most.load(Ordering::SeqCst)
+    );
+    // Eight sequences in at most two micro-batches: one of them carried at least four.
+    assert!(
+        widest.load(Ordering::SeqCst) >= n / 2,
+        "the widest step had {} sequences",
+        widest.load(Ordering::SeqCst)
+    );
+    assert_eq!(in_flight.unwrap().load(Ordering::SeqCst), 0);
+    wait_idle(&eng, n as u64).await;
 }

@@ -518,7 +518,7 @@ impl HeadDownstream {
 }
 
 impl Downstream for HeadDownstream {
-    fn open(&mut self, seq: SeqId, req: &EngineRequest) -> Result<(), EngineError> {
+    fn open(&mut self, seq: SeqId, req: &EngineRequest) -> Result<usize, EngineError> {
         let route = req
             .route
             .as_ref()
@@ -541,6 +541,7 @@ impl Downstream for HeadDownstream {
             presence_penalty: Some(s.presence_penalty),
             seed: Some(s.seed),
         };
+        let later = route.hops.len();
         self.send(HeadCmd::Open(Box::new(HeadOpen {
             seq,
             request: req.id.clone(),
@@ -549,7 +550,8 @@ impl Downstream for HeadDownstream {
             sampling,
             sampled: req.resume.len() as u32,
             max_context: self.max_context,
-        })))
+        })))?;
+        Ok(later)
     }
 
     fn step(&mut self, step: HeadStep) -> Result<(), EngineError> {
