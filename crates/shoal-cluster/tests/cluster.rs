@@ -86,14 +86,35 @@ impl TestCluster {
         placement: PlacementMode,
         codec: Preference,
     ) -> TestCluster {
+        let weights = weights.into();
+        // With a pipeline of k stages of a synthetic model asked for, each agent gets room
+        // for its share of the layers and no more: no node can hold the model, nor fewer
+        // stages serve it. (A real model's embedding makes the shares uneven; it is split
+        // by the placement mode alone.)
+        let limit = match (&placement, &weights) {
+            (PlacementMode::Shard { max_stages }, Weights::Synth(_)) => Some(*max_stages),
+            _ => None,
+        };
+        Self::start_limited(weights, n_agents, placement, codec, limit).await
+    }
+
+    /// With `room_for_stages = Some(k)`, every agent reports memory for `1/k` of the layers
+    /// (plus the ends' weights and a KV reserve) and no more.
+    async fn start_limited(
+        weights: Weights,
+        n_agents: usize,
+        placement: PlacementMode,
+        codec: Preference,
+        room_for_stages: Option<u32>,
+    ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
-        let (path, synth): (PathBuf, bool) = match weights.into() {
+        let path = match weights {
             Weights::Synth(spec) => {
                 let path = dir.path().join("tiny.gguf");
                 shoal_synth::write_model(&spec, &path).unwrap();
-                (path, true)
+                path
             }
-            Weights::File(path) => (path, false),
+            Weights::File(path) => path,
         };
         let bytes = std::fs::read(&path).unwrap();
         let sha256 = {
@@ -107,13 +128,9 @@ impl TestCluster {
             bytes: bytes.len() as u64,
         };
         let spec = shoal_cluster::model_spec(ModelId::new(MODEL), &path, sha256).unwrap();
-        // With a pipeline of k stages of a synthetic model asked for, each agent gets room
-        // for its share of the layers and no more: no node can hold the model, nor fewer
-        // stages serve it. (A real model's embedding makes the shares uneven; it is split
-        // by the placement mode alone.)
-        let memory_budget = match placement {
-            PlacementMode::Shard { max_stages } if synth => {
-                let per_node = spec.n_layers.div_ceil(max_stages);
+        let memory_budget = match room_for_stages {
+            Some(stages) => {
+                let per_node = spec.n_layers.div_ceil(stages);
                 let range = shoal_types::LayerRange::new(0, per_node).unwrap();
                 Some(
                     spec.weight_bytes(range)
@@ -121,7 +138,7 @@ impl TestCluster {
                         + spec.layer_bytes * 9 / 10,
                 )
             }
-            _ => None,
+            None => None,
         };
         let config = CoordinatorConfig {
             lease_ms: 1500,
@@ -1047,4 +1064,85 @@ async fn a_two_stage_pipeline_counts_its_link_traffic_on_both_ends() {
     assert!(text.contains(&steps), "{steps} not in {text}");
     let count = format!("shoal_node_stage_hop_latency_seconds_count {completion}");
     assert!(text.contains(&count), "{count} not in {text}");
+}
+
+/// A random-weight model of Llama 3.2 1B's shape (about 830 MB at 4 bits) on three agents that
+/// each have room for a third of it: in automatic placement the planner finds no node that can
+/// hold it and splits it, and the pipeline answers what the whole model answers in process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1b_model_too_large_for_any_node_is_served_by_a_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("llama-1b.gguf");
+    shoal_synth::write_model(&shoal_synth::SynthSpec::llama_1b(), &path).unwrap();
+    let prompt = "the quick brown fox";
+    let max_tokens = 6;
+    let reference = {
+        let model = shoal_model::Model::open(&path).unwrap();
+        let tokens = model
+            .encode(&shoal_model::Prompt::Text(prompt.into()))
+            .unwrap();
+        let pool = std::sync::Arc::new(shoal_model::ThreadPool::new(1).unwrap());
+        let mut rt = model
+            .whole(pool, shoal_model::ShardOptions::default())
+            .unwrap();
+        let opts = shoal_model::GenerateOptions {
+            max_tokens,
+            sampling: shoal_model::SamplingParams::greedy(),
+            ..shoal_model::GenerateOptions::default()
+        };
+        shoal_model::generate(
+            &mut rt,
+            model.tokenizer(),
+            shoal_types::SeqId(1),
+            &tokens,
+            &opts,
+            |_| true,
+        )
+        .unwrap()
+    };
+    let file_bytes = std::fs::metadata(&path).unwrap().len();
+
+    let cluster = TestCluster::start_limited(
+        Weights::File(path),
+        3,
+        PlacementMode::Auto,
+        Preference::Exact,
+        Some(3),
+    )
+    .await;
+    let budget = cluster.memory_budget.unwrap();
+    // The ends carry the embeddings and the output head, so a third of the layers plus those
+    // is well over a third of the file, but short of all of it.
+    assert!(
+        budget < file_bytes,
+        "each node has room for {budget} of {file_bytes} bytes"
+    );
+    let chain = cluster.first_chain();
+    assert_eq!(chain.len(), 3, "{chain:?}");
+    let r = within(
+        "a completion from the 1B pipeline",
+        cluster
+            .http
+            .post(cluster.url("/v1/completions"))
+            .json(&json!({
+                "model": MODEL,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["text"].as_str().unwrap(),
+        reference.text,
+        "{body}"
+    );
+    assert_eq!(
+        body["usage"]["completion_tokens"].as_u64().unwrap(),
+        reference.tokens.len() as u64
+    );
 }
