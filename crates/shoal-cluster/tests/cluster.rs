@@ -187,6 +187,12 @@ impl TestCluster {
     }
 
     async fn add_agent(&mut self, name: &str) {
+        let model = self.model.clone();
+        self.add_agent_with(name, model).await;
+    }
+
+    /// Starts an agent whose copy of the model is `model`.
+    async fn add_agent_with(&mut self, name: &str, model: ModelFile) {
         let cfg = AgentConfig {
             node_id: NodeId::new(name),
             coordinator: self.coordinator.grpc_addr().to_string(),
@@ -194,7 +200,7 @@ impl TestCluster {
             data_listen: "127.0.0.1:0".parse().unwrap(),
             advertise_addr: None,
             http_listen: Some("127.0.0.1:0".parse().unwrap()),
-            models: vec![self.model.clone()],
+            models: vec![model],
             threads: 1,
             engine: shoal_engine::EngineConfig::default(),
             default_max_tokens: 16,
@@ -1145,4 +1151,56 @@ async fn a_1b_model_too_large_for_any_node_is_served_by_a_pipeline() {
         body["usage"]["completion_tokens"].as_u64().unwrap(),
         reference.tokens.len() as u64
     );
+}
+
+/// A node that comes back with another version of the model (a file of the same name whose
+/// sha256 differs from the one the cluster serves) is alive but gets no share of the model,
+/// and the plan says why: every request keeps going to the node that runs the expected
+/// version, so answers do not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_version_of_the_model_gets_no_share_of_it() {
+    let mut cluster = TestCluster::start(1).await;
+    let (status, before) = cluster.chat(greedy("hello there", 8)).await;
+    assert_eq!(status, 200, "{before}");
+
+    let other = cluster._dir.path().join("other-version.gguf");
+    let spec = shoal_synth::SynthSpec {
+        seed: 4242,
+        ..shoal_synth::SynthSpec::tiny_llama()
+    };
+    shoal_synth::write_model(&spec, &other).unwrap();
+    let bytes = std::fs::read(&other).unwrap();
+    let stale = ModelFile {
+        id: ModelId::new(MODEL),
+        path: other,
+        sha256: {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&bytes))
+        },
+        bytes: bytes.len() as u64,
+    };
+    assert_ne!(stale.sha256, cluster.model.sha256);
+    cluster.add_agent_with("agent-2", stale).await;
+    cluster.wait_state("agent-2", NodeState::Alive).await;
+    // The plan is made after agent-2 joined, and leaves it out.
+    let view = cluster.coordinator.membership().view();
+    let on: Vec<String> = view
+        .plan
+        .for_model(&ModelId::new(MODEL))
+        .map(|a| a.node.to_string())
+        .collect();
+    assert_eq!(on, ["agent-1"], "{:#?}", view.plan);
+    let explained = view.placement.explain();
+    assert!(
+        explained.contains("agent-2: has another version of the model"),
+        "{explained}"
+    );
+    for _ in 0..4 {
+        let (status, again) = cluster.chat(greedy("hello there", 8)).await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(
+            again["choices"][0]["message"]["content"],
+            before["choices"][0]["message"]["content"]
+        );
+    }
 }

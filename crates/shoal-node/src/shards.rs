@@ -326,21 +326,20 @@ impl ShardTable {
         .map_err(LoadError::Stage)
     }
 
-    /// The file an assignment names: by hash, else by model id.
+    /// The file an assignment names: by hash when it names one (another version of the model
+    /// is never loaded in its place), else by model id.
     fn find_file(&self, a: &ShardAssignment) -> Result<&ModelFile, LoadError> {
-        let by_hash = (!a.model_sha256.is_empty())
-            .then(|| {
-                self.files
-                    .iter()
-                    .find(|f| f.sha256.eq_ignore_ascii_case(&a.model_sha256))
-            })
-            .flatten();
-        by_hash
-            .or_else(|| self.files.iter().find(|f| f.id.as_str() == a.model_id))
-            .ok_or_else(|| LoadError::NoLocalFile {
-                model: a.model_id.clone(),
-                sha256: a.model_sha256.clone(),
-            })
+        let found = if a.model_sha256.is_empty() {
+            self.files.iter().find(|f| f.id.as_str() == a.model_id)
+        } else {
+            self.files
+                .iter()
+                .find(|f| f.sha256.eq_ignore_ascii_case(&a.model_sha256))
+        };
+        found.ok_or_else(|| LoadError::NoLocalFile {
+            model: a.model_id.clone(),
+            sha256: a.model_sha256.clone(),
+        })
     }
 
     fn finish_load(&self, key: &ShardKey, generation: u64, loaded: Result<Loaded, LoadError>) {

@@ -2,8 +2,8 @@
 //! every change (state, plan, store, published view) happens in one well-defined order.
 
 use super::{
-    ClusterView, Command, HeartbeatInfo, HeartbeatReply, JoinAccepted, JoinInfo, MembershipConfig,
-    MembershipError, MembershipEvent, NodeLoad, NodeState, NodeView,
+    ClusterView, Command, HeartbeatInfo, HeartbeatReply, JoinAccepted, JoinInfo, LocalModel,
+    MembershipConfig, MembershipError, MembershipEvent, NodeLoad, NodeState, NodeView,
 };
 use crate::persist::{self, Batch, NodeRecord};
 use crate::placement::{
@@ -11,7 +11,7 @@ use crate::placement::{
 };
 use crate::store::{StateStore, StoreError};
 use shoal_types::{ModelId, NodeId};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
@@ -453,12 +453,32 @@ impl Actor {
         self.placement = c.placement;
     }
 
+    /// Of a node's model files, the models it holds at the version the cluster serves and
+    /// those it holds only at another version.
+    fn versions(&self, files: &[LocalModel]) -> (BTreeSet<ModelId>, BTreeSet<ModelId>) {
+        let (mut right, mut other) = (BTreeSet::new(), BTreeSet::new());
+        for f in files {
+            match self.catalogue.get(&f.model) {
+                Some(m) if m.sha256.eq_ignore_ascii_case(&f.sha256) => {
+                    right.insert(f.model.clone());
+                }
+                Some(_) => {
+                    other.insert(f.model.clone());
+                }
+                None => {}
+            }
+        }
+        other.retain(|m| !right.contains(m));
+        (right, other)
+    }
+
     fn placement_input(&self) -> PlacementInput {
         let nodes = self
             .nodes
             .values()
             .filter(|n| n.state != NodeState::Left)
-            .map(|n| NodeInput {
+            .map(|n| (n, self.versions(&n.local_models)))
+            .map(|(n, versions)| NodeInput {
                 id: n.id.clone(),
                 memory_bytes: n.memory_budget_bytes,
                 cores: n.capability.cores,
@@ -487,16 +507,8 @@ impl Actor {
                     .collect(),
                 // Not measured yet: every link costs nothing until nodes report it.
                 link_latency_seconds: 0.0,
-                local_models: n
-                    .local_models
-                    .iter()
-                    .filter(|l| {
-                        self.catalogue
-                            .get(&l.model)
-                            .is_some_and(|m| m.sha256 == l.sha256)
-                    })
-                    .map(|l| l.model.clone())
-                    .collect(),
+                local_models: versions.0,
+                other_versions: versions.1,
             })
             .collect();
         PlacementInput {

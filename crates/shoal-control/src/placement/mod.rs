@@ -145,6 +145,10 @@ pub struct NodeInput {
     pub speeds: BTreeMap<ModelId, f64>,
     /// Models whose file (with the right sha256) is already on the node's disk.
     pub local_models: BTreeSet<ModelId>,
+    /// Models the node has another version of (a file of that name with a different sha256):
+    /// it would load the wrong weights, so it gets no replica or stage of them.
+    #[serde(default)]
+    pub other_versions: BTreeSet<ModelId>,
     /// Measured per-layer decode cost, per model. Preferred over `speeds` when both are known;
     /// a model missing here is costed as `1 / (speeds × n_layers)` per layer.
     #[serde(default)]
@@ -169,6 +173,7 @@ impl NodeInput {
             health,
             speeds: BTreeMap::new(),
             local_models: BTreeSet::new(),
+            other_versions: BTreeSet::new(),
             layer_speeds: BTreeMap::new(),
             link_latency_seconds: 0.0,
         }
@@ -429,6 +434,8 @@ pub enum Exclusion {
     Draining,
     /// The model is pinned to other nodes.
     NotPinned,
+    /// The node's file of the model is another version (its sha256 differs).
+    OtherVersion,
     /// The model does not fit the node even when the node holds nothing else.
     NotEnoughMemory {
         /// Bytes the model needs with its KV reserve.
@@ -459,6 +466,7 @@ impl fmt::Display for Exclusion {
             Exclusion::Dead => f.write_str("dead"),
             Exclusion::Draining => f.write_str("draining"),
             Exclusion::NotPinned => f.write_str("not pinned"),
+            Exclusion::OtherVersion => f.write_str("has another version of the model"),
             Exclusion::NotEnoughMemory { need, capacity } => {
                 write!(
                     f,

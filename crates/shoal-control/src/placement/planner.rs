@@ -224,6 +224,7 @@ impl<'a> Context<'a> {
 
     fn allowed(&self, m: &ModelSpec, n: &NodeInput) -> bool {
         n.health == NodeHealth::Alive
+            && !n.other_versions.contains(&m.id)
             && self
                 .input
                 .pins
@@ -429,6 +430,9 @@ impl<'a> Context<'a> {
                 let why = match n.health {
                     NodeHealth::Dead => Exclusion::Dead,
                     NodeHealth::Draining => Exclusion::Draining,
+                    NodeHealth::Alive if n.other_versions.contains(&m.id) => {
+                        Exclusion::OtherVersion
+                    }
                     NodeHealth::Alive if !self.allowed(m, n) => Exclusion::NotPinned,
                     NodeHealth::Alive if !piped && n.memory_bytes < need => {
                         Exclusion::NotEnoughMemory {

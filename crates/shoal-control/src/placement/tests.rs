@@ -43,6 +43,30 @@ fn why<'a>(p: &'a Placement, m: &str, n: &str) -> &'a Exclusion {
 }
 
 #[test]
+fn a_node_with_another_version_of_the_model_gets_no_share_of_it() {
+    let mut stale = fast(node("stale", 64, NodeHealth::Alive), "m", 100.0);
+    stale.other_versions.insert(ModelId::new("m"));
+    let input = PlacementInput {
+        models: vec![model("m", 4), model("n", 4)],
+        nodes: vec![stale, fast(node("ok", 8, NodeHealth::Alive), "m", 10.0)],
+        ..Default::default()
+    };
+    let p = place(&input);
+    assert_eq!(on(&p, "m"), ["ok"]);
+    assert_eq!(why(&p, "m", "stale"), &Exclusion::OtherVersion);
+    // Other models still go to it.
+    assert!(
+        on(&p, "n").contains(&"stale".to_owned()),
+        "{:?}",
+        on(&p, "n")
+    );
+    assert!(
+        p.explain()
+            .contains("stale: has another version of the model")
+    );
+}
+
+#[test]
 fn excluded_nodes_carry_their_reason() {
     let input = PlacementInput {
         models: vec![model("m", 4)],
