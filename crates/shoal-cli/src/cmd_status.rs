@@ -56,19 +56,31 @@ pub(crate) async fn admin(target: &AdminTarget) -> Result<ShoalAdminClient> {
 
 /// Prints the cluster's status.
 pub fn run(args: StatusArgs) -> Result<()> {
+    let status = fetch(&args.target)?;
+    if args.raw {
+        println!("{status:#?}");
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
+}
+
+/// Prints the current plan's explanation: per model, where it runs, the alternatives
+/// considered with their predicted tokens/s, and why each other node was left out.
+pub fn plan(target: AdminTarget) -> Result<()> {
+    let status = fetch(&target)?;
+    println!("{}", status.placement.trim_end());
+    Ok(())
+}
+
+fn fetch(target: &AdminTarget) -> Result<v1::ClusterStatusResponse> {
     crate::runtime()?.block_on(async {
-        let mut admin = admin(&args.target).await?;
-        let status = admin
+        let mut admin = admin(target).await?;
+        Ok(admin
             .cluster_status(v1::ClusterStatusRequest {})
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-            .into_inner();
-        if args.raw {
-            println!("{status:#?}");
-        } else {
-            print!("{}", render(&status));
-        }
-        Ok(())
+            .into_inner())
     })
 }
 

@@ -41,6 +41,9 @@ enum Command {
     Agent(cmd_agent::AgentArgs),
     /// Show the cluster: nodes, health, capability, placement, load.
     Status(cmd_status::StatusArgs),
+    /// Explain the current plan: where each model runs, the alternatives with their
+    /// predicted tokens/s, and why other nodes were left out.
+    Plan(cmd_status::AdminTarget),
     /// Stop sending new requests to a node; it finishes those it has.
     Drain(cmd_status::DrainArgs),
     /// Put a drained node back in service.
@@ -96,6 +99,7 @@ fn main() -> std::process::ExitCode {
         Command::Coordinator(args) => cmd_coordinator::run(args),
         Command::Agent(args) => cmd_agent::run(args),
         Command::Status(args) => cmd_status::run(args),
+        Command::Plan(target) => cmd_status::plan(target),
         Command::Drain(args) => cmd_status::drain(args, false),
         Command::Undrain(args) => cmd_status::drain(args, true),
         Command::Ca(CaCommand::Init(args)) => tls::ca_init(args),

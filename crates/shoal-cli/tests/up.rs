@@ -179,25 +179,31 @@ fn shoal_up_serves_survives_a_killed_agent_and_stops_on_ctrl_c() {
     let (status, first) = post(&client, &chat, &body);
     assert_eq!(status, 200, "{first}");
 
-    // `shoal status` reaches the Admin service over mTLS with an operator certificate.
-    let out = Command::new(SHOAL)
-        .args([
-            "status",
-            &format!("--coordinator={}", up.grpc),
-            &format!("--cluster-dir={}", up.dir.display()),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // `shoal status` and `shoal plan` reach the Admin service over mTLS with an operator
+    // certificate.
+    let admin = |command: &str| {
+        let out = Command::new(SHOAL)
+            .args([
+                command,
+                &format!("--coordinator={}", up.grpc),
+                &format!("--cluster-dir={}", up.dir.display()),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = admin("status");
     for name in ["agent-1", "agent-2"] {
         assert!(text.contains(name), "{text}");
     }
     assert!(text.contains("alive"), "{text}");
+    let plan = admin("plan");
+    assert!(plan.contains("model tiny") && plan.contains("tok/s"), "{plan}");
 
     // Kill one agent process outright: requests keep succeeding.
     let victim = processes_mentioning(&up.marker())
