@@ -41,6 +41,10 @@ pub struct CoordinatorArgs {
     /// The state database (redb); default: in memory.
     #[arg(long)]
     pub store: Option<PathBuf>,
+    /// A generation whose node sends nothing for this many milliseconds (after its first
+    /// token) moves to another replica; it must outlast the slowest node's longest step.
+    #[arg(long, default_value_t = 10_000)]
+    pub stall_timeout_ms: u64,
     /// Generation requests in flight at most; more get 429.
     #[arg(long, default_value_t = 256)]
     pub max_in_flight: usize,
@@ -140,7 +144,10 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
                     .apply(&mut api, args.tls.cluster_dir.as_deref());
                 api
             },
-            backend: ClusterBackendConfig::default(),
+            backend: ClusterBackendConfig {
+                stall_timeout: std::time::Duration::from_millis(args.stall_timeout_ms.max(1)),
+                ..ClusterBackendConfig::default()
+            },
         };
         let mut coordinator =
             Coordinator::start_with_enrollment(opts, enrollment, cancel.clone()).await?;

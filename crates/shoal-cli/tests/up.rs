@@ -203,7 +203,10 @@ fn shoal_up_serves_survives_a_killed_agent_and_stops_on_ctrl_c() {
     }
     assert!(text.contains("alive"), "{text}");
     let plan = admin("plan");
-    assert!(plan.contains("model tiny") && plan.contains("tok/s"), "{plan}");
+    assert!(
+        plan.contains("model tiny") && plan.contains("tok/s"),
+        "{plan}"
+    );
 
     // Kill one agent process outright: requests keep succeeding.
     let victim = processes_mentioning(&up.marker())

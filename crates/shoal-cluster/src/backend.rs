@@ -10,14 +10,14 @@
 //! Once tokens flow, every request keeps a journal: its prompt as token ids (from the node's
 //! `Started`) and the tokens delivered to the client so far. When the node fails in the middle
 //! of the generation (the stream breaks, the node reports itself unavailable, it sends nothing
-//! for [`ClusterBackendConfig::stall_timeout`], or the membership declares it dead), the
-//! generation continues on another replica with `resume` set to the delivered tokens: the new
-//! node prefills prompt + resume, replays them silently through its detokenizer and stop
-//! matcher, and samples on from step `len(resume)` with the same seed (the request id seeds
-//! sampling when the client gave none, and the id travels unchanged). The client's stream goes
-//! on with no token repeated and none missing; with greedy or seeded sampling the output is
-//! the one a run without the fault gives. Up to [`ClusterBackendConfig::max_failovers`] such
-//! moves are made per request.
+//! for [`ClusterBackendConfig::stall_timeout`], or the membership declares it or another stage
+//! of its pipeline dead), the generation continues on another replica with `resume` set to the
+//! delivered tokens: the new node prefills prompt + resume, replays them silently through its
+//! detokenizer and stop matcher, and samples on from step `len(resume)` with the same seed (the
+//! request id seeds sampling when the client gave none, and the id travels unchanged). The
+//! client's stream goes on with no token repeated and none missing; with greedy or seeded
+//! sampling the output is the one a run without the fault gives. Up to
+//! [`ClusterBackendConfig::max_failovers`] such moves are made per request.
 
 use crate::metrics::FAILOVERS_TOTAL;
 use crate::wire;
@@ -56,7 +56,7 @@ pub enum FailoverCause {
     node_error,
     /// The node sent nothing for the stall timeout.
     stalled,
-    /// The membership declared the node dead.
+    /// The membership declared the node, or another stage of its pipeline, dead.
     declared_dead,
 }
 
@@ -87,7 +87,11 @@ pub struct ClusterBackendConfig {
     /// Replicas tried before a request is refused as unavailable.
     pub max_attempts: usize,
     /// A node that sends nothing for this long in the middle of a generation (after its first
-    /// token) is taken for lost and the generation moves to another replica.
+    /// token) is taken for lost and the generation moves to another replica. It catches what
+    /// the membership cannot: a node that still heartbeats but whose data links went silent
+    /// (a node cut off entirely is declared dead when its lease runs out, sooner). It must
+    /// outlast a busy node's longest step, such as a prefill chunk of another request on a
+    /// slow device, or a slow node loses work it was doing.
     pub stall_timeout: Duration,
     /// The same bound before the first token, which waits for the whole prefill.
     pub first_token_timeout: Duration,
@@ -105,7 +109,7 @@ impl Default for ClusterBackendConfig {
             start_timeout: Duration::from_secs(10),
             generation_deadline: Duration::from_secs(600),
             max_attempts: 3,
-            stall_timeout: Duration::from_secs(2),
+            stall_timeout: Duration::from_secs(10),
             first_token_timeout: Duration::from_secs(60),
             max_failovers: 3,
             pipeline_codec: shoal_pipeline::Preference::default(),
@@ -612,6 +616,9 @@ impl Relay {
         // Until this node's first token it may be prefilling (the prompt and, after a
         // failover, the resumed tokens): a longer silence is allowed.
         let mut got_token = false;
+        // The silence is counted from the node's last event: views changing meanwhile (every
+        // heartbeat of every node changes one) must not restart it.
+        let mut last_event = tokio::time::Instant::now();
         loop {
             let quiet = if got_token {
                 self.inner.cfg.stall_timeout
@@ -623,24 +630,28 @@ impl Relay {
                 () = self.cancel.cancelled() => return Leg::Done,
                 () = self.tx.closed() => return Leg::Done,
                 changed = view.changed() => {
-                    if changed.is_ok() && !self.inner.alive(&node) {
-                        return lost(
-                            FailoverCause::declared_dead,
-                            "the membership declared it dead".into(),
-                        );
+                    // A pipeline is lost with any of its stages: a later one cut off from the
+                    // network leaves the head alive and waiting.
+                    let dead = route.stages.iter().find(|s| !self.inner.alive(&s.node));
+                    if changed.is_ok() && let Some(dead) = dead {
+                        let why = if dead.node == node {
+                            "the membership declared it dead".to_owned()
+                        } else {
+                            format!("the membership declared its pipeline stage {} dead", dead.node)
+                        };
+                        return lost(FailoverCause::declared_dead, why);
                     }
                     continue;
                 }
-                next = tokio::time::timeout(quiet, stream.next()) => match next {
-                    Ok(n) => n,
-                    Err(_) => {
-                        return lost(
-                            FailoverCause::stalled,
-                            format!("nothing received for {quiet:?}"),
-                        );
-                    }
-                },
+                () = tokio::time::sleep_until(last_event + quiet) => {
+                    return lost(
+                        FailoverCause::stalled,
+                        format!("nothing received for {quiet:?}"),
+                    );
+                }
+                next = stream.next() => next,
             };
+            last_event = tokio::time::Instant::now();
             let event = match next {
                 Some(Ok(v1::GenerateEvent { event: Some(e) })) => e,
                 Some(Ok(v1::GenerateEvent { event: None })) => continue,

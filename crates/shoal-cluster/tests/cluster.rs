@@ -6,13 +6,16 @@ use serde_json::{Value, json};
 use shoal_api::{ApiConfig, InferenceBackend};
 use shoal_cluster::{ClusterBackendConfig, Coordinator, CoordinatorOptions};
 use shoal_control::{CoordinatorConfig, NodeState, PlacementMode};
+use shoal_net::faults::{FaultProxy, Faults};
 use shoal_net::{ClusterCa, PeerIdentity, Role, TlsMode};
-use shoal_node::{Agent, AgentConfig, ModelFile, Peer, PeerTotals};
+use shoal_node::{Agent, AgentConfig, AgentError, ModelFile, Peer, PeerTotals};
 use shoal_pipeline::Preference;
 use shoal_types::{ModelId, NodeId};
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "tiny";
@@ -60,6 +63,54 @@ fn default_model() -> PathBuf {
     path
 }
 
+/// A free loopback port, for a listener whose address must be known before it is bound.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The network links of an agent started behind fault proxies: cutting both cuts the agent
+/// off from the cluster while it keeps running.
+struct AgentLinks {
+    /// In front of the agent's data-plane listener. The agent advertises this address, so
+    /// the gateway and the stage before it reach the agent only through here.
+    data: FaultProxy,
+    /// In front of the coordinator, for this agent alone: it dials this address to join and
+    /// heartbeat.
+    control: FaultProxy,
+}
+
+/// Starts the agent `cfg` describes behind new [`AgentLinks`], its data-plane listener on a
+/// free port.
+async fn start_behind_proxies(
+    mut cfg: AgentConfig,
+    coordinator: SocketAddr,
+    cancel: &CancellationToken,
+) -> (Agent, AgentLinks) {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let control = FaultProxy::start(any, coordinator, Faults::default())
+        .await
+        .unwrap();
+    cfg.coordinator = control.local_addr().to_string();
+    loop {
+        cfg.data_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let data = FaultProxy::start(any, cfg.data_listen, Faults::default())
+            .await
+            .unwrap();
+        cfg.advertise_addr = Some(data.local_addr().to_string());
+        match Agent::start(cfg.clone(), cancel.clone()).await {
+            Ok(agent) => return (agent, AgentLinks { data, control }),
+            // Another test took the port between its pick and the bind: pick another.
+            Err(AgentError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(e) => panic!("starting an agent: {e}"),
+        }
+    }
+}
+
 struct TestCluster {
     _dir: tempfile::TempDir,
     ca: ClusterCa,
@@ -68,6 +119,10 @@ struct TestCluster {
     agents: std::sync::Mutex<Vec<Option<(Agent, CancellationToken)>>>,
     /// Memory each agent reports (so the planner must split the model), if limited.
     memory_budget: Option<u64>,
+    /// Whether agents are started behind fault proxies.
+    proxied: bool,
+    /// Each proxied agent's links, by node name.
+    links: HashMap<String, AgentLinks>,
     http: reqwest::Client,
 }
 
@@ -86,6 +141,18 @@ impl TestCluster {
         placement: PlacementMode,
         codec: Preference,
     ) -> TestCluster {
+        Self::start_full(weights, n_agents, placement, codec, false).await
+    }
+
+    /// Like [`TestCluster::start_opts`], with every agent behind its own [`AgentLinks`] when
+    /// `proxied`.
+    async fn start_full(
+        weights: impl Into<Weights>,
+        n_agents: usize,
+        placement: PlacementMode,
+        codec: Preference,
+        proxied: bool,
+    ) -> TestCluster {
         let weights = weights.into();
         // With a pipeline of k stages of a synthetic model asked for, each agent gets room
         // for its share of the layers and no more: no node can hold the model, nor fewer
@@ -95,7 +162,7 @@ impl TestCluster {
             (PlacementMode::Shard { max_stages }, Weights::Synth(_)) => Some(*max_stages),
             _ => None,
         };
-        Self::start_limited(weights, n_agents, placement, codec, limit).await
+        Self::start_limited(weights, n_agents, placement, codec, limit, proxied).await
     }
 
     /// With `room_for_stages = Some(k)`, every agent reports memory for `1/k` of the layers
@@ -106,6 +173,7 @@ impl TestCluster {
         placement: PlacementMode,
         codec: Preference,
         room_for_stages: Option<u32>,
+        proxied: bool,
     ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let path = match weights {
@@ -177,6 +245,8 @@ impl TestCluster {
             coordinator,
             agents: std::sync::Mutex::default(),
             memory_budget,
+            proxied,
+            links: HashMap::new(),
             http: reqwest::Client::new(),
         };
         for i in 1..=n_agents {
@@ -209,9 +279,19 @@ impl TestCluster {
             model_keys: None,
         };
         let cancel = CancellationToken::new();
-        let agent = within("starting an agent", Agent::start(cfg, cancel.clone()))
-            .await
-            .unwrap();
+        let agent = if self.proxied {
+            let (agent, links) = within(
+                "starting an agent behind proxies",
+                start_behind_proxies(cfg, self.coordinator.grpc_addr(), &cancel),
+            )
+            .await;
+            self.links.insert(name.to_owned(), links);
+            agent
+        } else {
+            within("starting an agent", Agent::start(cfg, cancel.clone()))
+                .await
+                .unwrap()
+        };
         self.agents.lock().unwrap().push(Some((agent, cancel)));
     }
 
@@ -688,15 +768,23 @@ async fn a_replica_killed_mid_stream_is_resumed_with_no_token_lost_or_repeated()
 
 /// The sum of `shoal_failovers_total` over its causes on the coordinator's `/metrics`.
 async fn failovers_on_metrics(cluster: &TestCluster) -> u64 {
+    failovers_by_cause(cluster).await.values().sum()
+}
+
+/// `shoal_failovers_total` on the coordinator's `/metrics`, by cause.
+async fn failovers_by_cause(cluster: &TestCluster) -> HashMap<String, u64> {
     let metrics = cluster.metrics().await;
-    let prefix = format!("{}{{cause=", shoal_cluster::metrics::FAILOVERS_TOTAL);
-    let counts: Vec<u64> = metrics
+    let prefix = format!("{}{{cause=\"", shoal_cluster::metrics::FAILOVERS_TOTAL);
+    let counts: HashMap<String, u64> = metrics
         .lines()
-        .filter(|l| l.starts_with(&prefix))
-        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(|l| {
+            let (cause, count) = l.split_once("\"} ").unwrap();
+            (cause.to_owned(), count.parse().unwrap())
+        })
         .collect();
     assert_eq!(counts.len(), 4, "one series per cause in:\n{metrics}");
-    counts.iter().sum()
+    counts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -910,6 +998,14 @@ async fn the_default_model_in_pipelines_answers_exactly_like_one_node() {
 impl TestCluster {
     /// Kills stage `stage` of the pipeline that has a request in flight.
     fn kill_busy_stage(&self, stage: usize) -> String {
+        let name = self.busy_stage(stage);
+        let index: usize = name.trim_start_matches("agent-").parse().unwrap();
+        self.kill(index - 1);
+        name
+    }
+
+    /// The node running stage `stage` of the pipeline that has a request in flight.
+    fn busy_stage(&self, stage: usize) -> String {
         let router = self.coordinator.backend().router();
         let view = self.coordinator.membership().view();
         let chains = view.plan.chains(&ModelId::new(MODEL));
@@ -919,23 +1015,46 @@ impl TestCluster {
             .map(|c| c.stages.iter().map(|a| a.node.to_string()).collect())
             .collect();
         assert_eq!(busy.len(), 1, "expected one busy pipeline: {busy:?}");
-        let name = busy[0][stage].clone();
-        let index: usize = name.trim_start_matches("agent-").parse().unwrap();
-        self.kill(index - 1);
-        name
+        busy[0][stage].clone()
+    }
+
+    /// Cuts links of the proxied agent `name`; it keeps running.
+    fn cut(&self, name: &str, cut: Cut) {
+        let links = &self.links[name];
+        links.data.cut();
+        if cut == Cut::Partition {
+            links.control.cut();
+        }
+    }
+
+    /// Reconnects an agent cut off by [`TestCluster::cut`].
+    fn heal(&self, name: &str) {
+        let links = &self.links[name];
+        links.data.heal();
+        links.control.heal();
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_middle_pipeline_stage_killed_mid_stream_costs_no_token() {
-    // Two pipelines of three stages each; the middle stage of the busy one dies.
-    let cluster = TestCluster::start_opts(
+/// Which links of an agent a test cuts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Cut {
+    /// All of them, data plane and heartbeats, as a network partition does.
+    Partition,
+    /// The data plane alone: the coordinator still hears the agent's heartbeats.
+    DataPlane,
+}
+
+/// Two pipelines of three stages of the slow model (agents behind fault proxies when
+/// `proxied`), the body of a long greedy answer, and that answer streamed without a fault.
+async fn two_pipelines_of_three(proxied: bool) -> (TestCluster, Value, Seen) {
+    let cluster = TestCluster::start_full(
         slow_model(),
         6,
         PlacementMode::Shard { max_stages: 3 },
         // Exact hidden states: the two pipelines may split the layers differently, and the
         // resumed answer must still be the same.
         Preference::Exact,
+        proxied,
     )
     .await;
     let view = cluster.coordinator.membership().view();
@@ -946,6 +1065,13 @@ async fn a_middle_pipeline_stage_killed_mid_stream_costs_no_token() {
     let body = long_answer(json!({"temperature": 0}));
     let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
     assert!(reference.deltas.len() >= 40, "{reference:?}");
+    (cluster, body, reference)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_middle_pipeline_stage_killed_mid_stream_costs_no_token() {
+    // Two pipelines of three stages each; the middle stage of the busy one dies.
+    let (cluster, body, reference) = two_pipelines_of_three(false).await;
     let mut killed = None;
     let seen = stream_chat(&cluster, body, |n| {
         if n == 20 {
@@ -956,6 +1082,110 @@ async fn a_middle_pipeline_stage_killed_mid_stream_costs_no_token() {
     assert!(killed.is_some());
     assert_eq!(seen, reference);
     assert_eq!(cluster.coordinator.backend().failovers(), 1);
+}
+
+/// On two pipelines of three stages, every agent behind its own proxies, streams a long
+/// greedy answer and cuts the busy pipeline's middle stage after 20 tokens, leaving its
+/// connections open and silent (no reset). Checks that the client got exactly the fault-free
+/// answer, moved once to the other pipeline; returns the cluster, the request, that answer,
+/// the cut stage and when it was cut.
+///
+/// The stage's own link to the next stage goes through that stage's proxy, which stays up;
+/// with nothing coming in from the head, nothing goes out on it either.
+async fn cut_a_middle_stage_mid_stream(cut: Cut) -> (TestCluster, Value, Seen, String, Instant) {
+    let (cluster, body, reference) = two_pipelines_of_three(true).await;
+    let mut cut_stage = None;
+    let mut arrivals = Vec::new();
+    let seen = stream_chat(&cluster, body.clone(), |n| {
+        if n == 20 {
+            let name = cluster.busy_stage(1);
+            cluster.cut(&name, cut);
+            cut_stage = Some((name, Instant::now()));
+        } else if n > 20 {
+            arrivals.push(Instant::now());
+        }
+    })
+    .await;
+    let (name, cut_at) = cut_stage.expect("the stage was cut");
+    // No token lost or repeated, and the same answer as without the fault.
+    assert_eq!(seen, reference);
+    assert_eq!(cluster.coordinator.backend().failovers(), 1);
+    assert_eq!(failovers_on_metrics(&cluster).await, 1);
+    // The stream's longest silence after the cut is the failover.
+    let (mut prev, mut longest) = (cut_at, (Duration::ZERO, 0, Duration::ZERO));
+    for (i, &at) in arrivals.iter().enumerate() {
+        if at - prev > longest.0 {
+            longest = (at - prev, 21 + i, at - cut_at);
+        }
+        prev = at;
+    }
+    println!(
+        "{cut:?}: {name} cut after token 20; the stream's longest silence ({:?}) ended with token {}, {:?} after the cut; failovers by cause {:?}",
+        longest.0,
+        longest.1,
+        longest.2,
+        failovers_by_cause(&cluster).await
+    );
+    (cluster, body, reference, name, cut_at)
+}
+
+/// Heals the cut stage `name` and waits until it is alive and all six agents serve again, then
+/// checks the cluster answers `body` with `reference`, with no further failover.
+async fn heal_and_answer_as_before(
+    cluster: &TestCluster,
+    name: &str,
+    body: Value,
+    reference: &Seen,
+) {
+    let healed_at = Instant::now();
+    cluster.heal(name);
+    cluster.wait_state(name, NodeState::Alive).await;
+    println!("{name} alive {:?} after the heal", healed_at.elapsed());
+    cluster.wait_ready(6).await;
+    println!("six agents ready {:?} after the heal", healed_at.elapsed());
+    let again = stream_chat(cluster, body, |_| {}).await;
+    assert_eq!(&again, reference);
+    assert_eq!(cluster.coordinator.backend().failovers(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_partitioned_away_mid_stream_costs_no_token() {
+    // A partition cuts a node off from everything, so both its links are cut: the data plane
+    // (the head's link to it stops moving) and its heartbeats (the coordinator stops hearing
+    // from it and declares it dead when its lease runs out, as it would for a node on the far
+    // side of a partition). The gateway notices whichever comes first: the stage declared
+    // dead or the pipeline's silence.
+    let (cluster, body, reference, name, cut_at) =
+        cut_a_middle_stage_mid_stream(Cut::Partition).await;
+    // Noticed by the lease or the silence, not by a connection breaking (an open, silent one
+    // breaks only when HTTP/2 keepalive gives up, tens of seconds later).
+    let causes = failovers_by_cause(&cluster).await;
+    assert_eq!(causes["declared_dead"] + causes["stalled"], 1, "{causes:?}");
+    // The cut node is still running, but the cluster counts it dead (from the moment its
+    // lease ran out).
+    cluster.wait_state(&name, NodeState::Dead).await;
+    let lease_end = cluster.coordinator.membership().view().nodes[&NodeId::new(&name)]
+        .lease_deadline
+        .into_std();
+    println!(
+        "{name} declared dead {:?} after the cut",
+        lease_end.saturating_duration_since(cut_at)
+    );
+
+    // Healed, it is told to rejoin and is a member again; both pipelines serve as before.
+    heal_and_answer_as_before(&cluster, &name, body, &reference).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_whose_data_links_go_silent_is_caught_by_the_stall_timeout() {
+    // Only the data plane is cut: the coordinator still hears the stage and counts it alive,
+    // and no connection is reset, so the pipeline's silence is all the gateway can notice.
+    let (cluster, body, reference, name, _) = cut_a_middle_stage_mid_stream(Cut::DataPlane).await;
+    let causes = failovers_by_cause(&cluster).await;
+    assert_eq!(causes["stalled"], 1, "{causes:?}");
+    let state = cluster.coordinator.membership().view().nodes[&NodeId::new(&name)].state;
+    assert_eq!(state, NodeState::Alive);
+    heal_and_answer_as_before(&cluster, &name, body, &reference).await;
 }
 
 impl TestCluster {
@@ -1114,6 +1344,7 @@ async fn a_1b_model_too_large_for_any_node_is_served_by_a_pipeline() {
         PlacementMode::Auto,
         Preference::Exact,
         Some(3),
+        false,
     )
     .await;
     let budget = cluster.memory_budget.unwrap();
