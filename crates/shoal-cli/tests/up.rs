@@ -181,22 +181,11 @@ fn shoal_up_serves_survives_a_killed_agent_and_stops_on_ctrl_c() {
 
     // `shoal status` and `shoal plan` reach the Admin service over mTLS with an operator
     // certificate.
-    let admin = |command: &str| {
-        let out = Command::new(SHOAL)
-            .args([
-                command,
-                &format!("--coordinator={}", up.grpc),
-                &format!("--cluster-dir={}", up.dir.display()),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let (coordinator, cluster_dir) = (
+        format!("--coordinator={}", up.grpc),
+        format!("--cluster-dir={}", up.dir.display()),
+    );
+    let admin = |command: &str| run_ok(home.path(), &[command, &coordinator, &cluster_dir]);
     let text = admin("status");
     for name in ["agent-1", "agent-2"] {
         assert!(text.contains(name), "{text}");
