@@ -1,10 +1,11 @@
-# Shared by the cluster benchmark scripts (sourced, not run): a release build of `shoal`, a
-# scratch directory removed on exit, and a loopback cluster of a coordinator and N agents, each
-# agent pinned to its own core with one compute thread.
+# Shared by the cluster benchmark scripts (sourced, not run): a release build of `shoal` (or the
+# build of profile $SHOAL_PROFILE), a scratch directory removed on exit, and a loopback cluster
+# of a coordinator and N agents, each agent pinned to its own core with one compute thread.
 # Set TLS=(--insecure-plaintext) before start_cluster for a cluster without TLS; by default every
 # process issues its certificate from the scratch cluster directory (mutual TLS on every link).
-cargo build --release -p shoal-cli >/dev/null
-shoal=$PWD/target/release/shoal
+profile=${SHOAL_PROFILE:-release}
+cargo build --profile "$profile" -p shoal-cli >/dev/null
+shoal=$PWD/target/$profile/shoal
 work=$(mktemp -d)
 pids=()
 TLS=(--cluster-dir "$work/cluster")

@@ -633,7 +633,20 @@ impl Worker {
     /// Takes one input; false when the engine must stop.
     fn input(&mut self, i: Input) -> bool {
         match i {
-            Input::Submit(s) => self.waiting.push_back(s),
+            Input::Submit(s) => {
+                // A generation resumed after a node failed has a client waiting mid-stream:
+                // it goes ahead of new requests (behind earlier resumed ones).
+                if s.req.resume.is_empty() {
+                    self.waiting.push_back(s);
+                } else {
+                    let at = self
+                        .waiting
+                        .iter()
+                        .position(|w| w.req.resume.is_empty())
+                        .unwrap_or(self.waiting.len());
+                    self.waiting.insert(at, s);
+                }
+            }
             Input::Tail(TailEvent::Token { seq, token }) => {
                 let context = self.rt.config().context_length as usize;
                 if let Some(a) = self.active.iter_mut().find(|a| a.seq == seq)
@@ -769,7 +782,12 @@ impl Worker {
             }
         }
         let mut budget = self.cfg.step_tokens.saturating_sub(tokens.len());
-        for (i, a) in self.active.iter_mut().enumerate() {
+        // Prefill budget goes to resumed generations first (their clients are mid-stream),
+        // then to the others.
+        let mut order: Vec<usize> = (0..self.active.len()).collect();
+        order.sort_by_key(|&i| self.active[i].sub.req.resume.is_empty());
+        for i in order {
+            let a = &mut self.active[i];
             if budget == 0 {
                 break;
             }

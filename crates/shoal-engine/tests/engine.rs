@@ -289,6 +289,60 @@ async fn events(mut rx: mpsc::Receiver<EngineEvent>) -> Vec<EngineEvent> {
     }
 }
 
+/// A generation resumed after a node failed has a client waiting mid-stream: when every slot
+/// is taken, it is admitted before new requests that arrived earlier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_generation_goes_ahead_of_new_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir, SynthSpec::tiny_llama());
+    // One slot, and a small event buffer: the first request, unread, pauses in its slot.
+    let eng = engine(
+        &model,
+        EngineConfig {
+            max_active: 1,
+            event_buffer: 4,
+            ..EngineConfig::default()
+        },
+    );
+    let prompt: Vec<u32> = (0..9).map(|j| 7 + j * 11).collect();
+    let mut running = eng
+        .submit(
+            request(0, prompt.clone(), 48, SamplingParams::greedy()),
+            CancellationToken::new(),
+        )
+        .unwrap();
+    assert!(matches!(
+        tokio::time::timeout(WAIT, running.recv()).await.unwrap(),
+        Some(EngineEvent::Started { .. })
+    ));
+    let mut new = eng
+        .submit(
+            request(1, prompt.clone(), 8, SamplingParams::greedy()),
+            CancellationToken::new(),
+        )
+        .unwrap();
+    let mut resumed_req = request(2, prompt, 8, SamplingParams::greedy());
+    resumed_req.resume = vec![3, 4];
+    let mut resumed = eng.submit(resumed_req, CancellationToken::new()).unwrap();
+    // Reading the first request to its end frees the slot for a waiting one.
+    let (_, last) = collect(running).await;
+    assert!(matches!(last, EngineEvent::Finished { .. }), "{last:?}");
+    assert!(matches!(
+        tokio::time::timeout(WAIT, resumed.recv()).await.unwrap(),
+        Some(EngineEvent::Started { .. })
+    ));
+    // One slot: the new request cannot have started while the resumed one runs.
+    assert!(
+        matches!(new.try_recv(), Err(mpsc::error::TryRecvError::Empty)),
+        "the new request started before the resumed one"
+    );
+    let (_, last) = collect(resumed).await;
+    assert!(matches!(last, EngineEvent::Finished { .. }), "{last:?}");
+    let (ids, last) = collect(new).await;
+    assert!(matches!(last, EngineEvent::Finished { .. }), "{last:?}");
+    assert_eq!(ids.len(), 8);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_generation_continues_exactly_where_the_first_stopped() {
     let dir = tempfile::tempdir().unwrap();
