@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Chaos harness: a coordinator and agents as processes on loopback serve streamed requests
-# while agents are SIGKILLed on a schedule; every killed agent is restarted and comes back
-# into service once the coordinator has declared it dead and its model is ready again.
+# while agents are SIGKILLed (or frozen with SIGSTOP: alive, holding their connections, silent)
+# on a schedule; every killed agent is restarted, every frozen one let go after FREEZE_SECS,
+# and each comes back into service once its model is ready again.
 #
 #  1. a fault-free run records every request's full output (`shoal bench --record`);
 #  2. the same requests again (same prompts, seed of request i = SEED + i) while, every
-#     KILL_EVERY seconds, one agent serving the model (picked at random with SEED) is killed;
+#     KILL_EVERY seconds, one agent serving the model (picked at random with SEED) is killed,
+#     or frozen (FAULTS=kill | freeze | mix: each fault drawn at random with SEED);
 #  3. `shoal chaos-report` compares the two: completed %, identical-output %, stall at
 #     failover (longest silence of requests that moved, from the gateway's audit log) and
 #     detection time (kill -> the coordinator's "declared dead" log line; kill -> the gateway's
@@ -13,7 +15,8 @@
 #
 # Usage: bash scripts/bench/chaos.sh            (needs `shoal model fetch`)
 # Settings (environment): REQUESTS=200 CONCURRENCY=6 MAX_TOKENS=48 TEMPERATURE=0.8 SEED=1
-#   KILL_EVERY=10 AGENTS=3 REPLICAS=2 THREADS=1 KEEP=<dir to keep the files in> SHOAL=<binary>
+#   KILL_EVERY=10 FAULTS=kill FREEZE_SECS=5 AGENTS=3 REPLICAS=2 THREADS=1
+#   KEEP=<dir to keep the files in> SHOAL=<binary>
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 requests=${REQUESTS:-200}
@@ -22,6 +25,9 @@ max_tokens=${MAX_TOKENS:-48}
 temperature=${TEMPERATURE:-0.8}
 seed=${SEED:-1}
 kill_every=${KILL_EVERY:-10}
+faults=${FAULTS:-kill}
+freeze_secs=${FREEZE_SECS:-5}
+case $faults in kill | freeze | mix) ;; *) echo "FAULTS must be kill, freeze or mix" >&2; exit 2 ;; esac
 agents=${AGENTS:-3}
 replicas=${REPLICAS:-2}
 threads=${THREADS:-1}
@@ -37,7 +43,9 @@ rm -rf "$work"/faults.jsonl "$work"/audit.jsonl "$work"/*.log "$work"/*.pid "$wo
 pids=()
 agent_pid() { cat "$work/agent-$1.pid"; }
 cleanup() {
-  for f in "$work"/agent-*.pid; do [[ -f $f ]] && kill "$(cat "$f")" 2>/dev/null || true; done
+  for f in "$work"/agent-*.pid; do
+    [[ -f $f ]] && { kill -CONT "$(cat "$f")" 2>/dev/null; kill "$(cat "$f")" 2>/dev/null; } || true
+  done
   for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   [[ -n ${KEEP:-} ]] || rm -rf "$work"
@@ -82,6 +90,16 @@ kill_and_restart() {
   wait_ready "$i"
 }
 
+# Freezes agent $1 for FREEZE_SECS (SIGSTOP, then SIGCONT), waits until it is ready again.
+freeze_and_thaw() {
+  local i=$1
+  kill -STOP "$(agent_pid "$i")"
+  fault freeze "agent-$i" "$(now_ms)"
+  sleep "$freeze_secs"
+  kill -CONT "$(agent_pid "$i")"
+  wait_ready "$i"
+}
+
 echo "== cluster: coordinator + $agents agents (replicas $replicas, $threads thread(s) each)"
 SHOAL_LOG=warn "$shoal" coordinator --listen 127.0.0.1:$http_port --grpc-listen 127.0.0.1:$grpc_port \
   --cluster-dir "$work/cluster" --replicas "$replicas" --audit-log "$work/audit.jsonl" \
@@ -102,7 +120,7 @@ echo "== fault-free run: $requests streamed requests, concurrency $concurrency, 
 "${bench[@]}" --record "$work/reference.jsonl" --request-id-prefix ref >"$work/reference.json"
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['wall_seconds']:.1f} s, {r['requests_ok']} ok, {r['output_tokens_per_second']:.0f} tok/s\")" "$work/reference.json"
 
-echo "== chaos run: the same requests, an agent serving the model SIGKILLed every ${kill_every} s (seed $seed)"
+echo "== chaos run: the same requests, an agent serving the model faulted ($faults) every ${kill_every} s (seed $seed)"
 "${bench[@]}" --record "$work/chaos.jsonl" --request-id-prefix chaos >"$work/chaos.json" &
 bench_pid=$!
 RANDOM=$seed
@@ -116,8 +134,12 @@ RANDOM=$seed
     mapfile -t serving < <(serving_nodes)
     if [[ ${#serving[@]} -eq 0 ]]; then echo "no agent serving the model" >&2; continue; fi
     victim=${serving[$((RANDOM % ${#serving[@]}))]}
-    echo "kill $victim at $(date +%T.%3N)" >&2
-    kill_and_restart "${victim#agent-}"
+    kind=$faults
+    if [[ $kind == mix ]]; then
+      if ((RANDOM % 2 == 0)); then kind=kill; else kind=freeze; fi
+    fi
+    echo "$kind $victim at $(date +%T.%3N)" >&2
+    if [[ $kind == kill ]]; then kill_and_restart "${victim#agent-}"; else freeze_and_thaw "${victim#agent-}"; fi
   done
 ) &
 killer=$!

@@ -79,8 +79,12 @@ pub struct AuditEntry {
     pub key_id: Option<String>,
     /// The model asked for; null if the request was refused before its body was read.
     pub model: Option<String>,
-    /// The nodes that served it, in pipeline order, as the backend reported them.
+    /// The nodes that served it, in pipeline order, as the backend reported them (after a
+    /// failover, those of every path in turn).
     pub nodes: Vec<String>,
+    /// How many times the generation moved to another node in its middle (absent when none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failovers: u32,
     /// SHA-256 of the prompt; null if the request was refused before it was parsed.
     pub prompt_sha256: Option<String>,
     /// SHA-256 of the completion text sent; null if generation never started.
@@ -106,6 +110,12 @@ pub struct AuditEntry {
     /// SHA-256 over this entry without `hash` (see the module docs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
+}
+
+// serde's `skip_serializing_if` passes a reference.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl AuditEntry {
@@ -288,6 +298,7 @@ pub(crate) struct AuditRecord {
     pub key_id: Option<String>,
     pub model: Option<String>,
     pub nodes: Vec<String>,
+    pub failovers: u32,
     pub prompt_sha256: Option<String>,
     pub response_sha256: Option<String>,
     pub prompt: Option<String>,
@@ -567,6 +578,7 @@ impl Writer {
                     key_id: record.key_id,
                     model: record.model,
                     nodes: record.nodes,
+                    failovers: record.failovers,
                     prompt_sha256: record.prompt_sha256,
                     response_sha256: record.response_sha256,
                     prompt: record.prompt,

@@ -10,6 +10,7 @@ fn record(i: u32) -> AuditRecord {
         key_id: i.is_multiple_of(2).then(|| "0123456789abcdef".to_owned()),
         model: Some("m".into()),
         nodes: vec!["agent-1".into()],
+        failovers: 0,
         prompt_sha256: Some("ab".repeat(32)),
         response_sha256: Some("cd".repeat(32)),
         prompt: None,

@@ -189,8 +189,11 @@ pub enum GenerateEvent {
     /// an earlier one, for instance after a retry on another replica). Recorded in the audit
     /// log, otherwise ignored.
     Path {
-        /// Node names, first stage first.
+        /// Node names, first stage first (after a failover, those of every path served so
+        /// far, in order).
         nodes: Vec<String>,
+        /// How many times the generation has moved to another node so far.
+        failovers: u32,
     },
 }
 

@@ -51,6 +51,7 @@ struct AuditDraft {
     include_text: bool,
     model: Option<String>,
     nodes: Vec<String>,
+    failovers: u32,
     prompt_sha256: Option<String>,
     prompt: Option<String>,
     response_hash: Sha256,
@@ -82,6 +83,7 @@ impl RequestTracker {
             include_text,
             model: None,
             nodes: Vec::new(),
+            failovers: 0,
             prompt_sha256: None,
             prompt: None,
             response_hash: Sha256::new(),
@@ -126,9 +128,10 @@ impl RequestTracker {
             GenerateEvent::Started { prompt_tokens } => self.prompt_tokens = *prompt_tokens,
             GenerateEvent::Token { text, .. } => self.on_token(text),
             GenerateEvent::Finished { usage, .. } => self.usage = Some(*usage),
-            GenerateEvent::Path { nodes } => {
+            GenerateEvent::Path { nodes, failovers } => {
                 if let Some(draft) = &mut self.audit {
                     draft.nodes.clone_from(nodes);
+                    draft.failovers = *failovers;
                 }
             }
             GenerateEvent::Failed(_) => {}
@@ -199,6 +202,7 @@ impl RequestTracker {
                 key_id: self.principal.as_ref().map(|p| p.key_id().to_owned()),
                 model: draft.model,
                 nodes: draft.nodes,
+                failovers: draft.failovers,
                 prompt_sha256: draft.prompt_sha256,
                 response: (draft.include_text && self.generating).then_some(draft.response),
                 response_sha256,

@@ -53,6 +53,7 @@ mod tests {
             key_id: None,
             model: Some("m".into()),
             nodes: vec!["agent-1".into()],
+            failovers: 0,
             prompt_sha256: None,
             response_sha256: None,
             prompt: None,

@@ -521,8 +521,11 @@ impl Relay {
         loop {
             let node = opened.route.node.clone();
             path.extend(opened.route.stages.iter().map(|s| s.node.to_string()));
-            let nodes = path.clone();
-            if self.tx.send(GenerateEvent::Path { nodes }).await.is_err() {
+            let event = GenerateEvent::Path {
+                nodes: path.clone(),
+                failovers: u32::try_from(self.failovers).unwrap_or(u32::MAX),
+            };
+            if self.tx.send(event).await.is_err() {
                 return;
             }
             let (err, cause) = match self.leg(opened, prompt_tokens).await {

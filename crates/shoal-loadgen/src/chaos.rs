@@ -8,18 +8,21 @@
 //!
 //! - **completed**: requests of the faulty run that completed;
 //! - **identical**: requests whose output text and finish reason equal the reference's;
-//! - **failed over**: requests the audit log shows served by more than one node (whole-model
-//!   replicas: each move adds a node); without an audit log, the requests in flight when a
-//!   node was killed;
+//! - **failed over**: requests the audit log shows moved to another node (its `failovers`
+//!   field; in an older log without it, each node beyond the first counts as a move, which is
+//!   right for whole-model replicas only); without an audit log, the requests in flight when a
+//!   node was killed or frozen;
 //! - **stall**: a request's longest silence (request sent → first chunk, or between two
 //!   chunks), for the failed-over requests, beside the same requests' longest silence in the
 //!   reference run and the difference (the extra latency of the failover);
-//! - **detection**: from each kill to the coordinator declaring that node dead (its lease
-//!   expired), to the gateway first noticing the loss in a generation it was relaying, and to
-//!   the restarted node being ready again.
+//! - **detection**: from each fault (a kill, or a freeze: the process stopped, alive but
+//!   silent) to the coordinator declaring that node dead (its lease expired), to the gateway
+//!   first noticing the loss in a generation it was relaying, and to the node being ready
+//!   again.
 //!
-//! The fault log is JSON lines `{"event": "kill" | "dead" | "lost" | "ready", "node": "...",
-//! "unix_ms": ...}`, written by whatever injects the faults (`scripts/bench/chaos.sh`).
+//! The fault log is JSON lines `{"event": "kill" | "freeze" | "dead" | "lost" | "ready",
+//! "node": "...", "unix_ms": ...}`, written by whatever injects the faults
+//! (`scripts/bench/chaos.sh`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -60,6 +63,8 @@ pub struct ChaosReportArgs {
 pub enum FaultKind {
     /// It was killed.
     Kill,
+    /// It was frozen (SIGSTOP): alive, holding its connections, answering nothing.
+    Freeze,
     /// The coordinator declared it dead.
     Dead,
     /// The gateway noticed the loss in the middle of a generation (and moved it).
@@ -87,6 +92,10 @@ pub struct AuditPath {
     /// The nodes that served it, in order.
     #[serde(default)]
     pub nodes: Vec<String>,
+    /// How many times it moved to another node, when the log says (a pipeline's path lists
+    /// every stage, so the node count alone over-counts its moves).
+    #[serde(default)]
+    pub failovers: Option<u32>,
 }
 
 /// A request of the faulty run that did not complete.
@@ -100,10 +109,12 @@ pub struct FailedRequest {
     pub error: Option<String>,
 }
 
-/// One kill and what followed it.
+/// One fault (a kill or a freeze) and what followed it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KillOutcome {
-    /// The node killed.
+    /// Which fault.
+    pub event: FaultKind,
+    /// The node.
     pub node: String,
     /// When, in milliseconds since the Unix epoch.
     pub unix_ms: f64,
@@ -209,7 +220,7 @@ fn gaps_ms(r: &RequestRecord) -> impl Iterator<Item = f64> + '_ {
 
 /// How many times each request moved to another node.
 enum Moves<'a> {
-    /// Nodes per request id, from the audit log (each move adds one).
+    /// Moves per request id, from the audit log.
     Audit(HashMap<&'a str, usize>),
     /// Kill times: a request in flight at a kill counts as moved once per such kill.
     InFlightAtKill(Vec<f64>),
@@ -229,7 +240,7 @@ impl Moves<'_> {
                 .request_id
                 .as_deref()
                 .and_then(|id| nodes.get(id))
-                .map_or(0, |&n| n.saturating_sub(1) as u64),
+                .map_or(0, |&n| n as u64),
             Moves::InFlightAtKill(times) => {
                 let end = r.started_unix_ms + r.e2e_ms;
                 times
@@ -257,7 +268,7 @@ impl ChaosReport {
             .collect();
         let mut kills: Vec<&FaultEvent> = faults
             .iter()
-            .filter(|f| f.event == FaultKind::Kill)
+            .filter(|f| matches!(f.event, FaultKind::Kill | FaultKind::Freeze))
             .collect();
         kills.sort_by(|a, b| a.unix_ms.total_cmp(&b.unix_ms));
 
@@ -266,7 +277,12 @@ impl ChaosReport {
             Some(entries) => Moves::Audit(
                 entries
                     .iter()
-                    .map(|e| (e.request_id.as_str(), e.nodes.len()))
+                    .map(|e| {
+                        let moves = e
+                            .failovers
+                            .map_or_else(|| e.nodes.len().saturating_sub(1), |n| n as usize);
+                        (e.request_id.as_str(), moves)
+                    })
                     .collect(),
             ),
             None => Moves::InFlightAtKill(kills.iter().map(|k| k.unix_ms).collect()),
@@ -365,6 +381,7 @@ impl ChaosReport {
                     .min_by(f64::total_cmp)
             };
             report.kills.push(KillOutcome {
+                event: kill.event,
                 node: kill.node.clone(),
                 unix_ms: kill.unix_ms,
                 detected_ms: after(FaultKind::Dead),
@@ -439,7 +456,17 @@ impl ChaosReport {
         );
         let _ = writeln!(out, "  extra          {}", line(&self.extra_stall_ms));
         let _ = writeln!(out, "  normal gaps    {}", line(&self.normal_gap_ms));
-        let _ = writeln!(out, "kills            {}", self.kills.len());
+        let frozen = self
+            .kills
+            .iter()
+            .filter(|k| k.event == FaultKind::Freeze)
+            .count();
+        let _ = writeln!(
+            out,
+            "faults           {} ({} kills, {frozen} freezes)",
+            self.kills.len(),
+            self.kills.len() - frozen
+        );
         let _ = writeln!(out, "  declared dead  {}", line(&self.detection_ms));
         let _ = writeln!(out, "  gateway saw it {}", line(&self.gateway_detection_ms));
         let _ = writeln!(out, "  ready again    {}", line(&self.recovery_ms));
@@ -503,7 +530,53 @@ mod tests {
         AuditPath {
             request_id: id.into(),
             nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+            failovers: None,
         }
+    }
+
+    #[test]
+    fn a_frozen_node_is_a_fault_like_a_killed_one() {
+        let reference = vec![ok(0, "a", T0, &[10.0])];
+        let faults = vec![
+            fault(FaultKind::Freeze, "a", T0 + 100.0),
+            fault(FaultKind::Dead, "a", T0 + 3_200.0),
+            fault(FaultKind::Ready, "a", T0 + 5_600.0),
+        ];
+        let r = ChaosReport::build(&reference, &reference, None, &faults);
+        assert_eq!(r.kills.len(), 1);
+        assert_eq!(r.kills[0].event, FaultKind::Freeze);
+        assert_eq!(r.kills[0].detected_ms, Some(3_100.0));
+        assert_eq!(r.kills[0].ready_ms, Some(5_500.0));
+        assert!(r.render_text().contains("1 (0 kills, 1 freezes)"));
+        let parsed: FaultEvent =
+            serde_json::from_str(r#"{"event":"freeze","node":"a","unix_ms":1}"#).unwrap();
+        assert_eq!(parsed.event, FaultKind::Freeze);
+    }
+
+    #[test]
+    fn a_pipeline_path_counts_the_moves_the_log_records_not_its_stages() {
+        let reference = vec![ok(0, "abc", T0, &[10.0]), ok(1, "def", T0, &[10.0])];
+        let run = reference.clone();
+        let line = |id: &str, stages: &[&str], failovers: Option<u32>| AuditPath {
+            failovers,
+            ..audit(id, stages)
+        };
+        let entries = vec![
+            // A 3-stage pipeline that never moved.
+            line("run-0", &["a", "b", "c"], Some(0)),
+            // Moved once, from a 2-stage pipeline to another.
+            line("run-1", &["a", "b", "c", "d"], Some(1)),
+        ];
+        let r = ChaosReport::build(&reference, &run, Some(&entries), &[]);
+        assert_eq!((r.failed_over, r.moves), (1, 1));
+        // An entry without the count (an older log) falls back to the node count.
+        let old = vec![audit("run-0", &["a"]), audit("run-1", &["a", "b", "c"])];
+        let r = ChaosReport::build(&reference, &run, Some(&old), &[]);
+        assert_eq!((r.failed_over, r.moves), (1, 2));
+        // The audit log's own field: absent when zero, read back when present.
+        let parsed: AuditPath =
+            serde_json::from_str(r#"{"request_id":"x","nodes":["a","b"],"failovers":2}"#).unwrap();
+        assert_eq!(parsed.failovers, Some(2));
     }
 
     #[test]

@@ -54,6 +54,7 @@ async fn a_gateway_run_leaves_a_verifiable_chain_that_continues_after_a_restart(
         Step::Started,
         Step::Path(&["agent-3"]),
         Step::Token("par"),
+        Step::MovedPath(&["agent-3", "agent-4"], 1),
         Step::Fail(BackendError::new(
             ErrorClass::Unavailable,
             "node_lost",
@@ -103,6 +104,10 @@ async fn a_gateway_run_leaves_a_verifiable_chain_that_continues_after_a_restart(
     assert_eq!(served.key_id.as_deref(), Some(key.record.id.as_str()));
     assert_eq!(served.model.as_deref(), Some(MODEL));
     assert_eq!(served.nodes, ["agent-1", "agent-2"]);
+    assert_eq!(served.failovers, 0);
+    // An entry with no move says nothing of moves (older entries hash the same).
+    let first_line = std::fs::read_to_string(&log).unwrap();
+    assert!(!first_line.lines().next().unwrap().contains("failovers"));
     assert_eq!(served.outcome, "ok");
     assert_eq!(served.reason, None);
     assert_eq!(
@@ -130,7 +135,8 @@ async fn a_gateway_run_leaves_a_verifiable_chain_that_continues_after_a_restart(
     assert_eq!(refused.prev, served.hash.clone().unwrap());
 
     let failed = &got[2];
-    assert_eq!(failed.nodes, ["agent-3"]);
+    assert_eq!(failed.nodes, ["agent-3", "agent-4"]);
+    assert_eq!(failed.failovers, 1);
     assert_eq!(failed.outcome, "unavailable");
     assert_eq!(failed.reason.as_deref(), Some("node_lost"));
     assert_eq!(

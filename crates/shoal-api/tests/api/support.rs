@@ -49,6 +49,8 @@ pub enum Step {
     Close,
     /// Report the nodes serving the generation.
     Path(&'static [&'static str]),
+    /// Report the nodes of every path so far, after this many moves to another node.
+    MovedPath(&'static [&'static str], u32),
 }
 
 /// What one `generate` call does.
@@ -222,6 +224,11 @@ async fn play(
             Step::Fail(err) => GenerateEvent::Failed(err),
             Step::Path(nodes) => GenerateEvent::Path {
                 nodes: nodes.iter().map(|n| n.to_string()).collect(),
+                failovers: 0,
+            },
+            Step::MovedPath(nodes, failovers) => GenerateEvent::Path {
+                nodes: nodes.iter().map(|n| n.to_string()).collect(),
+                failovers,
             },
             Step::WaitForCancel => {
                 let _ = started_tx.send(request_id.clone()).await;
