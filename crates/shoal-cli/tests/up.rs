@@ -13,11 +13,7 @@ use std::time::{Duration, Instant};
 const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    shoal_net::faults::free_port().unwrap()
 }
 
 /// Every process whose command line mentions `marker` (the test's own cluster directory).

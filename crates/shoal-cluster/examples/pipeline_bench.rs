@@ -98,15 +98,6 @@ fn tls(ca: &ClusterCa, role: Role, name: &str) -> TlsMode {
     TlsMode::Mtls(cert.into_material(ca.cert_pem()))
 }
 
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct BenchAgent {
     agent: Agent,
     _cancel: CancellationToken,
@@ -175,7 +166,7 @@ impl Cluster {
         let mut agents = Vec::new();
         for i in 1..=stages {
             let name = format!("agent-{i}");
-            let port = free_port();
+            let port = shoal_net::faults::free_port().unwrap();
             let proxy = if proxied {
                 let upstream = format!("127.0.0.1:{port}").parse().unwrap();
                 let p =

@@ -63,15 +63,6 @@ fn default_model() -> PathBuf {
     path
 }
 
-/// A free loopback port, for a listener whose address must be known before it is bound.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The network links of an agent started behind fault proxies: cutting both cuts the agent
 /// off from the cluster while it keeps running.
 struct AgentLinks {
@@ -96,7 +87,8 @@ async fn start_behind_proxies(
         .unwrap();
     cfg.coordinator = control.local_addr().to_string();
     loop {
-        cfg.data_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        cfg.data_listen =
+            SocketAddr::from(([127, 0, 0, 1], shoal_net::faults::free_port().unwrap()));
         let data = FaultProxy::start(any, cfg.data_listen, Faults::default())
             .await
             .unwrap();

@@ -50,6 +50,17 @@ pub enum LossModel {
     },
 }
 
+/// A loopback port nothing listens on right now, for a listener whose address must be known
+/// before it is bound (another process may still take it in between).
+///
+/// # Errors
+/// When no socket can be bound on loopback.
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// What a proxy does to the traffic it forwards.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Faults {
