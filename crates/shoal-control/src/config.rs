@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Default lease: a node silent this long is declared dead.
-pub const DEFAULT_LEASE_MS: u64 = 3_000;
+/// Default lease: a node silent this long is declared dead (four heartbeats missed).
+pub const DEFAULT_LEASE_MS: u64 = 2_000;
 /// Default heartbeat interval nodes are told to use.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 500;
 
@@ -350,7 +350,7 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_match_the_documented_values() {
         let v = CoordinatorConfig::default().validate().unwrap();
-        assert_eq!(v.lease, Duration::from_secs(3));
+        assert_eq!(v.lease, Duration::from_secs(2));
         assert_eq!(v.heartbeat_interval, Duration::from_millis(500));
         assert_eq!(v.policy.replicas, None);
         assert_eq!(v.store, StoreChoice::Memory);

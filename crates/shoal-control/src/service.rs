@@ -275,7 +275,7 @@ mod tests {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(joined.lease_ms, 3000);
+        assert_eq!(joined.lease_ms, 2000);
         assert_eq!(joined.heartbeat_interval_ms, 500);
         assert_eq!(joined.cluster_id, handle.view().cluster_id);
 
@@ -285,7 +285,7 @@ mod tests {
             .unwrap()
             .into_inner();
         assert!(!hb.rejoin && !hb.drain);
-        assert_eq!(hb.lease_ms, 3000);
+        assert_eq!(hb.lease_ms, 2000);
         assert_eq!(
             hb.assignments,
             [v1::ShardAssignment {

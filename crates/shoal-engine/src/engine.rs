@@ -20,7 +20,10 @@ pub struct EngineConfig {
     pub max_active: usize,
     /// Requests waiting for a slot at most; more are refused.
     pub max_waiting: usize,
-    /// Rows (tokens) per forward step at most: decode rows plus one prefill chunk.
+    /// Rows (tokens) per forward step at most: decode rows plus prefill chunks. Small enough
+    /// that a long prompt does not hold up the other sequences' next tokens for long; on CPUs
+    /// a 128-row chunk loses nothing per token (one core prefills SmolLM2 at 152 tokens/s in
+    /// 128-token chunks, 119 in 512-token ones).
     pub step_tokens: usize,
     /// Events buffered per request before its sequence is paused.
     pub event_buffer: usize,
@@ -31,7 +34,7 @@ impl Default for EngineConfig {
         Self {
             max_active: 16,
             max_waiting: 64,
-            step_tokens: 512,
+            step_tokens: 128,
             event_buffer: 64,
         }
     }

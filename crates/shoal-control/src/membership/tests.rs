@@ -20,8 +20,10 @@ fn spec(id: &str) -> ModelSpec {
     }
 }
 
+/// A 3 s lease (the timings below are written for it) and the default 500 ms heartbeats.
 fn config(replicas: Option<usize>) -> MembershipConfig {
     MembershipConfig {
+        lease: Duration::from_secs(3),
         models: vec![spec("m")],
         policy: PlacementPolicy {
             replicas,
