@@ -18,8 +18,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::{Value, json};
-use shoal_api::{ApiConfig, InferenceBackend};
-use shoal_cluster::{ClusterBackendConfig, Coordinator, CoordinatorOptions};
+use shoal_api::InferenceBackend;
+use shoal_cluster::{Coordinator, CoordinatorOptions};
 use shoal_control::{CoordinatorConfig, ModelSpec, NodeState, PlacementMode};
 use shoal_net::faults::{FaultProxy, Faults, LossModel, MIN_RTO, NftLoss};
 use shoal_net::{ClusterCa, PeerIdentity, Role, TlsMode};
@@ -147,19 +147,9 @@ impl Cluster {
         .validate()
         .unwrap();
         let ca = ClusterCa::generate("bench-cluster").unwrap();
-        let opts = CoordinatorOptions {
-            config,
-            tls: tls(&ca, Role::Coordinator, "coordinator"),
-            grpc_listen: "127.0.0.1:0".parse().unwrap(),
-            api: ApiConfig {
-                bind: "127.0.0.1:0".parse().unwrap(),
-                ..ApiConfig::default()
-            },
-            backend: ClusterBackendConfig {
-                pipeline_codec: codec,
-                ..ClusterBackendConfig::default()
-            },
-        };
+        let mut opts =
+            CoordinatorOptions::on_loopback(config, tls(&ca, Role::Coordinator, "coordinator"));
+        opts.backend.pipeline_codec = codec;
         let coordinator = Coordinator::start(opts, CancellationToken::new())
             .await
             .unwrap();
@@ -373,6 +363,15 @@ fn ms(d: Option<Duration>) -> String {
     d.map_or("-".into(), |d| format!("{:.3} ms", d.as_secs_f64() * 1e3))
 }
 
+/// `p50 … p99 …` of a hop's latency.
+fn percentiles(lat: &LatencySnapshot) -> String {
+    format!(
+        "p50 {} p99 {}",
+        ms(lat.quantile(0.5)),
+        ms(lat.quantile(0.99))
+    )
+}
+
 /// Single-stream decode rate, median of `runs`.
 async fn single(cluster: &Cluster, opts: &Opts) -> (f64, Vec<f64>) {
     let mut rates = Vec::new();
@@ -398,10 +397,9 @@ async fn two_stage_figures(cluster: &Cluster, opts: &Opts, hidden: u64) -> (f64,
     for (h, ((_, l0, _), (_, l1, _))) in before.iter().zip(&mid).enumerate() {
         let lat = l1.since(l0);
         println!(
-            "  hop {h}->{} with 1 stream: latency p50 {} p99 {} over {} steps",
+            "  hop {h}->{} with 1 stream: latency {} over {} steps",
             h + 1,
-            ms(lat.quantile(0.5)),
-            ms(lat.quantile(0.99)),
+            percentiles(&lat),
             lat.count()
         );
     }
@@ -436,11 +434,10 @@ async fn two_stage_figures(cluster: &Cluster, opts: &Opts, hidden: u64) -> (f64,
         let rows = t.received.rows.max(1);
         let per_row = t.bytes() as f64 / rows as f64;
         println!(
-            "  hop {h}->{} with {} streams: latency p50 {} p99 {} mean {} over {} steps (includes waiting behind the stage's previous step)",
+            "  hop {h}->{} with {} streams: latency {} mean {} over {} steps (includes waiting behind the stage's previous step)",
             h + 1,
             opts.streams,
-            ms(lat.quantile(0.5)),
-            ms(lat.quantile(0.99)),
+            percentiles(&lat),
             ms(lat.mean()),
             lat.count()
         );
@@ -579,10 +576,9 @@ fn report_ratio(stages: usize, one: f64, base: Option<f64>) {
 fn print_hops(cluster: &Cluster) {
     for (h, (_, lat, _)) in cluster.hops().iter().enumerate() {
         println!(
-            "  hop {h}->{}: latency p50 {} p99 {} over {} steps (whole run)",
+            "  hop {h}->{}: latency {} over {} steps (whole run)",
             h + 1,
-            ms(lat.quantile(0.5)),
-            ms(lat.quantile(0.99)),
+            percentiles(lat),
             lat.count()
         );
     }

@@ -75,6 +75,24 @@ pub struct CoordinatorOptions {
     pub backend: ClusterBackendConfig,
 }
 
+impl CoordinatorOptions {
+    /// A coordinator on loopback: gRPC and the API each on a free 127.0.0.1 port, the gateway
+    /// and backend with their defaults (tests, benchmarks and embedding).
+    pub fn on_loopback(config: ValidatedCoordinatorConfig, tls: TlsMode) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            config,
+            tls,
+            grpc_listen: any,
+            api: ApiConfig {
+                bind: any,
+                ..ApiConfig::default()
+            },
+            backend: ClusterBackendConfig::default(),
+        }
+    }
+}
+
 /// A running coordinator.
 #[derive(Debug)]
 pub struct Coordinator {

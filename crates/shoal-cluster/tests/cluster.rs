@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::{Value, json};
-use shoal_api::{ApiConfig, InferenceBackend};
-use shoal_cluster::{ClusterBackendConfig, Coordinator, CoordinatorOptions};
+use shoal_api::InferenceBackend;
+use shoal_cluster::{Coordinator, CoordinatorOptions};
 use shoal_control::{CoordinatorConfig, NodeState, PlacementMode};
 use shoal_net::faults::{FaultProxy, Faults};
 use shoal_net::{ClusterCa, PeerIdentity, Role, TlsMode};
@@ -211,19 +211,9 @@ impl TestCluster {
         .validate()
         .unwrap();
         let ca = ClusterCa::generate("test-cluster").unwrap();
-        let opts = CoordinatorOptions {
-            config,
-            tls: tls(&ca, Role::Coordinator, "coordinator"),
-            grpc_listen: "127.0.0.1:0".parse().unwrap(),
-            api: ApiConfig {
-                bind: "127.0.0.1:0".parse().unwrap(),
-                ..ApiConfig::default()
-            },
-            backend: ClusterBackendConfig {
-                pipeline_codec: codec,
-                ..ClusterBackendConfig::default()
-            },
-        };
+        let mut opts =
+            CoordinatorOptions::on_loopback(config, tls(&ca, Role::Coordinator, "coordinator"));
+        opts.backend.pipeline_codec = codec;
         let coordinator = within(
             "starting the coordinator",
             Coordinator::start(opts, CancellationToken::new()),
@@ -1181,35 +1171,28 @@ async fn a_stage_whose_data_links_go_silent_is_caught_by_the_stall_timeout() {
 }
 
 impl TestCluster {
-    /// What the agent named `name` exchanged with its `peer` stage so far.
-    fn link_totals(&self, name: &str, peer: Peer) -> PeerTotals {
+    /// `f` of the running agent named `name`.
+    fn with_agent<T>(&self, name: &str, f: impl FnOnce(&Agent) -> T) -> T {
         let agents = self.agents.lock().unwrap();
         let (agent, _) = agents
             .iter()
             .flatten()
             .find(|(a, _)| a.node_id().as_str() == name)
-            .unwrap();
-        agent.metrics().links().with(peer)
+            .unwrap_or_else(|| panic!("no running agent {name}"));
+        f(agent)
+    }
+
+    /// What the agent named `name` exchanged with its `peer` stage so far.
+    fn link_totals(&self, name: &str, peer: Peer) -> PeerTotals {
+        self.with_agent(name, |a| a.metrics().links().with(peer))
     }
 
     fn hop_latency(&self, name: &str) -> shoal_node::LatencySnapshot {
-        let agents = self.agents.lock().unwrap();
-        let (agent, _) = agents
-            .iter()
-            .flatten()
-            .find(|(a, _)| a.node_id().as_str() == name)
-            .unwrap();
-        agent.metrics().links().hop_latency()
+        self.with_agent(name, |a| a.metrics().links().hop_latency())
     }
 
     fn agent_http(&self, name: &str) -> std::net::SocketAddr {
-        let agents = self.agents.lock().unwrap();
-        let (agent, _) = agents
-            .iter()
-            .flatten()
-            .find(|(a, _)| a.node_id().as_str() == name)
-            .unwrap();
-        agent.http_addr().unwrap()
+        self.with_agent(name, |a| a.http_addr().unwrap())
     }
 }
 

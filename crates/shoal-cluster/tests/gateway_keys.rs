@@ -3,10 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::json;
-use shoal_api::ApiConfig;
 use shoal_api::audit::{self, AuditConfig, AuditEntry};
 use shoal_api::keys::{self, Limits};
-use shoal_cluster::{ClusterBackendConfig, Coordinator, CoordinatorOptions};
+use shoal_cluster::{Coordinator, CoordinatorOptions};
 use shoal_control::CoordinatorConfig;
 use shoal_net::{ClusterCa, PeerIdentity, Role, TlsMode};
 use shoal_node::{Agent, AgentConfig, ModelFile};
@@ -56,18 +55,10 @@ async fn revoking_a_key_on_a_running_coordinator_and_auditing_the_run() {
     let audit_log = dir.path().join("audit.jsonl");
     let key = keys::create_key(&keys_file, "tester", Limits::default()).unwrap();
     let ca = ClusterCa::generate("test-cluster").unwrap();
-    let opts = CoordinatorOptions {
-        config,
-        tls: tls(&ca, Role::Coordinator, "coordinator"),
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        api: ApiConfig {
-            bind: "127.0.0.1:0".parse().unwrap(),
-            api_keys_file: Some(keys_file.clone()),
-            audit: Some(AuditConfig::new(&audit_log)),
-            ..ApiConfig::default()
-        },
-        backend: ClusterBackendConfig::default(),
-    };
+    let mut opts =
+        CoordinatorOptions::on_loopback(config, tls(&ca, Role::Coordinator, "coordinator"));
+    opts.api.api_keys_file = Some(keys_file.clone());
+    opts.api.audit = Some(AuditConfig::new(&audit_log));
     let coordinator = within(
         "starting the coordinator",
         Coordinator::start(opts, CancellationToken::new()),

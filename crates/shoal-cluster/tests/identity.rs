@@ -412,16 +412,10 @@ async fn bare_coordinator(
     }
     .validate()
     .unwrap();
-    let opts = shoal_cluster::CoordinatorOptions {
+    let opts = shoal_cluster::CoordinatorOptions::on_loopback(
         config,
-        tls: TlsMode::Mtls(material(ca, Role::Coordinator, "coordinator")),
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        api: shoal_api::ApiConfig {
-            bind: "127.0.0.1:0".parse().unwrap(),
-            ..shoal_api::ApiConfig::default()
-        },
-        backend: shoal_cluster::ClusterBackendConfig::default(),
-    };
+        TlsMode::Mtls(material(ca, Role::Coordinator, "coordinator")),
+    );
     let enrollment = shoal_cluster::EnrollmentOptions {
         ca: ca.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),

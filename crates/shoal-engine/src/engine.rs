@@ -787,30 +787,26 @@ impl Worker {
         let mut budget = self.cfg.step_tokens.saturating_sub(tokens.len());
         // Prefill budget goes to resumed generations first (their clients are mid-stream),
         // then to the others.
-        let mut order: Vec<usize> = (0..self.active.len()).collect();
-        order.sort_by_key(|&i| self.active[i].sub.req.resume.is_empty());
-        for i in order {
-            let a = &mut self.active[i];
-            if budget == 0 {
-                break;
-            }
-            if a.done.is_some() {
-                continue;
-            }
-            if let Phase::Prefill(done) = a.phase {
-                // The prompt, then the tokens of a resumed generation.
-                let prompt = &a.history;
-                let n = (prompt.len() - done).min(budget);
-                let last = done + n == prompt.len();
-                batch.push(SeqStep {
-                    seq: a.seq,
-                    pos: done as u32,
-                    n_tokens: n as u32,
-                    logits: last,
-                });
-                tokens.extend_from_slice(&prompt[done..done + n]);
-                members.push(i);
-                budget -= n;
+        for resumed in [true, false] {
+            for (i, a) in self.active.iter_mut().enumerate() {
+                if budget == 0 || a.sub.req.resume.is_empty() == resumed || a.done.is_some() {
+                    continue;
+                }
+                if let Phase::Prefill(done) = a.phase {
+                    // The prompt, then the tokens of a resumed generation.
+                    let prompt = &a.history;
+                    let n = (prompt.len() - done).min(budget);
+                    let last = done + n == prompt.len();
+                    batch.push(SeqStep {
+                        seq: a.seq,
+                        pos: done as u32,
+                        n_tokens: n as u32,
+                        logits: last,
+                    });
+                    tokens.extend_from_slice(&prompt[done..done + n]);
+                    members.push(i);
+                    budget -= n;
+                }
             }
         }
         if batch.is_empty() {

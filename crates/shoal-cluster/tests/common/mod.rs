@@ -3,8 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // each test binary uses a subset
 
-use shoal_api::ApiConfig;
-use shoal_cluster::{ClusterBackendConfig, Coordinator, CoordinatorOptions, EnrollmentOptions};
+use shoal_cluster::{Coordinator, CoordinatorOptions, EnrollmentOptions};
 use shoal_control::{CoordinatorConfig, NodeState};
 use shoal_net::{
     ClusterCa, ConnectOptions, JoinToken, PeerIdentity, RenewableIdentity, Role, ShoalAdminClient,
@@ -88,17 +87,11 @@ impl Fixture {
         .validate()
         .unwrap();
         let ca = Arc::new(ClusterCa::generate("enroll-test").unwrap());
-        let opts = CoordinatorOptions {
+        let mut opts = CoordinatorOptions::on_loopback(
             config,
-            tls: TlsMode::Mtls(material(&ca, Role::Coordinator, "coordinator")),
-            grpc_listen: "127.0.0.1:0".parse().unwrap(),
-            api: ApiConfig {
-                bind: "127.0.0.1:0".parse().unwrap(),
-                api_key: api_key.map(str::to_owned),
-                ..ApiConfig::default()
-            },
-            backend: ClusterBackendConfig::default(),
-        };
+            TlsMode::Mtls(material(&ca, Role::Coordinator, "coordinator")),
+        );
+        opts.api.api_key = api_key.map(str::to_owned);
         let enrollment = EnrollmentOptions {
             ca: ca.clone(),
             listen: "127.0.0.1:0".parse().unwrap(),
