@@ -45,6 +45,11 @@ pub struct CoordinatorArgs {
     /// token) moves to another replica; it must outlast the slowest node's longest step.
     #[arg(long, default_value_t = 10_000)]
     pub stall_timeout_ms: u64,
+    /// Checkpoint each generation's KV cache to another ready replica every this many
+    /// positions (0: off), so a failover resumes from the checkpoint instead of prefilling
+    /// the whole context again. Pays for long contexts on links faster than the prefill.
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: u32,
     /// Generation requests in flight at most; more get 429.
     #[arg(long, default_value_t = 256)]
     pub max_in_flight: usize,
@@ -146,6 +151,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             },
             backend: ClusterBackendConfig {
                 stall_timeout: std::time::Duration::from_millis(args.stall_timeout_ms.max(1)),
+                checkpoint_every: args.checkpoint_every,
                 ..ClusterBackendConfig::default()
             },
         };

@@ -100,6 +100,10 @@ pub struct ClusterBackendConfig {
     /// How pipeline links choose their activation codec (f16 by default; `Exact` for
     /// bit-identical hidden states).
     pub pipeline_codec: shoal_pipeline::Preference,
+    /// When not 0, a generation on a whole-model replica checkpoints its KV cache to another
+    /// ready replica every this many positions, and a failover resumes on that replica from
+    /// the checkpoint instead of prefilling the whole context again.
+    pub checkpoint_every: u32,
 }
 
 impl Default for ClusterBackendConfig {
@@ -113,6 +117,7 @@ impl Default for ClusterBackendConfig {
             first_token_timeout: Duration::from_secs(60),
             max_failovers: 3,
             pipeline_codec: shoal_pipeline::Preference::default(),
+            checkpoint_every: 0,
         }
     }
 }
@@ -225,22 +230,42 @@ impl Inner {
 
     /// Starts `req` on a replica of `model` with no node in `failed`, trying up to
     /// `max_attempts` replicas; nodes that could not start it are added to `failed`.
+    /// `prefer` names a node to try first when it can take the request (the holder of its
+    /// checkpoint).
     async fn start(
         &self,
         model: &ModelId,
         req: &v1::GenerateRequest,
         failed: &mut Vec<NodeId>,
+        prefer: Option<&NodeId>,
         cancel: &CancellationToken,
     ) -> Result<Opened, BackendError> {
         let mut last_error = None;
         for _ in 0..self.cfg.max_attempts.max(1) {
-            let route = match self.router.pick_excluding(model, failed) {
+            let route = match self.router.pick_preferring(model, failed, prefer) {
                 Ok(r) => r,
                 Err(e) => return Err(last_error.unwrap_or_else(|| route_error(&e))),
             };
+            // A whole-model replica checkpoints to another one, when asked to.
+            let mut checkpoint = None;
+            if self.cfg.checkpoint_every > 0 && !route.is_pipeline() {
+                let mut exclude = failed.clone();
+                exclude.push(route.node.clone());
+                checkpoint = self.router.checkpoint_peer(model, &exclude);
+            }
             // A pipeline's head is told the stages after it.
             let routed;
-            let req = if route.stages.len() > 1 {
+            let req = if let Some(peer) = &checkpoint {
+                routed = v1::GenerateRequest {
+                    checkpoint: Some(v1::CheckpointPlan {
+                        every: self.cfg.checkpoint_every,
+                        peer_node: peer.node.as_str().to_owned(),
+                        peer_addr: peer.data_addr.clone(),
+                    }),
+                    ..req.clone()
+                };
+                &routed
+            } else if route.stages.len() > 1 {
                 routed = v1::GenerateRequest {
                     downstream: route.stages[1..]
                         .iter()
@@ -281,6 +306,7 @@ impl Inner {
                         route,
                         stream,
                         started,
+                        checkpoint,
                     });
                 }
                 Err(Attempt::Fatal(e)) => return Err(e),
@@ -371,6 +397,8 @@ struct Opened {
     route: RouteGuard,
     stream: Streaming<v1::GenerateEvent>,
     started: v1::Started,
+    /// The node keeping this leg's checkpoints, if any.
+    checkpoint: Option<shoal_control::RouteStage>,
 }
 
 /// The outcome of one failed attempt to start a generation.
@@ -457,7 +485,7 @@ impl InferenceBackend for ClusterBackend {
             let mut failed: Vec<NodeId> = Vec::new();
             let opened = self
                 .inner
-                .start(&req.model, &wire_req, &mut failed, &cancel)
+                .start(&req.model, &wire_req, &mut failed, None, &cancel)
                 .await?;
             let (tx, rx) = mpsc::channel(EVENT_BUFFER);
             let relay = Relay {
@@ -468,6 +496,7 @@ impl InferenceBackend for ClusterBackend {
                 prompt_ids: opened.started.prompt_ids.clone(),
                 delivered: Vec::new(),
                 failovers: 0,
+                holder: None,
                 tx,
                 cancel,
             };
@@ -500,6 +529,8 @@ struct Relay {
     /// Tokens the client has been sent, in order.
     delivered: Vec<u32>,
     failovers: usize,
+    /// The node holding the latest checkpoint of the generation's KV cache, if any.
+    holder: Option<shoal_control::RouteStage>,
     tx: mpsc::Sender<GenerateEvent>,
     cancel: CancellationToken,
 }
@@ -521,6 +552,16 @@ impl Relay {
         loop {
             let node = opened.route.node.clone();
             path.extend(opened.route.stages.iter().map(|s| s.node.to_string()));
+            match &opened.checkpoint {
+                Some(peer) => self.holder = Some(peer.clone()),
+                // A leg running on the holder of the last checkpoint makes it useless for
+                // the next failover (it would go down with the leg).
+                None if self.holder.as_ref().is_some_and(|h| h.node == node) => {
+                    self.holder = None;
+                }
+                // Otherwise an older checkpoint still holds a prefix of this generation.
+                None => {}
+            }
             let event = GenerateEvent::Path {
                 nodes: path.clone(),
                 failovers: u32::try_from(self.failovers).unwrap_or(u32::MAX),
@@ -539,6 +580,10 @@ impl Relay {
             }
             self.failovers += 1;
             let resumed = self.resumed_request();
+            let holder = resumed
+                .restore
+                .as_ref()
+                .map(|r| NodeId::new(r.node.clone()));
             tracing::warn!(
                 request = %self.request.request_id,
                 %node,
@@ -548,7 +593,13 @@ impl Relay {
             );
             match self
                 .inner
-                .start(&self.model, &resumed, &mut self.failed, &self.cancel)
+                .start(
+                    &self.model,
+                    &resumed,
+                    &mut self.failed,
+                    holder.as_ref(),
+                    &self.cancel,
+                )
                 .await
             {
                 Ok(next) => {
@@ -585,14 +636,23 @@ impl Relay {
         }
     }
 
-    /// The request that continues this generation on another node: the prompt as token ids
-    /// and the tokens delivered so far.
+    /// The request that continues this generation on another node: the prompt as token ids,
+    /// the tokens delivered so far, and where its checkpoint is when its holder is alive.
     fn resumed_request(&self) -> v1::GenerateRequest {
+        let restore = self
+            .holder
+            .as_ref()
+            .filter(|h| !self.failed.contains(&h.node) && self.inner.alive(&h.node))
+            .map(|h| v1::CheckpointSource {
+                node: h.node.as_str().to_owned(),
+                addr: h.data_addr.clone(),
+            });
         v1::GenerateRequest {
             prompt: Some(v1::generate_request::Prompt::Tokens(v1::TokenPrompt {
                 ids: self.prompt_ids.clone(),
             })),
             resume: self.delivered.clone(),
+            restore,
             ..self.request.clone()
         }
     }

@@ -38,6 +38,8 @@ pub(crate) fn generate_request(req: &GenerateRequest) -> v1::GenerateRequest {
         resume: Vec::new(),
         downstream: Vec::new(),
         codec: 0,
+        checkpoint: None,
+        restore: None,
     }
 }
 

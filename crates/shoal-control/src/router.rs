@@ -209,6 +209,18 @@ impl Router {
         model: &ModelId,
         exclude: &[NodeId],
     ) -> Result<RouteGuard, RouteError> {
+        self.pick_preferring(model, exclude, None)
+    }
+
+    /// Like [`Router::pick_excluding`], choosing the whole-model replica on `prefer` when it
+    /// is a candidate (a node that holds the request's checkpoint resumes it without a
+    /// transfer), whatever its load.
+    pub fn pick_preferring(
+        &self,
+        model: &ModelId,
+        exclude: &[NodeId],
+        prefer: Option<&NodeId>,
+    ) -> Result<RouteGuard, RouteError> {
         let view = Arc::clone(&self.view.borrow());
         let Some(spec) = view.models.get(model) else {
             return Err(RouteError::UnknownModel {
@@ -247,9 +259,11 @@ impl Router {
         fn head<'c>(c: &Candidate<'c>) -> Option<&'c NodeId> {
             c.stages.first().map(|s| &s.node.id)
         }
+        let preferred = |c: &Candidate<'_>| c.stages.len() == 1 && head(c) == prefer;
         let best = candidates.iter().min_by(|a, b| {
-            expected(a)
-                .total_cmp(&expected(b))
+            preferred(b)
+                .cmp(&preferred(a))
+                .then_with(|| expected(a).total_cmp(&expected(b)))
                 .then_with(|| per_token(a).total_cmp(&per_token(b)))
                 .then_with(|| measured(b).cmp(&measured(a)))
                 .then_with(|| head(a).cmp(&head(b)))
@@ -289,6 +303,31 @@ impl Router {
             plan_epoch: view.plan.epoch,
             in_flight: Arc::clone(&self.in_flight),
         })
+    }
+}
+
+impl Router {
+    /// A node to keep checkpoints of a generation of `model` that runs elsewhere: an alive
+    /// node, not in `exclude`, with a whole replica of the model ready (a failover can then
+    /// resume on it without a transfer), the least loaded first.
+    pub fn checkpoint_peer(&self, model: &ModelId, exclude: &[NodeId]) -> Option<RouteStage> {
+        let view = Arc::clone(&self.view.borrow());
+        let spec = view.models.get(model)?;
+        let in_flight = lock(&self.in_flight);
+        view.plan
+            .chains(model)
+            .iter()
+            .filter_map(|c| candidate(&view, c, spec.n_layers, exclude, &in_flight))
+            .filter_map(|c| match c.stages.as_slice() {
+                [only] => Some((only.work, only.node, only.layers)),
+                _ => None,
+            })
+            .min_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)))
+            .map(|(_, node, layers)| RouteStage {
+                node: node.id.clone(),
+                data_addr: node.data_addr.clone(),
+                layers,
+            })
     }
 }
 
@@ -495,6 +534,51 @@ mod tests {
         let picks: Vec<RouteGuard> = (0..12).map(|_| r.pick(&m()).unwrap()).collect();
         let order: Vec<&str> = picks.iter().map(|g| g.node.as_str()).collect();
         assert_eq!(order, [vec!["c"; 10], vec!["b", "a"]].concat());
+    }
+
+    #[test]
+    fn a_preferred_replica_wins_over_a_faster_idle_one_unless_excluded() {
+        let (_tx, r) = view(vec![node("a", Some(10.0), 5), node("b", Some(40.0), 0)]);
+        let a = NodeId::new("a");
+        assert_eq!(r.pick_preferring(&m(), &[], Some(&a)).unwrap().node, a);
+        assert_eq!(
+            r.pick_preferring(&m(), std::slice::from_ref(&a), Some(&a))
+                .unwrap()
+                .node
+                .as_str(),
+            "b"
+        );
+        // A preferred node that is not a candidate changes nothing.
+        let gone = NodeId::new("zz");
+        assert_eq!(
+            r.pick_preferring(&m(), &[], Some(&gone)).unwrap().node.as_str(),
+            "b"
+        );
+    }
+
+    #[test]
+    fn the_checkpoint_peer_is_the_least_loaded_other_ready_replica() {
+        let mut dead = node("d", Some(90.0), 0);
+        dead.state = NodeState::Dead;
+        let (_tx, r) = view(vec![
+            node("a", Some(10.0), 0),
+            node("b", Some(40.0), 3),
+            node("c", Some(40.0), 1),
+            dead,
+        ]);
+        let a = NodeId::new("a");
+        let peer = r.checkpoint_peer(&m(), std::slice::from_ref(&a)).unwrap();
+        assert_eq!((peer.node.as_str(), peer.data_addr.as_str()), ("c", "c:7000"));
+        // Requests this gateway sent count as load too.
+        let _held: Vec<RouteGuard> = (0..3)
+            .map(|_| r.pick_preferring(&m(), &[], Some(&NodeId::new("c"))).unwrap())
+            .collect();
+        assert_eq!(
+            r.checkpoint_peer(&m(), std::slice::from_ref(&a)).unwrap().node.as_str(),
+            "b"
+        );
+        let all = [a, NodeId::new("b"), NodeId::new("c")];
+        assert!(r.checkpoint_peer(&m(), &all).is_none());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The engine actor: owns the runtime and every sequence's state.
 
 use shoal_model::{
-    FinishReason, GenerateOptions, ModelError, Sampler, SeqStep, ShardInput, ShardOutput,
+    FinishReason, GenerateOptions, KvSnapshot, ModelError, Sampler, SeqStep, ShardInput, ShardOutput,
     ShardRuntime, StopMatcher, StopScan, StreamDecoder, Tokenizer,
 };
 use shoal_types::{ErrorClass, RequestId, SeqId};
@@ -58,6 +58,26 @@ pub struct EngineRequest {
     /// For a pipeline head: where the sequence's later stages are, opaque to the engine and
     /// handed to its [`Downstream`] when the sequence opens. `None` on a whole model.
     pub route: Option<RouteTag>,
+    /// (Whole model.) A checkpoint of this generation's KV cache made elsewhere: the part of
+    /// it that holds exactly the leading tokens of prompt + resume is imported instead of
+    /// prefilled. At least the last token is always computed (its logits give the next draw).
+    /// One that does not fit is ignored and everything is prefilled.
+    pub restore: Option<KvSnapshot>,
+    /// (Whole model.) Checkpoint this sequence's KV cache as it grows.
+    pub checkpoint: Option<CheckpointSink>,
+}
+
+/// Where a sequence's KV cache goes as it grows: after each step that leaves at least `every`
+/// positions not yet checkpointed, the engine copies them out (the copy is a few hundred
+/// microseconds per hundred positions of a small model) and offers them to `tx`. Each snapshot
+/// continues the previous one. When `tx` is full the copy is not made, and the next
+/// checkpoint covers more; the channel closes when the sequence ends.
+#[derive(Debug, Clone)]
+pub struct CheckpointSink {
+    /// Positions gathered before a checkpoint is sent, at least 1.
+    pub every: u32,
+    /// Receives the snapshots.
+    pub tx: mpsc::Sender<KvSnapshot>,
 }
 
 /// A value the engine carries for its [`Downstream`] without looking at it.
@@ -253,6 +273,10 @@ pub struct EngineStats {
     pub step_rows: AtomicU64,
     /// Requests finished since start (any outcome).
     pub finished: AtomicU64,
+    /// KV positions sent to checkpoint sinks since start.
+    pub checkpointed_tokens: AtomicU64,
+    /// KV positions imported from checkpoints instead of prefilled, since start.
+    pub restored_tokens: AtomicU64,
     /// Sequences per forward step (decode rows plus the prefill chunk's sequence), counted in
     /// fixed buckets so a metrics exporter can publish a histogram without a hook in the loop.
     pub batch_sequences: BatchHistogram,
@@ -547,6 +571,8 @@ struct Active {
     decoder: StreamDecoder<Arc<Tokenizer>>,
     /// The prompt, then every generated token.
     history: Vec<u32>,
+    /// Positions of the KV cache already checkpointed (or imported from a checkpoint).
+    checkpointed: u32,
     generated: u32,
     eog: Vec<u32>,
     done: Option<(FinishReason, String)>,
@@ -619,6 +645,9 @@ impl Worker {
             }
             self.admit();
             let stepped = self.step();
+            if stepped {
+                self.checkpoint();
+            }
             self.retire();
             if !stepped && !idle && self.active.iter().any(|a| a.done.is_none()) {
                 // Every active sequence is paused on a slow reader: wait a little.
@@ -727,6 +756,7 @@ impl Worker {
                 group: None,
                 stops: StopMatcher::new(&sub.req.options.stop),
                 history: sub.req.prompt.clone(),
+                checkpointed: 0,
                 sub,
                 phase: Phase::Prefill(0),
                 sampler,
@@ -736,7 +766,92 @@ impl Worker {
                 done: None,
             };
             replay(&mut a, context);
+            if self.down.is_none() {
+                self.restore(&mut a);
+            }
             self.active.push(a);
+        }
+    }
+
+    /// Imports the part of a resumed generation's checkpoint that matches its tokens, so its
+    /// prefill starts after it.
+    fn restore(&mut self, a: &mut Active) {
+        let Some(mut snap) = a.sub.req.restore.take() else {
+            return;
+        };
+        if a.done.is_some() {
+            return;
+        }
+        // The last token is computed again: its logits give the next draw.
+        let usable = snap
+            .matching_prefix(&a.history)
+            .min(a.history.len().saturating_sub(1));
+        snap.truncate(usable);
+        if snap.is_empty() {
+            return;
+        }
+        match self.rt.import_kv(a.seq, &snap) {
+            Ok(()) => {
+                a.phase = Phase::Prefill(usable);
+                a.checkpointed = usable as u32;
+                self.stats
+                    .restored_tokens
+                    .fetch_add(usable as u64, Ordering::Relaxed);
+                tracing::debug!(
+                    request = %a.sub.req.id,
+                    positions = usable,
+                    of = a.history.len(),
+                    "KV cache restored from a checkpoint"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(
+                    request = %a.sub.req.id,
+                    error = %e,
+                    "the checkpoint does not fit; prefilling everything"
+                );
+                self.rt.release(a.seq);
+            }
+        }
+    }
+
+    /// Sends each checkpointed sequence's new KV positions to its sink once there are
+    /// `every` of them.
+    fn checkpoint(&mut self) {
+        for a in &mut self.active {
+            let Some(sink) = &a.sub.req.checkpoint else {
+                continue;
+            };
+            if a.done.is_some() || sink.tx.capacity() == 0 {
+                continue;
+            }
+            let Some(cached) = self.rt.seq_len(a.seq) else {
+                continue;
+            };
+            if cached < a.checkpointed.saturating_add(sink.every.max(1)) {
+                continue;
+            }
+            let (from, to) = (a.checkpointed as usize, cached as usize);
+            let Some(tokens) = a.history.get(from..to) else {
+                continue;
+            };
+            match self.rt.export_kv(a.seq, a.checkpointed, tokens) {
+                Ok(snap) => match sink.tx.try_send(snap) {
+                    Ok(()) => {
+                        a.checkpointed = cached;
+                        self.stats
+                            .checkpointed_tokens
+                            .fetch_add((to - from) as u64, Ordering::Relaxed);
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => {}
+                    // Nobody takes checkpoints of this sequence any more.
+                    Err(mpsc::error::TrySendError::Closed(_)) => a.sub.req.checkpoint = None,
+                },
+                Err(e) => {
+                    tracing::warn!(request = %a.sub.req.id, error = %e, "checkpoint failed");
+                    a.sub.req.checkpoint = None;
+                }
+            }
         }
     }
 

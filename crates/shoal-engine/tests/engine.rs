@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shoal_engine::{
-    Downstream, Engine, EngineConfig, EngineError, EngineEvent, EngineRequest, HeadStep, TailEvent,
+    CheckpointSink, Downstream, Engine, EngineConfig, EngineError, EngineEvent, EngineRequest, HeadStep, TailEvent,
     TailSender,
 };
 use shoal_model::{
@@ -45,6 +45,8 @@ fn request(i: usize, prompt: Vec<u32>, max_tokens: u32, sampling: SamplingParams
         },
         resume: Vec::new(),
         route: None,
+        restore: None,
+        checkpoint: None,
     }
 }
 
@@ -412,6 +414,97 @@ async fn a_resumed_generation_continues_exactly_where_the_first_stopped() {
             }
         }
     }
+}
+
+/// A generation checkpointed as it runs can be resumed on another engine from the checkpoint:
+/// the matching positions are imported instead of prefilled, and the output continues exactly
+/// as the original run's. A checkpoint of other tokens is used only as far as it matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_resumed_from_its_checkpoint_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir, SynthSpec::tiny_llama());
+    let first = engine(&model, EngineConfig::default());
+    let prompt: Vec<u32> = (0..40).map(|j| 3 + j * 7).collect();
+    let sampling = SamplingParams {
+        temperature: 0.9,
+        seed: 5,
+        ..Default::default()
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    let mut req = request(0, prompt.clone(), 24, sampling.clone());
+    req.checkpoint = Some(CheckpointSink { every: 8, tx });
+    let reference = events(first.submit(req, CancellationToken::new()).unwrap()).await;
+    let ids: Vec<u32> = reference
+        .iter()
+        .filter_map(|e| match e {
+            EngineEvent::Token { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 24);
+    // The snapshots continue one another from position 0; the sink closes with the sequence.
+    let mut held = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(held.start, 0);
+    while let Some(next) = tokio::time::timeout(WAIT, rx.recv()).await.unwrap() {
+        assert!(next.len() >= 8, "a checkpoint of {} positions", next.len());
+        held.append(next).unwrap();
+    }
+    let history = [prompt.clone(), ids.clone()].concat();
+    // Every position but the last sampled token's (never computed) at most, and all but the
+    // last few at least.
+    assert!(held.len() < history.len() && held.len() >= history.len() - 8);
+    assert_eq!(held.matching_prefix(&history), held.len());
+    assert_eq!(
+        first.stats().checkpointed_tokens.load(Ordering::Relaxed),
+        held.len() as u64
+    );
+
+    let second = engine(&model, EngineConfig::default());
+    let mut restored_before = 0;
+    for k in [0usize, 5, 12, 23] {
+        let mut req = request(1, prompt.clone(), 24, sampling.clone());
+        req.resume = ids[..k].to_vec();
+        req.restore = Some(held.clone());
+        let rows_before = second.stats().step_rows.load(Ordering::Relaxed);
+        let resumed = events(second.submit(req, CancellationToken::new()).unwrap()).await;
+        assert_eq!(resumed, reference[k..].to_vec(), "resumed after {k} tokens");
+        // Imported: every position of prompt + resume but the last.
+        let imported = held.len().min(prompt.len() + k - 1);
+        let restored = second.stats().restored_tokens.load(Ordering::Relaxed);
+        assert_eq!(restored - restored_before, imported as u64, "after {k} tokens");
+        restored_before = restored;
+        let rows = second.stats().step_rows.load(Ordering::Relaxed) - rows_before;
+        assert_eq!(
+            rows as usize,
+            prompt.len() + k - imported + (24 - k - 1),
+            "rows computed after {k} tokens"
+        );
+    }
+
+    // A checkpoint whose tokens differ from position 10 on: only its first 10 positions count.
+    let mut other = held.clone();
+    other.tokens[10] ^= 1;
+    let mut req = request(2, prompt.clone(), 24, sampling.clone());
+    req.resume = ids[..6].to_vec();
+    req.restore = Some(other);
+    let resumed = events(second.submit(req, CancellationToken::new()).unwrap()).await;
+    assert_eq!(resumed, reference[6..].to_vec());
+    assert_eq!(
+        second.stats().restored_tokens.load(Ordering::Relaxed) - restored_before,
+        10
+    );
+    // One of another model's shape is ignored: everything is prefilled.
+    let mut wrong = held.clone();
+    wrong.kv_dim += 1;
+    let mut req = request(3, prompt.clone(), 24, sampling);
+    req.resume = ids[..6].to_vec();
+    req.restore = Some(wrong);
+    let resumed = events(second.submit(req, CancellationToken::new()).unwrap()).await;
+    assert_eq!(resumed, reference[6..].to_vec());
+    assert_eq!(
+        second.stats().restored_tokens.load(Ordering::Relaxed) - restored_before,
+        10
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,6 +76,9 @@ pub enum ModelError {
         /// The configured budget.
         budget: usize,
     },
+    /// A KV snapshot does not fit the runtime or the sequence it was given for.
+    #[error("KV snapshot: {0}")]
+    Snapshot(String),
     /// Invalid generation input (empty prompt, bad sampling parameter...).
     #[error("invalid request: {0}")]
     InvalidRequest(String),

@@ -66,6 +66,17 @@ pub trait ShardRuntime: Send {
     fn truncate(&mut self, seq: SeqId, len: u32);
     /// Bytes of KV cache held.
     fn kv_bytes(&self) -> usize;
+    /// Copies `seq`'s keys and values at positions `[from, from + tokens.len())`, which must
+    /// be cached, labelled with the tokens at those positions (a checkpoint).
+    fn export_kv(
+        &self,
+        seq: SeqId,
+        from: u32,
+        tokens: &[u32],
+    ) -> Result<crate::KvSnapshot, ModelError>;
+    /// Appends `snap` to `seq`'s cache (creating the sequence when it starts at 0): the
+    /// positions it covers count as computed, and the next step continues after them.
+    fn import_kv(&mut self, seq: SeqId, snap: &crate::KvSnapshot) -> Result<(), ModelError>;
 }
 
 /// Options for a CPU shard.
@@ -373,6 +384,87 @@ impl ShardRuntime for CpuShard {
 
     fn kv_bytes(&self) -> usize {
         self.seqs.values().map(SeqKv::bytes).sum()
+    }
+
+    fn export_kv(
+        &self,
+        seq: SeqId,
+        from: u32,
+        tokens: &[u32],
+    ) -> Result<crate::KvSnapshot, ModelError> {
+        let kv = self.seqs.get(&seq).ok_or_else(|| {
+            ModelError::Snapshot(format!("{seq} has no cache to export"))
+        })?;
+        let (a, n) = (from as usize, tokens.len());
+        if a + n > kv.len {
+            return Err(ModelError::Snapshot(format!(
+                "{seq} caches {} positions; positions {a}..{} were asked for",
+                kv.len,
+                a + n
+            )));
+        }
+        let d = self.cfg.kv_dim();
+        let (lo, hi) = (a * d, (a + n) * d);
+        Ok(crate::KvSnapshot {
+            layers: self.range,
+            kv_dim: d,
+            start: from,
+            tokens: tokens.to_vec(),
+            kv: kv
+                .layers
+                .iter()
+                .map(|l| (l.k[lo..hi].to_vec(), l.v[lo..hi].to_vec()))
+                .collect(),
+        })
+    }
+
+    fn import_kv(&mut self, seq: SeqId, snap: &crate::KvSnapshot) -> Result<(), ModelError> {
+        snap.check()?;
+        let d = self.cfg.kv_dim();
+        if snap.layers != self.range || snap.kv_dim != d {
+            return Err(ModelError::Snapshot(format!(
+                "entries for layers {} × {} do not fit a runtime of layers {} × {d}",
+                snap.layers, snap.kv_dim, self.range
+            )));
+        }
+        if snap.is_empty() {
+            return Ok(());
+        }
+        // The same checks and growth a forward step over these positions would make.
+        let step = SeqStep {
+            seq,
+            pos: snap.start,
+            n_tokens: snap.len() as u32,
+            logits: false,
+        };
+        let have = self.seqs.get(&seq).map_or(0, |s| s.len as u32);
+        if have != snap.start {
+            return Err(ModelError::Position {
+                seq,
+                expected: have,
+                got: snap.start,
+            });
+        }
+        let needed = snap.end();
+        if needed > self.context {
+            return Err(ModelError::ContextOverflow {
+                seq,
+                needed,
+                context: self.context,
+            });
+        }
+        self.reserve_kv(&[step])?;
+        let kv = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or_else(|| ModelError::Snapshot(format!("{seq} has no cache")))?;
+        let (lo, hi) = (snap.start as usize * d, needed as usize * d);
+        for (l, (k, v)) in kv.layers.iter_mut().zip(&snap.kv) {
+            l.k[lo..hi].copy_from_slice(k);
+            l.v[lo..hi].copy_from_slice(v);
+        }
+        kv.len = needed as usize;
+        Ok(())
     }
 }
 

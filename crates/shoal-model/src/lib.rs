@@ -24,6 +24,7 @@ mod weights;
 pub use config::{Arch, ModelConfig, RopeStyle};
 pub use error::ModelError;
 pub use exec::{CpuShard, SeqStep, ShardInput, ShardOptions, ShardOutput, ShardRuntime};
+pub use kv::KvSnapshot;
 pub use generate::{FinishReason, GenerateOptions, Generation, generate};
 pub use model::{Model, Prompt};
 pub use open::{ManifestCheck, OpenOptions, OpenReport, open_model, open_model_with};

@@ -110,6 +110,14 @@ fn initial_capability(
 }
 
 /// `host:port` for the HTTP endpoint: the advertised data-plane host with the bound HTTP port.
+/// Bytes of other nodes' checkpoints a node keeps at most: 512 MiB, or an eighth of a
+/// smaller memory budget.
+fn checkpoint_budget(memory_budget: Option<u64>) -> usize {
+    const DEFAULT: u64 = 512 << 20;
+    let bytes = memory_budget.map_or(DEFAULT, |m| (m / 8).min(DEFAULT));
+    usize::try_from(bytes).unwrap_or(usize::MAX)
+}
+
 fn http_advertise(advertise: Option<&str>, bound: SocketAddr) -> String {
     match advertise.and_then(|a| a.rsplit_once(':')) {
         Some((host, _)) => format!("{host}:{}", bound.port()),
@@ -181,6 +189,7 @@ impl Agent {
             metrics.clone(),
             capability,
             cancel.child_token(),
+            checkpoint_budget(cfg.memory_budget),
         ));
         let stop_accepting = cancel.child_token();
 
@@ -200,7 +209,7 @@ impl Agent {
         })?;
         let revocations = Revocations::new();
         let auth = AuthLayer::new(&cfg.tls, AccessPolicy::shoal_default(), revocations.clone())?;
-        let service = NodeServer::new(NodeService::new(core.clone()));
+        let service = NodeServer::new(NodeService::new(core.clone(), links.clone()));
         let stage = StageServer::new(StageService::new(core.clone(), links));
         let stop = stop_accepting.clone().cancelled_owned();
         let grpc = match &renewal {

@@ -1,6 +1,7 @@
 //! What the agent's parts share: the shard table, the drain flag, the last measured capability,
 //! the metrics and the parent token of every generation.
 
+use crate::checkpoint::{CheckpointCounters, CheckpointStore};
 use crate::metrics::NodeMetrics;
 use crate::shards::ShardTable;
 use shoal_api::BackendError;
@@ -9,6 +10,9 @@ use shoal_types::{ErrorClass, NodeId};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use tokio_util::sync::CancellationToken;
+
+/// How long a stored checkpoint outlives its last push or use.
+const CHECKPOINT_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[derive(Debug)]
 pub(crate) struct NodeCore {
@@ -22,6 +26,10 @@ pub(crate) struct NodeCore {
     tokens_per_second: AtomicU64,
     /// Cancelling it ends every generation on this node (the last phase of shutdown).
     pub requests: CancellationToken,
+    /// Checkpoints of other nodes' generations kept here.
+    pub checkpoints: CheckpointStore,
+    /// Checkpoint traffic of this node, both ways.
+    pub checkpoint_counters: Arc<CheckpointCounters>,
 }
 
 impl NodeCore {
@@ -31,15 +39,18 @@ impl NodeCore {
         metrics: Arc<NodeMetrics>,
         capability: Capability,
         requests: CancellationToken,
+        checkpoint_budget: usize,
     ) -> Self {
         Self {
             node_id,
             shards,
+            checkpoint_counters: metrics.checkpoints().clone(),
             metrics,
             draining: AtomicBool::new(false),
             capability: RwLock::new(capability),
             tokens_per_second: AtomicU64::new(0f64.to_bits()),
             requests,
+            checkpoints: CheckpointStore::new(checkpoint_budget, CHECKPOINT_TTL),
         }
     }
 

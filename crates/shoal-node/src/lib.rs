@@ -20,6 +20,7 @@
 //! error value with a class and a reason, never a panic.
 
 mod agent;
+mod checkpoint;
 pub mod capability;
 mod config;
 mod control;
@@ -34,6 +35,7 @@ mod shards;
 mod stage;
 
 pub use agent::Agent;
+pub use checkpoint::{CheckpointPlan, CheckpointSource};
 pub use capability::{CapabilityOptions, measure_capability};
 pub use config::{AgentConfig, AgentError, ConfigProblem, ModelFile};
 pub use control::ControlState;

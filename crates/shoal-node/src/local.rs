@@ -60,6 +60,10 @@ pub struct NodeRequest {
     pub downstream: Vec<shoal_pipeline::StageHop>,
     /// How the pipeline's links choose their activation codec.
     pub codec: shoal_pipeline::Preference,
+    /// (Whole model.) Checkpoint the generation's KV cache to a peer as it grows.
+    pub checkpoint: Option<crate::CheckpointPlan>,
+    /// (A resumed generation.) Where a checkpoint of it may be stored.
+    pub restore: Option<crate::CheckpointSource>,
 }
 
 impl From<GenerateRequest> for NodeRequest {
@@ -80,6 +84,8 @@ impl From<GenerateRequest> for NodeRequest {
             resume: Vec::new(),
             downstream: Vec::new(),
             codec: shoal_pipeline::Preference::default(),
+            checkpoint: None,
+            restore: None,
         }
     }
 }
@@ -322,6 +328,8 @@ impl LocalBackend {
                     preference: req.codec,
                 }))
             }),
+            restore: None,
+            checkpoint: None,
         })
     }
 

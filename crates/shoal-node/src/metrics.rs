@@ -6,6 +6,7 @@
 //! registered in the gateway's registry ([`shoal_api::metrics::Metrics::with_extension`]), so
 //! one `GET /metrics` exposes the node and its HTTP API together.
 
+use crate::checkpoint::CheckpointCounters;
 use crate::link_metrics::{LinkCollector, LinkMetrics};
 use crate::shards::{EngineTotals, ShardTable};
 use prometheus_client::collector::Collector;
@@ -20,6 +21,7 @@ use shoal_api::metrics::Outcome;
 use shoal_engine::BATCH_BUCKETS;
 use shoal_types::ErrorClass;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// Requests waiting for an engine slot, summed over loaded shards (gauge).
@@ -41,8 +43,26 @@ pub const NODE_TOKENS_GENERATED_TOTAL: &str = "shoal_node_tokens_generated_total
 /// Heartbeats to the coordinator that failed (counter).
 pub const NODE_HEARTBEAT_FAILURES_TOTAL: &str = "shoal_node_heartbeat_failures_total";
 
+/// KV positions of this node's generations sent to checkpoint peers (counter).
+pub const NODE_CHECKPOINT_PUSHED_TOKENS_TOTAL: &str = "shoal_node_checkpoint_pushed_tokens_total";
+/// Bytes of KV entries sent to checkpoint peers (counter).
+pub const NODE_CHECKPOINT_PUSHED_BYTES_TOTAL: &str = "shoal_node_checkpoint_pushed_bytes_total";
+/// Checkpoint pushes that failed (counter).
+pub const NODE_CHECKPOINT_PUSH_FAILURES_TOTAL: &str =
+    "shoal_node_checkpoint_push_failures_total";
+/// KV positions of other nodes' generations stored here (counter).
+pub const NODE_CHECKPOINT_STORED_TOKENS_TOTAL: &str =
+    "shoal_node_checkpoint_stored_tokens_total";
+/// Resumed generations that found their checkpoint (counter).
+pub const NODE_CHECKPOINT_RESTORES_TOTAL: &str = "shoal_node_checkpoint_restores_total";
+/// Resumed generations whose checkpoint could not be had (counter).
+pub const NODE_CHECKPOINT_RESTORE_MISSES_TOTAL: &str =
+    "shoal_node_checkpoint_restore_misses_total";
+/// KV positions imported from checkpoints instead of prefilled (counter).
+pub const NODE_KV_RESTORED_TOKENS_TOTAL: &str = "shoal_node_kv_restored_tokens_total";
+
 /// Every metric name this module exposes.
-pub const ALL_NAMES: [&str; 9] = [
+pub const ALL_NAMES: [&str; 16] = [
     NODE_QUEUE_DEPTH,
     NODE_ACTIVE_SEQUENCES,
     NODE_BATCH_SIZE,
@@ -52,6 +72,13 @@ pub const ALL_NAMES: [&str; 9] = [
     NODE_GENERATIONS_TOTAL,
     NODE_TOKENS_GENERATED_TOTAL,
     NODE_HEARTBEAT_FAILURES_TOTAL,
+    NODE_CHECKPOINT_PUSHED_TOKENS_TOTAL,
+    NODE_CHECKPOINT_PUSHED_BYTES_TOTAL,
+    NODE_CHECKPOINT_PUSH_FAILURES_TOTAL,
+    NODE_CHECKPOINT_STORED_TOKENS_TOTAL,
+    NODE_CHECKPOINT_RESTORES_TOTAL,
+    NODE_CHECKPOINT_RESTORE_MISSES_TOTAL,
+    NODE_KV_RESTORED_TOKENS_TOTAL,
 ];
 
 /// `prometheus-client` appends `_total` to counters itself; the constants carry the exposed name.
@@ -72,6 +99,7 @@ pub struct NodeMetrics {
     generations: Family<OutcomeLabels, Counter>,
     heartbeat_failures: Counter,
     links: Arc<LinkMetrics>,
+    checkpoints: Arc<CheckpointCounters>,
 }
 
 impl Default for NodeMetrics {
@@ -100,6 +128,7 @@ impl NodeMetrics {
             generations,
             heartbeat_failures: Counter::default(),
             links: Arc::default(),
+            checkpoints: Arc::default(),
         }
     }
 
@@ -137,6 +166,11 @@ impl NodeMetrics {
         self.heartbeat_failures.get()
     }
 
+    /// This node's checkpoint traffic.
+    pub(crate) fn checkpoints(&self) -> &Arc<CheckpointCounters> {
+        &self.checkpoints
+    }
+
     /// What this node's pipeline stage links carried.
     pub fn links(&self) -> &Arc<LinkMetrics> {
         &self.links
@@ -165,6 +199,7 @@ impl NodeMetrics {
             self.heartbeat_failures.clone(),
         );
         registry.register_collector(Box::new(EngineCollector { shards }));
+        registry.register_collector(Box::new(CheckpointCollector(self.checkpoints.clone())));
         registry.register_collector(Box::new(LinkCollector(self.links.clone())));
     }
 }
@@ -186,6 +221,7 @@ impl Collector for EngineCollector {
             active_sequences,
             kv_bytes,
             tokens_generated,
+            restored_tokens,
             batches,
         } = self.shards.engine_totals();
         let gauges = [
@@ -214,6 +250,14 @@ impl Collector for EngineCollector {
             tokens.metric_type(),
         )?;
         tokens.encode(metric)?;
+        let restored = ConstCounter::new(restored_tokens);
+        let metric = encoder.encode_descriptor(
+            counter_base(NODE_KV_RESTORED_TOKENS_TOTAL),
+            "KV positions imported from checkpoints instead of prefilled",
+            None,
+            restored.metric_type(),
+        )?;
+        restored.encode(metric)?;
         let buckets: Vec<(f64, u64)> = BATCH_BUCKETS
             .iter()
             .map(|&b| b as f64)
@@ -236,6 +280,55 @@ impl Collector for EngineCollector {
     }
 }
 
+/// Reads the checkpoint counters at scrape time.
+#[derive(Debug)]
+struct CheckpointCollector(Arc<CheckpointCounters>);
+
+impl Collector for CheckpointCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = &self.0;
+        let counters = [
+            (
+                NODE_CHECKPOINT_PUSHED_TOKENS_TOTAL,
+                "KV positions sent to checkpoint peers",
+                &c.pushed_tokens,
+            ),
+            (
+                NODE_CHECKPOINT_PUSHED_BYTES_TOTAL,
+                "Bytes of KV entries sent to checkpoint peers",
+                &c.pushed_bytes,
+            ),
+            (
+                NODE_CHECKPOINT_PUSH_FAILURES_TOTAL,
+                "Checkpoint pushes that failed",
+                &c.push_failures,
+            ),
+            (
+                NODE_CHECKPOINT_STORED_TOKENS_TOTAL,
+                "KV positions of other nodes' generations stored here",
+                &c.stored_tokens,
+            ),
+            (
+                NODE_CHECKPOINT_RESTORES_TOTAL,
+                "Resumed generations that found their checkpoint",
+                &c.restores,
+            ),
+            (
+                NODE_CHECKPOINT_RESTORE_MISSES_TOTAL,
+                "Resumed generations whose checkpoint could not be had",
+                &c.restore_misses,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value.load(Ordering::Relaxed));
+            let metric =
+                encoder.encode_descriptor(counter_base(name), help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +342,13 @@ mod tests {
             NODE_GENERATIONS_TOTAL,
             NODE_TOKENS_GENERATED_TOTAL,
             NODE_HEARTBEAT_FAILURES_TOTAL,
+            NODE_CHECKPOINT_PUSHED_TOKENS_TOTAL,
+            NODE_CHECKPOINT_PUSHED_BYTES_TOTAL,
+            NODE_CHECKPOINT_PUSH_FAILURES_TOTAL,
+            NODE_CHECKPOINT_STORED_TOKENS_TOTAL,
+            NODE_CHECKPOINT_RESTORES_TOTAL,
+            NODE_CHECKPOINT_RESTORE_MISSES_TOTAL,
+            NODE_KV_RESTORED_TOKENS_TOTAL,
         ] {
             assert!(counter.ends_with("_total"), "{counter}");
         }

@@ -9,13 +9,15 @@
 //! An absent sampling field takes the node's default (temperature 1, a seed derived from the
 //! request id); an absent or zero `max_tokens` the node's default completion length.
 
+use crate::checkpoint::{self, Pusher, StoreError};
 use crate::core::NodeCore;
+use crate::stage::LinkSettings;
 use crate::local::{LocalBackend, NodePrompt, NodeRequest, engine_error};
 use futures::Stream;
 use shoal_api::metrics::Outcome;
 use shoal_api::{BackendError, SamplingParams as ApiSampling};
 use shoal_engine::EngineEvent;
-use shoal_model::{ChatMessage, FinishReason};
+use shoal_model::{ChatMessage, FinishReason, KvSnapshot};
 use shoal_proto::v1::node_server::Node;
 use shoal_proto::v1::{self, generate_event::Event, generate_request::Prompt};
 use shoal_types::{ErrorClass, ModelId, RequestId};
@@ -23,9 +25,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::metadata::MetadataMap;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 /// Events buffered between a generation and its gRPC stream.
@@ -36,23 +38,76 @@ const MAX_REQUEST_ID: usize = 256;
 /// The stream `Generate` answers with.
 pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateEvent, Status>> + Send>>;
 
+/// The stream `FetchCheckpoint` answers with.
+pub type CheckpointStream = Pin<Box<dyn Stream<Item = Result<v1::KvChunk, Status>> + Send>>;
+
+/// A checkpoint refused by the store, as a status.
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Invalid(m) => Status::invalid_argument(m),
+        StoreError::Full { .. } => Status::resource_exhausted(e.to_string()),
+    }
+}
+
 /// The `Node` service of one agent.
 #[derive(Debug)]
 pub(crate) struct NodeService {
     core: Arc<NodeCore>,
+    /// How this node dials its peers (checkpoint pushes and fetches).
+    links: LinkSettings,
     /// Numbers requests that come without an id.
     unnamed: AtomicU64,
 }
 
 impl NodeService {
-    pub fn new(core: Arc<NodeCore>) -> Self {
+    pub fn new(core: Arc<NodeCore>, links: LinkSettings) -> Self {
         Self {
             core,
+            links,
             unnamed: AtomicU64::new(0),
         }
     }
 
-    fn start(
+    /// The checkpoint a resumed generation names, from this node's store or its holder;
+    /// `None` (the generation is prefilled in full) when there is none to be had.
+    async fn restore(&self, req: &NodeRequest) -> Option<KvSnapshot> {
+        let source = req.restore.as_ref()?;
+        let counters = &self.core.checkpoint_counters;
+        let sha = self.core.shards.whole_sha256(req.model.as_str())?;
+        let id = req.request_id.as_str();
+        let got = if source.node == self.core.node_id {
+            self.core
+                .checkpoints
+                .get(id, &sha)
+                .ok_or_else(|| "not in this node's store".to_owned())
+        } else {
+            checkpoint::fetch(&self.links, &source.addr, id, &sha).await
+        };
+        match got {
+            Ok(snap) => {
+                counters.restores.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    request = %id,
+                    holder = %source.node,
+                    positions = snap.len(),
+                    "resuming from a checkpoint"
+                );
+                Some(snap)
+            }
+            Err(why) => {
+                counters.restore_misses.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    request = %id,
+                    holder = %source.node,
+                    error = %why,
+                    "no checkpoint to resume from; prefilling everything"
+                );
+                None
+            }
+        }
+    }
+
+    async fn start(
         &self,
         msg: v1::GenerateRequest,
         received: Instant,
@@ -68,10 +123,34 @@ impl NodeService {
         } else {
             self.core.shards.head_for(req.model.as_str())?
         };
-        let ereq = backend.prepare(&req)?;
+        let mut ereq = backend.prepare(&req)?;
+        let mut pusher = None;
+        if req.downstream.is_empty() {
+            ereq.restore = self.restore(&req).await;
+            if let Some(plan) = req.checkpoint.clone()
+                && plan.peer != self.core.node_id
+                && let Some(model_sha256) = self.core.shards.whole_sha256(req.model.as_str())
+            {
+                let (sink, task, done) = Pusher {
+                    request_id: req.request_id.clone(),
+                    model: req.model.clone(),
+                    model_sha256,
+                    plan,
+                    links: self.links.clone(),
+                    counters: self.core.checkpoint_counters.clone(),
+                }
+                .start();
+                ereq.checkpoint = Some(sink);
+                pusher = Some((task, done));
+            }
+        }
         let prompt_ids = ereq.prompt.clone();
         let cancel = self.core.requests.child_token();
         let events = backend.submit(ereq, cancel.clone())?;
+        let checkpoint_done = pusher.map(|(task, done)| {
+            backend.spawn_tracked(task);
+            done
+        });
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let forward = Forward {
             backend: backend.clone(),
@@ -79,6 +158,7 @@ impl NodeService {
             prompt_ids,
             received,
             deadline: deadline.map(|d| tokio::time::Instant::now() + d),
+            checkpoint_done,
         };
         let span = tracing::debug_span!("node.generate.stream", request_id = %req.request_id);
         backend.spawn_tracked(
@@ -180,6 +260,8 @@ pub(crate) fn node_request(
             .collect::<Result<_, _>>()
             .map_err(|e| invalid("invalid_route", format!("bad pipeline stage: {e}")))?,
         codec: shoal_pipeline::preference_from_wire(msg.codec),
+        checkpoint: crate::CheckpointPlan::from_wire(msg.checkpoint),
+        restore: crate::CheckpointSource::from_wire(msg.restore),
     })
 }
 
@@ -222,6 +304,8 @@ struct Forward {
     prompt_ids: Vec<u32>,
     received: Instant,
     deadline: Option<tokio::time::Instant>,
+    /// Tells the checkpoint pusher how the generation ended.
+    checkpoint_done: Option<oneshot::Sender<bool>>,
 }
 
 impl Forward {
@@ -324,6 +408,9 @@ impl Forward {
             }
         };
         metrics.generation(outcome);
+        if let Some(done) = self.checkpoint_done {
+            let _ = done.send(outcome == Outcome::Ok);
+        }
         drop(events);
         drop(self.backend);
     }
@@ -346,15 +433,96 @@ impl Node for NodeService {
             request_id = %msg.request_id,
             model = %msg.model_id,
         );
-        let _entered = span.enter();
-        match self.start(msg, received, deadline) {
-            Ok(stream) => Ok(Response::new(stream)),
-            Err(e) => {
-                tracing::debug!(class = %e.class, reason = %e.reason, "generate refused");
-                self.core.metrics.generation(Outcome::Error(e.class));
-                Err(refusal(&e))
+        async {
+            match self.start(msg, received, deadline).await {
+                Ok(stream) => Ok(Response::new(stream)),
+                Err(e) => {
+                    tracing::debug!(class = %e.class, reason = %e.reason, "generate refused");
+                    self.core.metrics.generation(Outcome::Error(e.class));
+                    Err(refusal(&e))
+                }
             }
         }
+        .instrument(span)
+        .await
+    }
+
+    async fn push_checkpoint(
+        &self,
+        request: Request<Streaming<v1::KvChunk>>,
+    ) -> Result<Response<v1::PushCheckpointReply>, Status> {
+        let mut chunks = request.into_inner();
+        let mut stored = 0;
+        while let Some(chunk) = chunks.message().await? {
+            // Only checkpoints of a model version this node has a file of are kept.
+            if !self
+                .core
+                .shards
+                .files()
+                .iter()
+                .any(|f| f.sha256.eq_ignore_ascii_case(&chunk.model_sha256))
+            {
+                return Err(Status::failed_precondition(format!(
+                    "this node has no file of model {} with sha256 {:?}",
+                    chunk.model_id, chunk.model_sha256
+                )));
+            }
+            let snap = checkpoint::from_chunk(&chunk).map_err(store_status)?;
+            let positions = snap.len() as u64;
+            stored = self
+                .core
+                .checkpoints
+                .append(&chunk.request_id, &chunk.model_sha256, snap)
+                .map_err(store_status)?;
+            self.core
+                .checkpoint_counters
+                .stored_tokens
+                .fetch_add(positions, Ordering::Relaxed);
+        }
+        Ok(Response::new(v1::PushCheckpointReply {
+            stored: u32::try_from(stored).unwrap_or(u32::MAX),
+        }))
+    }
+
+    type FetchCheckpointStream = CheckpointStream;
+
+    async fn fetch_checkpoint(
+        &self,
+        request: Request<v1::FetchCheckpointRequest>,
+    ) -> Result<Response<CheckpointStream>, Status> {
+        let req = request.into_inner();
+        let Some(snap) = self
+            .core
+            .checkpoints
+            .get(&req.request_id, &req.model_sha256)
+        else {
+            return Err(Status::not_found(format!(
+                "no checkpoint of {:?} for that model version",
+                req.request_id
+            )));
+        };
+        // Chunks are made as the stream is read, so the checkpoint is not copied twice.
+        let step = checkpoint::chunk_positions(&snap);
+        let model = ModelId::new(String::new());
+        let chunks = (0..snap.len()).step_by(step).map(move |from| {
+            Ok(checkpoint::chunk_at(
+                &req.request_id,
+                &model,
+                &req.model_sha256,
+                &snap,
+                from,
+                step,
+            ))
+        });
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn drop_checkpoint(
+        &self,
+        request: Request<v1::DropCheckpointRequest>,
+    ) -> Result<Response<v1::DropCheckpointReply>, Status> {
+        self.core.checkpoints.remove(&request.into_inner().request_id);
+        Ok(Response::new(v1::DropCheckpointReply {}))
     }
 
     async fn status(

@@ -135,6 +135,7 @@ pub(crate) struct EngineTotals {
     pub active_sequences: u64,
     pub kv_bytes: u64,
     pub tokens_generated: u64,
+    pub restored_tokens: u64,
     pub batches: BatchSnapshot,
 }
 
@@ -420,6 +421,24 @@ impl ShardTable {
         self.entry_for(model, false)
     }
 
+    /// The sha256 of the file a ready whole-model shard of `model` runs.
+    pub fn whole_sha256(&self, model: &str) -> Option<String> {
+        let t = self.read();
+        t.shards.iter().find_map(|(key, shard)| {
+            let backend = shard.backend.as_ref()?;
+            let whole = key.start == 0 && key.end == backend.model().config().n_layers;
+            (key.model == model && whole && shard.state == ShardState::Ready)
+                .then(|| {
+                    if shard.assignment.model_sha256.is_empty() {
+                        self.find_file(&shard.assignment).ok().map(|f| f.sha256.clone())
+                    } else {
+                        Some(shard.assignment.model_sha256.clone())
+                    }
+                })
+                .flatten()
+        })
+    }
+
     /// The pipeline head serving the first layers of `model`, or why there is none.
     pub fn head_for(&self, model: &str) -> Result<Arc<LocalBackend>, BackendError> {
         self.entry_for(model, true)
@@ -497,6 +516,7 @@ impl ShardTable {
         }
         for s in &t.all_stats {
             out.tokens_generated += s.tokens_generated.load(Ordering::Relaxed);
+            out.restored_tokens += s.restored_tokens.load(Ordering::Relaxed);
             out.batches.add(&s.batch_sequences.snapshot());
         }
         out

@@ -64,7 +64,7 @@ pub struct LinkSettings {
 
 impl LinkSettings {
     /// The credentials a link opened now presents.
-    fn mode(&self) -> TlsMode {
+    pub(crate) fn mode(&self) -> TlsMode {
         self.renewing
             .as_ref()
             .map_or_else(|| self.tls.clone(), RenewableIdentity::mode)

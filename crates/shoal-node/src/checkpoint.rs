@@ -1,0 +1,549 @@
+//! KV-cache checkpoints between agents, so a long generation that loses its node resumes on
+//! another without recomputing its whole context.
+//!
+//! - **Origin**: a generation sent with a [`CheckpointPlan`] gets a [`CheckpointSink`] in its
+//!   engine request; each snapshot the engine offers (the KV positions gathered since the
+//!   last one) is sent by a [`Pusher`] task to the peer over `Node.PushCheckpoint`, in chunks
+//!   of at most [`CHUNK_BYTES`]. When the generation finishes normally the peer is told to
+//!   drop what it holds; when it is cut short the checkpoint stays for the failover.
+//! - **Holder**: a [`CheckpointStore`] keeps the checkpoints peers push, each the
+//!   concatenation of its pushes, within a byte budget (least recently used ones go first)
+//!   and for a time to live.
+//! - **Resume**: a generation resumed with a `restore` source takes the checkpoint from its
+//!   own store or fetches it from the holder (`Node.FetchCheckpoint`, bounded by
+//!   [`FETCH_TIMEOUT`]); the engine imports the part that matches the generation's tokens.
+//!   Anything that goes wrong costs only the saving: the generation is prefilled as without
+//!   a checkpoint.
+
+use crate::stage::LinkSettings;
+use shoal_engine::CheckpointSink;
+use shoal_model::KvSnapshot;
+use shoal_net::{ConnectOptions, Role};
+use shoal_proto::v1;
+use shoal_types::{LayerRange, ModelId, NodeId, RequestId};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Largest checkpoint chunk on the wire (well under gRPC's 4 MiB message limit).
+pub(crate) const CHUNK_BYTES: usize = 1 << 20;
+/// Bound on fetching a checkpoint before a resumed generation starts without it.
+pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one push of a checkpoint (its snapshot's chunks).
+const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Snapshots waiting for the pusher; when it is behind, the engine gathers more per snapshot.
+const SINK_BUFFER: usize = 2;
+/// Longest request id a checkpoint is stored under.
+const MAX_REQUEST_ID: usize = 256;
+/// Widest `kv_dim` accepted from the wire (KV heads times head size).
+const MAX_KV_DIM: u32 = 1 << 16;
+
+/// Where a generation checkpoints its KV cache (from the wire's `CheckpointPlan`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointPlan {
+    /// Positions gathered before each checkpoint.
+    pub every: u32,
+    /// The peer that stores it.
+    pub peer: NodeId,
+    /// The peer's data-plane address.
+    pub peer_addr: String,
+}
+
+/// Where a resumed generation's checkpoint is stored (from the wire's `CheckpointSource`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointSource {
+    /// The node holding it.
+    pub node: NodeId,
+    /// Its data-plane address.
+    pub addr: String,
+}
+
+impl CheckpointPlan {
+    /// The plan a wire request carries, if a usable one.
+    pub(crate) fn from_wire(p: Option<v1::CheckpointPlan>) -> Option<Self> {
+        let p = p?;
+        (p.every > 0 && !p.peer_node.is_empty() && !p.peer_addr.is_empty()).then(|| Self {
+            every: p.every,
+            peer: NodeId::new(p.peer_node),
+            peer_addr: p.peer_addr,
+        })
+    }
+}
+
+impl CheckpointSource {
+    /// The source a wire request carries, if a usable one.
+    pub(crate) fn from_wire(s: Option<v1::CheckpointSource>) -> Option<Self> {
+        let s = s?;
+        (!s.node.is_empty() && !s.addr.is_empty()).then(|| Self {
+            node: NodeId::new(s.node),
+            addr: s.addr,
+        })
+    }
+}
+
+/// Counters of the checkpoint traffic of one node.
+#[derive(Debug, Default)]
+pub(crate) struct CheckpointCounters {
+    /// KV positions this node pushed to peers.
+    pub pushed_tokens: AtomicU64,
+    /// Bytes of entries this node pushed to peers.
+    pub pushed_bytes: AtomicU64,
+    /// Pushes that failed (the generation stops checkpointing).
+    pub push_failures: AtomicU64,
+    /// KV positions peers pushed to this node.
+    pub stored_tokens: AtomicU64,
+    /// Checkpoints taken up by a resumed generation here (from this node's store or a peer).
+    pub restores: AtomicU64,
+    /// Resumed generations whose checkpoint could not be had.
+    pub restore_misses: AtomicU64,
+}
+
+/// Why a checkpoint was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    /// The chunk is malformed or does not continue what is stored.
+    #[error("{0}")]
+    Invalid(String),
+    /// It does not fit the store's budget.
+    #[error("the checkpoint store is full ({budget} bytes)")]
+    Full {
+        /// The budget.
+        budget: usize,
+    },
+}
+
+struct Stored {
+    model_sha256: String,
+    snap: KvSnapshot,
+    touched: Instant,
+}
+
+/// The checkpoints peers pushed to this node, by request id.
+pub(crate) struct CheckpointStore {
+    entries: Mutex<HashMap<String, Stored>>,
+    budget: usize,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for CheckpointStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointStore")
+            .field("budget", &self.budget)
+            .field("ttl", &self.ttl)
+            .field("bytes", &self.bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CheckpointStore {
+    /// A store holding at most `budget` bytes of entries, each for `ttl` after its last use.
+    pub fn new(budget: usize, ttl: Duration) -> Self {
+        Self {
+            entries: Mutex::default(),
+            budget,
+            ttl,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Stored>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Bytes of entries held.
+    pub fn bytes(&self) -> usize {
+        self.lock().values().map(|s| s.snap.bytes()).sum()
+    }
+
+    /// Checkpoints held.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Adds `chunk` to the checkpoint of `request_id`: a chunk at position 0 starts it over,
+    /// any other must continue it. Returns the positions now held.
+    pub fn append(
+        &self,
+        request_id: &str,
+        model_sha256: &str,
+        chunk: KvSnapshot,
+    ) -> Result<usize, StoreError> {
+        let now = Instant::now();
+        let mut entries = self.lock();
+        entries.retain(|_, s| now.duration_since(s.touched) < self.ttl);
+        let add = chunk.bytes();
+        if chunk.start == 0 {
+            entries.remove(request_id);
+        }
+        match entries.get(request_id) {
+            None if chunk.start != 0 => {
+                return Err(StoreError::Invalid(format!(
+                    "no checkpoint of {request_id} to continue at position {}",
+                    chunk.start
+                )));
+            }
+            Some(s) if s.model_sha256 != model_sha256 => {
+                return Err(StoreError::Invalid(format!(
+                    "the checkpoint of {request_id} is of another model version"
+                )));
+            }
+            _ => {}
+        }
+        // Room: the least recently used other checkpoints go first.
+        let mut held: usize = entries.values().map(|s| s.snap.bytes()).sum();
+        while held + add > self.budget {
+            let victim = entries
+                .iter()
+                .filter(|(k, _)| k.as_str() != request_id)
+                .min_by_key(|(_, s)| s.touched)
+                .map(|(k, _)| k.clone());
+            let Some(victim) = victim else {
+                return Err(StoreError::Full {
+                    budget: self.budget,
+                });
+            };
+            if let Some(gone) = entries.remove(&victim) {
+                held -= gone.snap.bytes();
+                tracing::debug!(request = %victim, "checkpoint evicted for room");
+            }
+        }
+        let entry = match entries.entry(request_id.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(Stored {
+                model_sha256: model_sha256.to_owned(),
+                snap: KvSnapshot::empty(chunk.layers, chunk.kv_dim, 0),
+                touched: now,
+            }),
+        };
+        entry
+            .snap
+            .append(chunk)
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        entry.touched = now;
+        Ok(entry.snap.len())
+    }
+
+    /// A copy of the checkpoint of `request_id` made with the model file `model_sha256`.
+    pub fn get(&self, request_id: &str, model_sha256: &str) -> Option<KvSnapshot> {
+        let now = Instant::now();
+        let mut entries = self.lock();
+        let s = entries.get_mut(request_id)?;
+        if now.duration_since(s.touched) >= self.ttl || s.model_sha256 != model_sha256 {
+            return None;
+        }
+        s.touched = now;
+        Some(s.snap.clone())
+    }
+
+    /// Forgets the checkpoint of `request_id`.
+    pub fn remove(&self, request_id: &str) -> bool {
+        self.lock().remove(request_id).is_some()
+    }
+}
+
+/// Positions per wire chunk of `snap`: as many as fit in [`CHUNK_BYTES`], at least one.
+pub(crate) fn chunk_positions(snap: &KvSnapshot) -> usize {
+    let per_position = (snap.bytes() / snap.len().max(1)).max(1);
+    (CHUNK_BYTES / per_position).max(1)
+}
+
+/// Positions `[from, from + n)` of `snap` (relative to its start) as a wire chunk.
+pub(crate) fn chunk_at(
+    request_id: &str,
+    model: &ModelId,
+    model_sha256: &str,
+    snap: &KvSnapshot,
+    from: usize,
+    n: usize,
+) -> v1::KvChunk {
+    let part = snap.slice(from, n);
+    v1::KvChunk {
+        request_id: request_id.to_owned(),
+        model_id: model.as_str().to_owned(),
+        model_sha256: model_sha256.to_owned(),
+        layers: Some(v1::LayerRange {
+            start: part.layers.start(),
+            end: part.layers.end(),
+        }),
+        kv_dim: part.kv_dim as u32,
+        start: part.start,
+        kv: part.kv_bytes(),
+        tokens: part.tokens,
+    }
+}
+
+/// `snap` as wire chunks of at most [`CHUNK_BYTES`] each.
+pub(crate) fn to_chunks(
+    request_id: &str,
+    model: &ModelId,
+    model_sha256: &str,
+    snap: &KvSnapshot,
+) -> Vec<v1::KvChunk> {
+    let step = chunk_positions(snap);
+    (0..snap.len())
+        .step_by(step)
+        .map(|from| chunk_at(request_id, model, model_sha256, snap, from, step))
+        .collect()
+}
+
+/// A wire chunk as a snapshot, checked.
+pub(crate) fn from_chunk(c: &v1::KvChunk) -> Result<KvSnapshot, StoreError> {
+    let bad = |m: String| StoreError::Invalid(m);
+    if c.request_id.is_empty() || c.request_id.len() > MAX_REQUEST_ID {
+        return Err(bad(format!(
+            "a checkpoint needs a request id of 1 to {MAX_REQUEST_ID} bytes"
+        )));
+    }
+    if c.kv_dim == 0 || c.kv_dim > MAX_KV_DIM {
+        return Err(bad(format!("kv_dim {} is out of range", c.kv_dim)));
+    }
+    let layers = c
+        .layers
+        .ok_or_else(|| bad("a checkpoint chunk needs its layer range".into()))
+        .and_then(|r| LayerRange::new(r.start, r.end).map_err(|e| bad(e.to_string())))?;
+    KvSnapshot::from_kv_bytes(layers, c.kv_dim as usize, c.start, c.tokens.clone(), &c.kv)
+        .map_err(|e| bad(e.to_string()))
+}
+
+fn node_client(settings: &LinkSettings, addr: &str) -> Result<shoal_net::ShoalNodeClient, String> {
+    let opts = ConnectOptions {
+        expect_role: Some(Role::Agent),
+        ..ConnectOptions::default()
+    };
+    let channel =
+        shoal_net::connect_lazy(addr, &settings.mode(), opts).map_err(|e| e.to_string())?;
+    Ok(shoal_net::node_client(channel, PUSH_TIMEOUT))
+}
+
+/// Sends one generation's checkpoints to its peer.
+pub(crate) struct Pusher {
+    pub request_id: RequestId,
+    pub model: ModelId,
+    pub model_sha256: String,
+    pub plan: CheckpointPlan,
+    pub links: LinkSettings,
+    pub counters: Arc<CheckpointCounters>,
+}
+
+impl Pusher {
+    /// The engine's sink, the task that drains it (spawn it), and the sender that tells the
+    /// task how the generation ended (`true`: finished, so the peer may drop the checkpoint).
+    pub fn start(
+        self,
+    ) -> (
+        CheckpointSink,
+        impl std::future::Future<Output = ()> + Send + 'static,
+        oneshot::Sender<bool>,
+    ) {
+        let (tx, rx) = mpsc::channel(SINK_BUFFER);
+        let (done_tx, done_rx) = oneshot::channel();
+        let sink = CheckpointSink {
+            every: self.plan.every,
+            tx,
+        };
+        (sink, self.run(rx, done_rx), done_tx)
+    }
+
+    async fn run(self, mut rx: mpsc::Receiver<KvSnapshot>, done: oneshot::Receiver<bool>) {
+        let mut client = match node_client(&self.links, &self.plan.peer_addr) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(peer = %self.plan.peer, error = %e, "no checkpoint link");
+                self.counters.push_failures.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let id = self.request_id.as_str();
+        while let Some(snap) = rx.recv().await {
+            let (tokens, bytes) = (snap.len() as u64, snap.bytes() as u64);
+            let chunks = to_chunks(id, &self.model, &self.model_sha256, &snap);
+            drop(snap);
+            let push = client.push_checkpoint(futures::stream::iter(chunks));
+            match tokio::time::timeout(PUSH_TIMEOUT, push).await {
+                Ok(Ok(_)) => {
+                    self.counters
+                        .pushed_tokens
+                        .fetch_add(tokens, Ordering::Relaxed);
+                    self.counters
+                        .pushed_bytes
+                        .fetch_add(bytes, Ordering::Relaxed);
+                }
+                failed => {
+                    let why = match failed {
+                        Ok(Err(status)) => status.message().to_owned(),
+                        _ => format!("no answer within {PUSH_TIMEOUT:?}"),
+                    };
+                    // The peer now misses a piece: later pieces could not continue it.
+                    tracing::warn!(
+                        request = %id,
+                        peer = %self.plan.peer,
+                        error = %why,
+                        "checkpoint push failed; this generation stops checkpointing"
+                    );
+                    self.counters.push_failures.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        if done.await == Ok(true) {
+            let req = v1::DropCheckpointRequest {
+                request_id: id.to_owned(),
+            };
+            let _ = tokio::time::timeout(FETCH_TIMEOUT, client.drop_checkpoint(req)).await;
+        }
+    }
+}
+
+/// The checkpoint of `request_id` from the holder at `addr`, or why not.
+pub(crate) async fn fetch(
+    links: &LinkSettings,
+    addr: &str,
+    request_id: &str,
+    model_sha256: &str,
+) -> Result<KvSnapshot, String> {
+    let mut client = node_client(links, addr)?;
+    let call = async {
+        let req = v1::FetchCheckpointRequest {
+            request_id: request_id.to_owned(),
+            model_sha256: model_sha256.to_owned(),
+        };
+        let mut stream = client
+            .fetch_checkpoint(req)
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner();
+        let mut snap: Option<KvSnapshot> = None;
+        while let Some(chunk) = stream.message().await.map_err(|s| s.message().to_owned())? {
+            if chunk.request_id != request_id || chunk.model_sha256 != model_sha256 {
+                return Err("the holder sent another checkpoint".to_owned());
+            }
+            let part = from_chunk(&chunk).map_err(|e| e.to_string())?;
+            match &mut snap {
+                None if part.start == 0 => snap = Some(part),
+                None => return Err("the checkpoint does not start at position 0".to_owned()),
+                Some(s) => s.append(part).map_err(|e| e.to_string())?,
+            }
+        }
+        snap.ok_or_else(|| "the holder sent no entries".to_owned())
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, call)
+        .await
+        .map_err(|_| format!("no checkpoint within {FETCH_TIMEOUT:?}"))?
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use half::f16;
+
+    fn snap(start: u32, n: usize, seed: u16) -> KvSnapshot {
+        let layers = LayerRange::new(0, 2).unwrap();
+        let kv_dim = 4;
+        let vals = |off: u16| {
+            (0..n * kv_dim)
+                .map(|i| f16::from_f32(f32::from(seed + off + i as u16)))
+                .collect::<Vec<_>>()
+        };
+        KvSnapshot {
+            layers,
+            kv_dim,
+            start,
+            tokens: (0..n as u32).map(|i| start + i).collect(),
+            kv: (0..2u16).map(|l| (vals(l * 100), vals(l * 100 + 50))).collect(),
+        }
+    }
+
+    #[test]
+    fn pushes_continue_a_checkpoint_and_a_push_from_zero_starts_it_over() {
+        let store = CheckpointStore::new(1 << 20, Duration::from_secs(60));
+        assert_eq!(store.append("r1", "sha", snap(0, 10, 1)).unwrap(), 10);
+        assert_eq!(store.append("r1", "sha", snap(10, 5, 2)).unwrap(), 15);
+        // A gap, or another model version, is refused and changes nothing.
+        assert!(matches!(
+            store.append("r1", "sha", snap(16, 5, 3)),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(store.append("r1", "other", snap(15, 5, 3)).is_err());
+        assert!(store.append("r2", "sha", snap(4, 5, 3)).is_err());
+        let got = store.get("r1", "sha").unwrap();
+        assert_eq!(got.len(), 15);
+        assert_eq!(got.slice(10, 5), snap(10, 5, 2));
+        assert!(store.get("r1", "other").is_none());
+        assert_eq!(store.append("r1", "sha", snap(0, 3, 9)).unwrap(), 3);
+        assert!(store.remove("r1"));
+        assert!(store.get("r1", "sha").is_none());
+    }
+
+    #[test]
+    fn the_store_keeps_to_its_budget_dropping_the_least_recently_used() {
+        let one = snap(0, 10, 1).bytes();
+        let store = CheckpointStore::new(2 * one, Duration::from_secs(60));
+        store.append("a", "sha", snap(0, 10, 1)).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        store.append("b", "sha", snap(0, 10, 1)).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        // Using `a` makes `b` the older one.
+        assert!(store.get("a", "sha").is_some());
+        store.append("c", "sha", snap(0, 10, 1)).unwrap();
+        assert!(store.get("b", "sha").is_none());
+        assert!(store.get("a", "sha").is_some() && store.get("c", "sha").is_some());
+        assert!(store.bytes() <= 2 * one);
+        // One checkpoint larger than the whole budget is refused.
+        assert!(matches!(
+            store.append("d", "sha", snap(0, 30, 1)),
+            Err(StoreError::Full { .. })
+        ));
+    }
+
+    #[test]
+    fn expired_checkpoints_are_gone() {
+        let store = CheckpointStore::new(1 << 20, Duration::from_millis(1));
+        store.append("a", "sha", snap(0, 10, 1)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(store.get("a", "sha").is_none());
+        store.append("b", "sha", snap(0, 10, 1)).unwrap();
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn chunks_carry_a_snapshot_whole_and_bad_chunks_are_refused() {
+        let s = snap(0, 100, 7);
+        let model = ModelId::new("m");
+        let per = s.bytes() / s.len();
+        let chunks = to_chunks("r", &model, "sha", &s);
+        assert_eq!(chunks.len(), 100usize.div_ceil(CHUNK_BYTES / per).max(1));
+        let mut back = from_chunk(&chunks[0]).unwrap();
+        for c in &chunks[1..] {
+            back.append(from_chunk(c).unwrap()).unwrap();
+        }
+        assert_eq!(back, s);
+        // Small chunks split a large snapshot.
+        let big = KvSnapshot {
+            layers: LayerRange::new(0, 30).unwrap(),
+            kv_dim: 192,
+            start: 0,
+            tokens: vec![1; 300],
+            kv: (0..30)
+                .map(|_| (vec![f16::ONE; 300 * 192], vec![f16::ONE; 300 * 192]))
+                .collect(),
+        };
+        let chunks = to_chunks("r", &model, "sha", &big);
+        assert!(chunks.len() > 1);
+        assert!(chunks.iter().all(|c| c.kv.len() <= CHUNK_BYTES));
+        let mut bad = chunks[0].clone();
+        bad.kv.pop();
+        assert!(from_chunk(&bad).is_err());
+        let mut bad = chunks[0].clone();
+        bad.layers = None;
+        assert!(from_chunk(&bad).is_err());
+        let mut bad = chunks[0].clone();
+        bad.request_id.clear();
+        assert!(from_chunk(&bad).is_err());
+        let mut bad = chunks[0].clone();
+        bad.kv_dim = 0;
+        assert!(from_chunk(&bad).is_err());
+    }
+}
