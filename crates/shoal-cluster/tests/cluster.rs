@@ -154,11 +154,12 @@ impl TestCluster {
             (PlacementMode::Shard { max_stages }, Weights::Synth(_)) => Some(*max_stages),
             _ => None,
         };
-        Self::start_limited(weights, n_agents, placement, codec, limit, proxied).await
+        Self::start_limited(weights, n_agents, placement, codec, limit, proxied, 0).await
     }
 
     /// With `room_for_stages = Some(k)`, every agent reports memory for `1/k` of the layers
-    /// (plus the ends' weights and a KV reserve) and no more.
+    /// (plus the ends' weights and a KV reserve) and no more. `checkpoint_every` is the
+    /// gateway's (0: no checkpoints).
     async fn start_limited(
         weights: Weights,
         n_agents: usize,
@@ -166,6 +167,7 @@ impl TestCluster {
         codec: Preference,
         room_for_stages: Option<u32>,
         proxied: bool,
+        checkpoint_every: u32,
     ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let path = match weights {
@@ -214,6 +216,7 @@ impl TestCluster {
         let mut opts =
             CoordinatorOptions::on_loopback(config, tls(&ca, Role::Coordinator, "coordinator"));
         opts.backend.pipeline_codec = codec;
+        opts.backend.checkpoint_every = checkpoint_every;
         let coordinator = within(
             "starting the coordinator",
             Coordinator::start(opts, CancellationToken::new()),
@@ -748,6 +751,61 @@ async fn a_replica_killed_mid_stream_is_resumed_with_no_token_lost_or_repeated()
     }
 }
 
+/// A generation checkpointed to the other replica as it runs resumes there from the checkpoint
+/// when its node is killed: the client sees exactly the fault-free answer, and the survivor
+/// imports the checkpointed positions (at least the whole prompt) instead of prefilling them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_stream_resumes_from_its_checkpoint_on_the_other() {
+    let cluster = TestCluster::start_limited(
+        Weights::Synth(slow_model()),
+        2,
+        PlacementMode::Auto,
+        Preference::default(),
+        None,
+        false,
+        16,
+    )
+    .await;
+    let mut body = long_answer(json!({"temperature": 0.9, "seed": 11}));
+    body["messages"][0]["content"] = json!("tell me everything about the sea and its shores. ".repeat(30));
+    let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
+    assert!(reference.error.is_none(), "{reference:?}");
+    let prompt_tokens = reference.usage["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 200 && reference.deltas.len() >= 60, "{reference:?}");
+    let names = ["agent-1", "agent-2"];
+    let mut pushed = 0;
+    for name in names {
+        pushed += cluster.agent_counter(name, "shoal_node_checkpoint_pushed_tokens_total").await;
+    }
+    // The whole fault-free run was checkpointed, but for its last few positions.
+    assert!(pushed + 16 >= prompt_tokens + reference.usage["completion_tokens"].as_u64().unwrap() - 1);
+
+    let killed = std::sync::Mutex::new(None);
+    let seen = stream_chat(&cluster, body, |n| {
+        if n == 40 {
+            *killed.lock().unwrap() = Some(cluster.kill_busy_agent());
+        }
+    })
+    .await;
+    assert_eq!(seen, reference);
+    assert_eq!(cluster.coordinator.backend().failovers(), 1);
+    let killed = killed.lock().unwrap().expect("an agent was killed");
+    let survivor = names[1 - killed];
+    assert_eq!(
+        cluster.agent_counter(survivor, "shoal_node_checkpoint_restores_total").await,
+        1
+    );
+    assert_eq!(
+        cluster.agent_counter(survivor, "shoal_node_checkpoint_restore_misses_total").await,
+        0
+    );
+    let restored = cluster.agent_counter(survivor, "shoal_node_kv_restored_tokens_total").await;
+    assert!(
+        restored >= prompt_tokens,
+        "{restored} positions restored of a {prompt_tokens}-token prompt"
+    );
+}
+
 /// The sum of `shoal_failovers_total` over its causes on the coordinator's `/metrics`.
 async fn failovers_on_metrics(cluster: &TestCluster) -> u64 {
     failovers_by_cause(cluster).await.values().sum()
@@ -1194,6 +1252,24 @@ impl TestCluster {
     fn agent_http(&self, name: &str) -> std::net::SocketAddr {
         self.with_agent(name, |a| a.http_addr().unwrap())
     }
+
+    /// A counter without labels on the agent's `/metrics`.
+    async fn agent_counter(&self, name: &str, metric: &str) -> u64 {
+        let url = format!("http://{}/metrics", self.agent_http(name));
+        let text = within("scraping an agent's metrics", self.http.get(url).send())
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let prefix = format!("{metric} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{metric} not in {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1320,6 +1396,7 @@ async fn a_1b_model_too_large_for_any_node_is_served_by_a_pipeline() {
         Preference::Exact,
         Some(3),
         false,
+        0,
     )
     .await;
     let budget = cluster.memory_budget.unwrap();
