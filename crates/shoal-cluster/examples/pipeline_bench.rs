@@ -17,12 +17,15 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use serde_json::{Value, json};
+mod common;
+
+use common::Streamed;
+use serde_json::json;
 use shoal_api::InferenceBackend;
 use shoal_cluster::{Coordinator, CoordinatorOptions};
 use shoal_control::{CoordinatorConfig, ModelSpec, NodeState, PlacementMode};
 use shoal_net::faults::{FaultProxy, Faults, LossModel, MIN_RTO, NftLoss};
-use shoal_net::{ClusterCa, PeerIdentity, Role, TlsMode};
+use shoal_net::{ClusterCa, Role};
 use shoal_node::{Agent, AgentConfig, LatencySnapshot, ModelFile, Peer, PeerTotals};
 use shoal_pipeline::Preference;
 use shoal_types::{ModelId, NodeId};
@@ -50,7 +53,7 @@ struct Opts {
 
 fn parse() -> Opts {
     let mut o = Opts {
-        model: PathBuf::from("/root/.cache/shoal/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        model: PathBuf::from(common::DEFAULT_MODEL),
         tokens: 128,
         runs: 3,
         streams: 8,
@@ -89,13 +92,6 @@ fn parse() -> Opts {
         }
     }
     o
-}
-
-fn tls(ca: &ClusterCa, role: Role, name: &str) -> TlsMode {
-    let id = PeerIdentity::new(ca.cluster_id(), role, name).unwrap();
-    let hosts = ["127.0.0.1".to_owned(), "localhost".to_owned()];
-    let cert = ca.issue(&id, &hosts, Duration::from_secs(3600)).unwrap();
-    TlsMode::Mtls(cert.into_material(ca.cert_pem()))
 }
 
 struct BenchAgent {
@@ -147,8 +143,10 @@ impl Cluster {
         .validate()
         .unwrap();
         let ca = ClusterCa::generate("bench-cluster").unwrap();
-        let mut opts =
-            CoordinatorOptions::on_loopback(config, tls(&ca, Role::Coordinator, "coordinator"));
+        let mut opts = CoordinatorOptions::on_loopback(
+            config,
+            common::tls(&ca, Role::Coordinator, "coordinator"),
+        );
         opts.backend.pipeline_codec = codec;
         let coordinator = Coordinator::start(opts, CancellationToken::new())
             .await
@@ -170,7 +168,7 @@ impl Cluster {
             let cfg = AgentConfig {
                 node_id: NodeId::new(&name),
                 coordinator: coordinator.grpc_addr().to_string(),
-                tls: tls(&ca, Role::Agent, &name),
+                tls: common::tls(&ca, Role::Agent, &name),
                 data_listen: format!("127.0.0.1:{port}").parse().unwrap(),
                 advertise_addr: proxy.as_ref().map(|p| p.local_addr().to_string()),
                 http_listen: None,
@@ -267,60 +265,25 @@ impl Cluster {
             .collect()
     }
 
-    async fn stream(&self, max_tokens: u32) -> StreamRun {
+    async fn stream(&self, max_tokens: u32) -> Streamed {
         let body = json!({
             "model": MODEL,
             "messages": [{"role": "user", "content": PROMPT}],
             "max_tokens": max_tokens,
             "temperature": 0,
-            "stream": true,
-            "stream_options": {"include_usage": true},
         });
-        let url = format!(
-            "http://{}/v1/chat/completions",
-            self.coordinator.http_addr()
-        );
-        let start = Instant::now();
-        let mut r = self.http.post(url).json(&body).send().await.unwrap();
-        assert_eq!(r.status(), 200, "{:?}", r.text().await);
-        let (mut first, mut last, mut tokens) = (None, None, 0u64);
-        let mut buf = String::new();
-        while let Some(chunk) = r.chunk().await.unwrap() {
-            buf.push_str(std::str::from_utf8(&chunk).unwrap());
-            while let Some(end) = buf.find("\n\n") {
-                let event: String = buf.drain(..end + 2).collect();
-                let Some(data) = event.trim().strip_prefix("data: ") else {
-                    continue;
-                };
-                if data == "[DONE]" {
-                    continue;
-                }
-                let v: Value = serde_json::from_str(data).unwrap();
-                assert!(v["error"].is_null(), "{v}");
-                if v["choices"][0]["delta"]["content"].is_string() {
-                    let now = Instant::now();
-                    first.get_or_insert(now);
-                    last = Some(now);
-                }
-                if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-                    tokens = n;
-                }
-            }
-        }
-        StreamRun {
-            start,
-            first: first.unwrap_or(start),
-            last: last.unwrap_or(start),
-            tokens,
-        }
+        common::stream_chat(&self.http, self.coordinator.http_addr(), body, |_| {}).await
     }
 
     /// `n` concurrent streams; aggregate decode tokens/s and the runs.
-    async fn concurrent(&self, n: usize, max_tokens: u32) -> (f64, Vec<StreamRun>) {
+    async fn concurrent(&self, n: usize, max_tokens: u32) -> (f64, Vec<Streamed>) {
         let runs = futures::future::join_all((0..n).map(|_| self.stream(max_tokens))).await;
-        let decoded: u64 = runs.iter().map(|r| r.tokens.saturating_sub(1)).sum();
-        let from = runs.iter().map(|r| r.first).min().unwrap();
-        let to = runs.iter().map(|r| r.last).max().unwrap();
+        let decoded: u64 = runs
+            .iter()
+            .map(|r| r.completion_tokens.saturating_sub(1))
+            .sum();
+        let from = runs.iter().map(Streamed::first).min().unwrap();
+        let to = runs.iter().map(Streamed::last).max().unwrap();
         (decoded as f64 / (to - from).as_secs_f64(), runs)
     }
 
@@ -328,34 +291,6 @@ impl Cluster {
         for a in self.agents {
             let _ = a.agent.shutdown(Duration::from_secs(1)).await;
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct StreamRun {
-    start: Instant,
-    first: Instant,
-    last: Instant,
-    tokens: u64,
-}
-
-impl StreamRun {
-    /// Decode tokens/s: tokens after the first over the time between first and last.
-    fn decode_rate(&self) -> f64 {
-        self.tokens.saturating_sub(1) as f64 / (self.last - self.first).as_secs_f64()
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
     }
 }
 
@@ -377,12 +312,12 @@ async fn single(cluster: &Cluster, opts: &Opts) -> (f64, Vec<f64>) {
     let mut rates = Vec::new();
     for _ in 0..opts.runs {
         let r = cluster.stream(opts.tokens).await;
-        if r.tokens < u64::from(opts.tokens) {
-            println!("  (a stream stopped after {} tokens)", r.tokens);
+        if r.completion_tokens < u64::from(opts.tokens) {
+            println!("  (a stream stopped after {} tokens)", r.completion_tokens);
         }
         rates.push(r.decode_rate());
     }
-    (median(rates.clone()), rates)
+    (common::median(rates.clone()), rates)
 }
 
 /// Prints the 2-stage figures: single vs concurrent, hop latency, bytes per token.
@@ -407,10 +342,10 @@ async fn two_stage_figures(cluster: &Cluster, opts: &Opts, hidden: u64) -> (f64,
     let mut produced = 0u64;
     for _ in 0..opts.runs {
         let (agg, runs) = cluster.concurrent(opts.streams, opts.tokens).await;
-        produced += runs.iter().map(|r| r.tokens).sum::<u64>();
+        produced += runs.iter().map(|r| r.completion_tokens).sum::<u64>();
         let ttft = runs
             .iter()
-            .map(|r| (r.first - r.start).as_secs_f64() * 1e3)
+            .map(|r| (r.first() - r.start).as_secs_f64() * 1e3)
             .fold(0f64, f64::max);
         println!(
             "    {} streams: {agg:.1} tok/s aggregate (slowest first token {ttft:.0} ms)",
@@ -418,7 +353,7 @@ async fn two_stage_figures(cluster: &Cluster, opts: &Opts, hidden: u64) -> (f64,
         );
         aggs.push(agg);
     }
-    let agg = median(aggs);
+    let agg = common::median(aggs);
     println!(
         "  {} streams: {agg:.1} tok/s aggregate (median) = {:.2}x one stream (target >= 2.5x)",
         opts.streams,
@@ -463,19 +398,7 @@ async fn two_stage_figures(cluster: &Cluster, opts: &Opts, hidden: u64) -> (f64,
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let opts = parse();
-    let bytes = std::fs::read(&opts.model).expect("reading the model (run `shoal model fetch`)");
-    let sha256 = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(&bytes))
-    };
-    let model = ModelFile {
-        id: ModelId::new(MODEL),
-        path: opts.model.clone(),
-        sha256: sha256.clone(),
-        bytes: bytes.len() as u64,
-    };
-    drop(bytes);
-    let spec = shoal_cluster::model_spec(ModelId::new(MODEL), &opts.model, sha256).unwrap();
+    let (model, spec) = common::model_file(MODEL, &opts.model);
     let hidden = {
         let file = shoal_gguf::GgufFile::open(&opts.model).unwrap();
         shoal_model::ModelConfig::from_gguf(&file).unwrap().hidden as u64

@@ -767,18 +767,26 @@ async fn a_replica_killed_mid_stream_resumes_from_its_checkpoint_on_the_other() 
     )
     .await;
     let mut body = long_answer(json!({"temperature": 0.9, "seed": 11}));
-    body["messages"][0]["content"] = json!("tell me everything about the sea and its shores. ".repeat(30));
+    body["messages"][0]["content"] =
+        json!("tell me everything about the sea and its shores. ".repeat(30));
     let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
     assert!(reference.error.is_none(), "{reference:?}");
     let prompt_tokens = reference.usage["prompt_tokens"].as_u64().unwrap();
-    assert!(prompt_tokens > 200 && reference.deltas.len() >= 60, "{reference:?}");
+    assert!(
+        prompt_tokens > 200 && reference.deltas.len() >= 60,
+        "{reference:?}"
+    );
     let names = ["agent-1", "agent-2"];
     let mut pushed = 0;
     for name in names {
-        pushed += cluster.agent_counter(name, "shoal_node_checkpoint_pushed_tokens_total").await;
+        pushed += cluster
+            .agent_counter(name, "shoal_node_checkpoint_pushed_tokens_total")
+            .await;
     }
     // The whole fault-free run was checkpointed, but for its last few positions.
-    assert!(pushed + 16 >= prompt_tokens + reference.usage["completion_tokens"].as_u64().unwrap() - 1);
+    assert!(
+        pushed + 16 >= prompt_tokens + reference.usage["completion_tokens"].as_u64().unwrap() - 1
+    );
 
     let killed = std::sync::Mutex::new(None);
     let seen = stream_chat(&cluster, body, |n| {
@@ -792,14 +800,20 @@ async fn a_replica_killed_mid_stream_resumes_from_its_checkpoint_on_the_other() 
     let killed = killed.lock().unwrap().expect("an agent was killed");
     let survivor = names[1 - killed];
     assert_eq!(
-        cluster.agent_counter(survivor, "shoal_node_checkpoint_restores_total").await,
+        cluster
+            .agent_counter(survivor, "shoal_node_checkpoint_restores_total")
+            .await,
         1
     );
     assert_eq!(
-        cluster.agent_counter(survivor, "shoal_node_checkpoint_restore_misses_total").await,
+        cluster
+            .agent_counter(survivor, "shoal_node_checkpoint_restore_misses_total")
+            .await,
         0
     );
-    let restored = cluster.agent_counter(survivor, "shoal_node_kv_restored_tokens_total").await;
+    let restored = cluster
+        .agent_counter(survivor, "shoal_node_kv_restored_tokens_total")
+        .await;
     assert!(
         restored >= prompt_tokens,
         "{restored} positions restored of a {prompt_tokens}-token prompt"

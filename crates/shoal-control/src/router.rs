@@ -551,7 +551,10 @@ mod tests {
         // A preferred node that is not a candidate changes nothing.
         let gone = NodeId::new("zz");
         assert_eq!(
-            r.pick_preferring(&m(), &[], Some(&gone)).unwrap().node.as_str(),
+            r.pick_preferring(&m(), &[], Some(&gone))
+                .unwrap()
+                .node
+                .as_str(),
             "b"
         );
     }
@@ -568,13 +571,22 @@ mod tests {
         ]);
         let a = NodeId::new("a");
         let peer = r.checkpoint_peer(&m(), std::slice::from_ref(&a)).unwrap();
-        assert_eq!((peer.node.as_str(), peer.data_addr.as_str()), ("c", "c:7000"));
+        assert_eq!(
+            (peer.node.as_str(), peer.data_addr.as_str()),
+            ("c", "c:7000")
+        );
         // Requests this gateway sent count as load too.
         let _held: Vec<RouteGuard> = (0..3)
-            .map(|_| r.pick_preferring(&m(), &[], Some(&NodeId::new("c"))).unwrap())
+            .map(|_| {
+                r.pick_preferring(&m(), &[], Some(&NodeId::new("c")))
+                    .unwrap()
+            })
             .collect();
         assert_eq!(
-            r.checkpoint_peer(&m(), std::slice::from_ref(&a)).unwrap().node.as_str(),
+            r.checkpoint_peer(&m(), std::slice::from_ref(&a))
+                .unwrap()
+                .node
+                .as_str(),
             "b"
         );
         let all = [a, NodeId::new("b"), NodeId::new("c")];

@@ -1,8 +1,8 @@
 //! The engine actor: owns the runtime and every sequence's state.
 
 use shoal_model::{
-    FinishReason, GenerateOptions, KvSnapshot, ModelError, Sampler, SeqStep, ShardInput, ShardOutput,
-    ShardRuntime, StopMatcher, StopScan, StreamDecoder, Tokenizer,
+    FinishReason, GenerateOptions, KvSnapshot, ModelError, Sampler, SeqStep, ShardInput,
+    ShardOutput, ShardRuntime, StopMatcher, StopScan, StreamDecoder, Tokenizer,
 };
 use shoal_types::{ErrorClass, RequestId, SeqId};
 use std::collections::{HashMap, VecDeque};

@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shoal_engine::{
-    CheckpointSink, Downstream, Engine, EngineConfig, EngineError, EngineEvent, EngineRequest, HeadStep, TailEvent,
-    TailSender,
+    CheckpointSink, Downstream, Engine, EngineConfig, EngineError, EngineEvent, EngineRequest,
+    HeadStep, TailEvent, TailSender,
 };
 use shoal_model::{
     FinishReason, GenerateOptions, Model, Sampler, SamplingParams, SeqStep, ShardInput,
@@ -443,7 +443,10 @@ async fn a_generation_resumed_from_its_checkpoint_continues_exactly() {
         .collect();
     assert_eq!(ids.len(), 24);
     // The snapshots continue one another from position 0; the sink closes with the sequence.
-    let mut held = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    let mut held = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(held.start, 0);
     while let Some(next) = tokio::time::timeout(WAIT, rx.recv()).await.unwrap() {
         assert!(next.len() >= 8, "a checkpoint of {} positions", next.len());
@@ -471,7 +474,11 @@ async fn a_generation_resumed_from_its_checkpoint_continues_exactly() {
         // Imported: every position of prompt + resume but the last.
         let imported = held.len().min(prompt.len() + k - 1);
         let restored = second.stats().restored_tokens.load(Ordering::Relaxed);
-        assert_eq!(restored - restored_before, imported as u64, "after {k} tokens");
+        assert_eq!(
+            restored - restored_before,
+            imported as u64,
+            "after {k} tokens"
+        );
         restored_before = restored;
         let rows = second.stats().step_rows.load(Ordering::Relaxed) - rows_before;
         assert_eq!(

@@ -392,9 +392,10 @@ impl ShardRuntime for CpuShard {
         from: u32,
         tokens: &[u32],
     ) -> Result<crate::KvSnapshot, ModelError> {
-        let kv = self.seqs.get(&seq).ok_or_else(|| {
-            ModelError::Snapshot(format!("{seq} has no cache to export"))
-        })?;
+        let kv = self
+            .seqs
+            .get(&seq)
+            .ok_or_else(|| ModelError::Snapshot(format!("{seq} has no cache to export")))?;
         let (a, n) = (from as usize, tokens.len());
         if a + n > kv.len {
             return Err(ModelError::Snapshot(format!(

@@ -114,7 +114,9 @@ impl KvSnapshot {
             kv_dim,
             start,
             tokens: Vec::new(),
-            kv: (0..layers.len()).map(|_| (Vec::new(), Vec::new())).collect(),
+            kv: (0..layers.len())
+                .map(|_| (Vec::new(), Vec::new()))
+                .collect(),
         }
     }
 

@@ -42,7 +42,10 @@ fn an_imported_snapshot_continues_exactly_like_the_original_cache() {
     // Two checkpoints (0..32, then 32..40), each through the byte form, joined on arrival.
     let first = a.export_kv(sa, 0, &prompt[..32]).unwrap();
     let second = a.export_kv(sa, 32, &prompt[32..]).unwrap();
-    assert_eq!(first.bytes(), 32 * 2 * first.kv_dim * 2 * whole.len() as usize);
+    assert_eq!(
+        first.bytes(),
+        32 * 2 * first.kv_dim * 2 * whole.len() as usize
+    );
     let wire = |s: &KvSnapshot| {
         KvSnapshot::from_kv_bytes(s.layers, s.kv_dim, s.start, s.tokens.clone(), &s.kv_bytes())
             .unwrap()
@@ -64,7 +67,11 @@ fn an_imported_snapshot_continues_exactly_like_the_original_cache() {
 
     // Importing only a prefix and prefilling the rest gives the same.
     let mut c = model
-        .shard(whole, Arc::new(ThreadPool::new(1).unwrap()), ShardOptions::default())
+        .shard(
+            whole,
+            Arc::new(ThreadPool::new(1).unwrap()),
+            ShardOptions::default(),
+        )
         .unwrap();
     let mut part = held.clone();
     part.truncate(30);
@@ -80,7 +87,11 @@ fn snapshots_that_do_not_fit_are_refused() {
     let n = model.config().n_layers;
     let pool = Arc::new(ThreadPool::new(1).unwrap());
     let mut whole = model
-        .shard(LayerRange::full(n).unwrap(), pool.clone(), ShardOptions::default())
+        .shard(
+            LayerRange::full(n).unwrap(),
+            pool.clone(),
+            ShardOptions::default(),
+        )
         .unwrap();
     let prompt: Vec<u32> = (0..12).map(|i| 500 + i).collect();
     logits(&mut whole, SeqId(1), 0, &prompt);
@@ -97,16 +108,31 @@ fn snapshots_that_do_not_fit_are_refused() {
     ));
     // Another layer range.
     let mut tail = model
-        .shard(LayerRange::new(n / 2, n).unwrap(), pool.clone(), ShardOptions::default())
+        .shard(
+            LayerRange::new(n / 2, n).unwrap(),
+            pool.clone(),
+            ShardOptions::default(),
+        )
         .unwrap();
-    assert!(matches!(tail.import_kv(SeqId(1), &snap), Err(ModelError::Snapshot(_))));
+    assert!(matches!(
+        tail.import_kv(SeqId(1), &snap),
+        Err(ModelError::Snapshot(_))
+    ));
     // Not at the sequence's next position.
     let mut other = model
-        .shard(LayerRange::full(n).unwrap(), pool.clone(), ShardOptions::default())
+        .shard(
+            LayerRange::full(n).unwrap(),
+            pool.clone(),
+            ShardOptions::default(),
+        )
         .unwrap();
     assert!(matches!(
         other.import_kv(SeqId(1), &snap.slice(4, 8)),
-        Err(ModelError::Position { expected: 0, got: 4, .. })
+        Err(ModelError::Position {
+            expected: 0,
+            got: 4,
+            ..
+        })
     ));
     // Bytes of the wrong length, and entries of the wrong size.
     let bytes = snap.kv_bytes();
@@ -116,7 +142,10 @@ fn snapshots_that_do_not_fit_are_refused() {
     );
     let mut broken = snap.clone();
     broken.kv[3].1.pop();
-    assert!(matches!(other.import_kv(SeqId(1), &broken), Err(ModelError::Snapshot(_))));
+    assert!(matches!(
+        other.import_kv(SeqId(1), &broken),
+        Err(ModelError::Snapshot(_))
+    ));
     // Past the context window.
     let mut small = model
         .shard(

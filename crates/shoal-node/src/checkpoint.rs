@@ -85,7 +85,7 @@ impl CheckpointSource {
 
 /// Counters of the checkpoint traffic of one node.
 #[derive(Debug, Default)]
-pub(crate) struct CheckpointCounters {
+pub struct CheckpointCounters {
     /// KV positions this node pushed to peers.
     pub pushed_tokens: AtomicU64,
     /// Bytes of entries this node pushed to peers.
@@ -452,7 +452,9 @@ mod tests {
             kv_dim,
             start,
             tokens: (0..n as u32).map(|i| start + i).collect(),
-            kv: (0..2u16).map(|l| (vals(l * 100), vals(l * 100 + 50))).collect(),
+            kv: (0..2u16)
+                .map(|l| (vals(l * 100), vals(l * 100 + 50)))
+                .collect(),
         }
     }
 

@@ -20,8 +20,8 @@
 //! error value with a class and a reason, never a panic.
 
 mod agent;
-mod checkpoint;
 pub mod capability;
+mod checkpoint;
 mod config;
 mod control;
 mod core;
@@ -35,8 +35,8 @@ mod shards;
 mod stage;
 
 pub use agent::Agent;
-pub use checkpoint::{CheckpointPlan, CheckpointSource};
 pub use capability::{CapabilityOptions, measure_capability};
+pub use checkpoint::{CheckpointCounters, CheckpointPlan, CheckpointSource};
 pub use config::{AgentConfig, AgentError, ConfigProblem, ModelFile};
 pub use control::ControlState;
 pub use enroll::{EnrollConfig, EnrollError, Renewal, enroll, renewal_due};

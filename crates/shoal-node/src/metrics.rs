@@ -48,16 +48,13 @@ pub const NODE_CHECKPOINT_PUSHED_TOKENS_TOTAL: &str = "shoal_node_checkpoint_pus
 /// Bytes of KV entries sent to checkpoint peers (counter).
 pub const NODE_CHECKPOINT_PUSHED_BYTES_TOTAL: &str = "shoal_node_checkpoint_pushed_bytes_total";
 /// Checkpoint pushes that failed (counter).
-pub const NODE_CHECKPOINT_PUSH_FAILURES_TOTAL: &str =
-    "shoal_node_checkpoint_push_failures_total";
+pub const NODE_CHECKPOINT_PUSH_FAILURES_TOTAL: &str = "shoal_node_checkpoint_push_failures_total";
 /// KV positions of other nodes' generations stored here (counter).
-pub const NODE_CHECKPOINT_STORED_TOKENS_TOTAL: &str =
-    "shoal_node_checkpoint_stored_tokens_total";
+pub const NODE_CHECKPOINT_STORED_TOKENS_TOTAL: &str = "shoal_node_checkpoint_stored_tokens_total";
 /// Resumed generations that found their checkpoint (counter).
 pub const NODE_CHECKPOINT_RESTORES_TOTAL: &str = "shoal_node_checkpoint_restores_total";
 /// Resumed generations whose checkpoint could not be had (counter).
-pub const NODE_CHECKPOINT_RESTORE_MISSES_TOTAL: &str =
-    "shoal_node_checkpoint_restore_misses_total";
+pub const NODE_CHECKPOINT_RESTORE_MISSES_TOTAL: &str = "shoal_node_checkpoint_restore_misses_total";
 /// KV positions imported from checkpoints instead of prefilled (counter).
 pub const NODE_KV_RESTORED_TOKENS_TOTAL: &str = "shoal_node_kv_restored_tokens_total";
 
@@ -167,7 +164,7 @@ impl NodeMetrics {
     }
 
     /// This node's checkpoint traffic.
-    pub(crate) fn checkpoints(&self) -> &Arc<CheckpointCounters> {
+    pub fn checkpoints(&self) -> &Arc<CheckpointCounters> {
         &self.checkpoints
     }
 

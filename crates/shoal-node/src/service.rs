@@ -11,8 +11,8 @@
 
 use crate::checkpoint::{self, Pusher, StoreError};
 use crate::core::NodeCore;
-use crate::stage::LinkSettings;
 use crate::local::{LocalBackend, NodePrompt, NodeRequest, engine_error};
+use crate::stage::LinkSettings;
 use futures::Stream;
 use shoal_api::metrics::Outcome;
 use shoal_api::{BackendError, SamplingParams as ApiSampling};
@@ -521,7 +521,9 @@ impl Node for NodeService {
         &self,
         request: Request<v1::DropCheckpointRequest>,
     ) -> Result<Response<v1::DropCheckpointReply>, Status> {
-        self.core.checkpoints.remove(&request.into_inner().request_id);
+        self.core
+            .checkpoints
+            .remove(&request.into_inner().request_id);
         Ok(Response::new(v1::DropCheckpointReply {}))
     }
 

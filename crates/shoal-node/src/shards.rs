@@ -430,7 +430,9 @@ impl ShardTable {
             (key.model == model && whole && shard.state == ShardState::Ready)
                 .then(|| {
                     if shard.assignment.model_sha256.is_empty() {
-                        self.find_file(&shard.assignment).ok().map(|f| f.sha256.clone())
+                        self.find_file(&shard.assignment)
+                            .ok()
+                            .map(|f| f.sha256.clone())
                     } else {
                         Some(shard.assignment.model_sha256.clone())
                     }
