@@ -41,6 +41,10 @@ pub struct UpArgs {
     /// A silent agent is declared dead after this many milliseconds.
     #[arg(long)]
     pub lease_ms: Option<u64>,
+    /// Checkpoint each generation's KV cache to another replica every this many positions
+    /// (see `shoal coordinator --checkpoint-every`).
+    #[arg(long)]
+    pub checkpoint_every: Option<u32>,
     /// Cluster directory (CA, certificates, logs). Default: `$SHOAL_HOME/cluster`.
     #[arg(long)]
     pub cluster_dir: Option<PathBuf>,
@@ -183,6 +187,9 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     if let Some(l) = args.lease_ms {
         coord_args.push(format!("--lease-ms={l}"));
+    }
+    if let Some(c) = args.checkpoint_every {
+        coord_args.push(format!("--checkpoint-every={c}"));
     }
     coord_args.extend(key_arg.clone());
 
