@@ -158,7 +158,7 @@ impl TailSender {
 
 /// What the compute thread receives.
 enum Input {
-    Submit(Submission),
+    Submit(Box<Submission>),
     Tail(TailEvent),
     /// The engine is being dropped (the pipeline's senders keep the channel open).
     Shutdown,
@@ -507,11 +507,11 @@ impl Engine {
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(EngineError::Busy { waiting });
         }
-        match tx.send(Input::Submit(Submission {
+        match tx.send(Input::Submit(Box::new(Submission {
             req,
             cancel,
             events,
-        })) {
+        }))) {
             Ok(()) => Ok(rx),
             Err(_) => {
                 self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
@@ -668,6 +668,7 @@ impl Worker {
             Input::Submit(s) => {
                 // A generation resumed after a node failed has a client waiting mid-stream:
                 // it goes ahead of new requests (behind earlier resumed ones).
+                let s = *s;
                 if s.req.resume.is_empty() {
                     self.waiting.push_back(s);
                 } else {

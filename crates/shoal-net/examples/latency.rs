@@ -10,7 +10,7 @@ use shoal_net::{
     connect, node_client, server_builder,
 };
 use shoal_proto::v1::node_server::{Node, NodeServer};
-use shoal_proto::v1::{GenerateEvent, GenerateRequest, StatusRequest, StatusResponse};
+use shoal_proto::v1::{self, GenerateEvent, GenerateRequest, StatusRequest, StatusResponse};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -38,6 +38,29 @@ impl Node for Echo {
             node_id: "probe".to_owned(),
             ..Default::default()
         }))
+    }
+
+    async fn push_checkpoint(
+        &self,
+        _: Request<tonic::Streaming<v1::KvChunk>>,
+    ) -> Result<Response<v1::PushCheckpointReply>, Status> {
+        Err(Status::unimplemented("latency probe"))
+    }
+
+    type FetchCheckpointStream = futures::stream::Empty<Result<v1::KvChunk, Status>>;
+
+    async fn fetch_checkpoint(
+        &self,
+        _: Request<v1::FetchCheckpointRequest>,
+    ) -> Result<Response<Self::FetchCheckpointStream>, Status> {
+        Err(Status::unimplemented("latency probe"))
+    }
+
+    async fn drop_checkpoint(
+        &self,
+        _: Request<v1::DropCheckpointRequest>,
+    ) -> Result<Response<v1::DropCheckpointReply>, Status> {
+        Err(Status::unimplemented("latency probe"))
     }
 }
 

@@ -167,7 +167,8 @@ impl AccessPolicy {
     }
 
     /// shoal's policy: agents call the coordinator's `Join`, `Heartbeat` and `Leave`; the
-    /// coordinator and agents (pipeline peers) call the `Node` service; an agent opens the
+    /// coordinator and agents (pipeline peers) call the `Node` service, whose checkpoint
+    /// methods only agents call; an agent opens the
     /// `Stage` stream of the next stage of its pipeline; operator tooling (the `client`
     /// role) calls the coordinator's `Admin` service and nothing else. An agent renews its
     /// certificate with `Enrollment.Renew`; `Enrollment.Enroll` is not allowed here (see
@@ -184,6 +185,10 @@ impl AccessPolicy {
             .allow_method(coordinator, "Heartbeat", &[Role::Agent])
             .allow_method(coordinator, "Leave", &[Role::Agent])
             .allow_service(node, &[Role::Coordinator, Role::Agent])
+            // KV-cache checkpoints move between agents only.
+            .allow_method(node, "PushCheckpoint", &[Role::Agent])
+            .allow_method(node, "FetchCheckpoint", &[Role::Agent])
+            .allow_method(node, "DropCheckpoint", &[Role::Agent])
             .allow_method(stage, "Open", &[Role::Agent])
             .allow_method(enrollment, "Renew", &[Role::Agent])
     }

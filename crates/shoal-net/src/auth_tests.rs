@@ -62,6 +62,25 @@ fn decide(
 }
 
 #[test]
+fn only_agents_move_checkpoints() {
+    let f = fixture();
+    let agent = der_of(&issue(&f.ca, Role::Agent, "pi-1"));
+    let coordinator = der_of(&issue(&f.ca, Role::Coordinator, "coord"));
+    let client = der_of(&issue(&f.ca, Role::Client, "laptop"));
+    for method in ["PushCheckpoint", "FetchCheckpoint", "DropCheckpoint"] {
+        let path = format!("/shoal.v1.Node/{method}");
+        assert!(decide(&f.layer, &path, Some(&agent)).is_ok(), "{method}");
+        for other in [&coordinator, &client] {
+            let err = decide(&f.layer, &path, Some(other)).unwrap_err();
+            assert_eq!(
+                (err.code, err.reason),
+                (Code::PermissionDenied, "role_not_allowed")
+            );
+        }
+    }
+}
+
+#[test]
 fn an_agent_may_call_a_node_and_its_identity_comes_back() {
     let f = fixture();
     let agent = der_of(&issue(&f.ca, Role::Agent, "pi-1"));

@@ -237,6 +237,20 @@ impl CheckpointStore {
         Some(s.snap.clone())
     }
 
+    /// Takes the checkpoint of `request_id` out of the store (a generation resuming here
+    /// needs it once; its new checkpoints go to another peer).
+    pub fn take(&self, request_id: &str, model_sha256: &str) -> Option<KvSnapshot> {
+        let now = Instant::now();
+        let mut entries = self.lock();
+        let fresh = entries.get(request_id).is_some_and(|s| {
+            now.duration_since(s.touched) < self.ttl && s.model_sha256 == model_sha256
+        });
+        if !fresh {
+            return None;
+        }
+        entries.remove(request_id).map(|s| s.snap)
+    }
+
     /// Forgets the checkpoint of `request_id`.
     pub fn remove(&self, request_id: &str) -> bool {
         self.lock().remove(request_id).is_some()
@@ -474,6 +488,10 @@ mod tests {
         assert_eq!(got.len(), 15);
         assert_eq!(got.slice(10, 5), snap(10, 5, 2));
         assert!(store.get("r1", "other").is_none());
+        assert!(store.take("r1", "other").is_none());
+        assert_eq!(store.take("r1", "sha"), Some(got));
+        assert!(store.get("r1", "sha").is_none());
+        store.append("r1", "sha", snap(0, 10, 1)).unwrap();
         assert_eq!(store.append("r1", "sha", snap(0, 3, 9)).unwrap(), 3);
         assert!(store.remove("r1"));
         assert!(store.get("r1", "sha").is_none());

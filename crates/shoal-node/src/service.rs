@@ -78,7 +78,7 @@ impl NodeService {
         let got = if source.node == self.core.node_id {
             self.core
                 .checkpoints
-                .get(id, &sha)
+                .take(id, &sha)
                 .ok_or_else(|| "not in this node's store".to_owned())
         } else {
             checkpoint::fetch(&self.links, &source.addr, id, &sha).await

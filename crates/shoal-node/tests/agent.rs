@@ -746,6 +746,186 @@ async fn bad_calls_are_refused_with_their_class() {
     assert_eq!(refused, 4);
 }
 
+/// Checkpoint calls from a peer are checked like any input (an unknown model version, a
+/// malformed or discontinuous chunk, another role), and a generation resumed with a
+/// checkpoint held here imports it and answers what it answers without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkpoints_from_peers_are_checked_and_a_resume_imports_one() {
+    use shoal_model::{SeqStep, ShardInput, ShardRuntime};
+    let c = cluster(SynthSpec::tiny_llama()).await;
+    let (a, _cancel) = c.agent("pi-1").await;
+    c.wait_ready(&["pi-1"]).await;
+    let mut peer = {
+        let mode = TlsMode::Mtls(material(&c.ca, Role::Agent, "pi-2"));
+        let addr = a.data_addr().to_string();
+        let channel = within(
+            "connecting as a peer",
+            connect(&addr, &mode, ConnectOptions::default()),
+        )
+        .await
+        .unwrap();
+        node_client(channel, RPC_DEADLINE)
+    };
+
+    // Real entries: the prompt run through the whole model here.
+    let prompt = c
+        .model
+        .encode(&Prompt::Text("the tide comes in".into()))
+        .unwrap();
+    let mut rt = c
+        .model
+        .whole(
+            Arc::new(ThreadPool::new(1).unwrap()),
+            ShardOptions::default(),
+        )
+        .unwrap();
+    let step = SeqStep {
+        seq: SeqId(1),
+        pos: 0,
+        n_tokens: prompt.len() as u32,
+        logits: true,
+    };
+    rt.forward(&[step], ShardInput::Tokens(&prompt)).unwrap();
+    let snap = rt.export_kv(SeqId(1), 0, &prompt).unwrap();
+    let chunk = |request_id: &str, sha: &str, s: &shoal_model::KvSnapshot| v1::KvChunk {
+        request_id: request_id.into(),
+        model_id: MODEL.into(),
+        model_sha256: sha.into(),
+        layers: Some(v1::LayerRange {
+            start: s.layers.start(),
+            end: s.layers.end(),
+        }),
+        kv_dim: s.kv_dim as u32,
+        start: s.start,
+        tokens: s.tokens.clone(),
+        kv: s.kv_bytes(),
+    };
+    let push = |chunks: Vec<v1::KvChunk>| {
+        let mut peer = peer.clone();
+        async move { peer.push_checkpoint(futures::stream::iter(chunks)).await }
+    };
+    let sha = c.file.sha256.clone();
+
+    let err = within(
+        "a push for an unknown model version",
+        push(vec![chunk("r1", &"ab".repeat(32), &snap)]),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let mut short = chunk("r1", &sha, &snap);
+    short.kv.truncate(10);
+    let err = within("a push of a malformed chunk", push(vec![short]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = within(
+        "a push that continues nothing",
+        push(vec![chunk("r1", &sha, &snap.slice(2, 3))]),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let fetch = v1::FetchCheckpointRequest {
+        request_id: "r1".into(),
+        model_sha256: sha.clone(),
+    };
+    let err = within(
+        "fetching nothing",
+        peer.clone().fetch_checkpoint(fetch.clone()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // The coordinator's certificate may route generations, not move checkpoints.
+    let err = within(
+        "a push with the coordinator's certificate",
+        c.client(&a)
+            .await
+            .push_checkpoint(futures::stream::iter(vec![chunk("r1", &sha, &snap)])),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Two pieces make one checkpoint, fetched back whole.
+    let n = snap.len();
+    let reply = within(
+        "a push in two pieces",
+        push(vec![
+            chunk("r1", &sha, &snap.slice(0, 2)),
+            chunk("r1", &sha, &snap.slice(2, n)),
+        ]),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(reply.stored as usize, n);
+    let mut fetched = within("fetching", peer.clone().fetch_checkpoint(fetch.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tokens = Vec::new();
+    while let Some(c) = within("a chunk", fetched.message()).await.unwrap() {
+        tokens.extend(c.tokens);
+    }
+    assert_eq!(tokens, prompt);
+
+    // A generation resumed here with this node as the holder imports the checkpoint.
+    let plain = generate_all(
+        &mut c.client(&a).await,
+        text_request("the tide comes in", 6),
+    )
+    .await;
+    let restored = generate_all(
+        &mut c.client(&a).await,
+        v1::GenerateRequest {
+            request_id: "r1".into(),
+            restore: Some(v1::CheckpointSource {
+                node: "pi-1".into(),
+                addr: a.data_addr().to_string(),
+            }),
+            ..text_request("the tide comes in", 6)
+        },
+    )
+    .await;
+    assert!(
+        plain.error.is_none() && restored.error.is_none(),
+        "{restored:?}"
+    );
+    assert_eq!(restored.tokens, plain.tokens);
+    let counters = a.metrics().checkpoints();
+    assert_eq!(
+        counters.restores.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", a.http_addr().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Every prompt position but the last, whose logits give the first token.
+    let line = format!("shoal_node_kv_restored_tokens_total {}", n - 1);
+    assert!(metrics.contains(&line), "{line} not in {metrics}");
+    // Taken out of the store by the resume; a drop of nothing is fine.
+    let err = within(
+        "fetching a used checkpoint",
+        peer.clone().fetch_checkpoint(fetch),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    within(
+        "dropping",
+        peer.drop_checkpoint(v1::DropCheckpointRequest {
+            request_id: "r1".into(),
+        }),
+    )
+    .await
+    .unwrap();
+}
+
 /// A model with a long context, so a generation outlasts every buffer between the engine and
 /// a client that stops reading (the engine then pauses it).
 fn long_context() -> SynthSpec {

@@ -114,6 +114,32 @@ impl Node for TestNode {
             ..Default::default()
         }))
     }
+
+    async fn push_checkpoint(
+        &self,
+        request: Request<tonic::Streaming<shoal_proto::v1::KvChunk>>,
+    ) -> Result<Response<shoal_proto::v1::PushCheckpointReply>, Status> {
+        self.calls.record(&request);
+        Err(Status::unimplemented("the test node keeps no checkpoints"))
+    }
+
+    type FetchCheckpointStream = futures::stream::Empty<Result<shoal_proto::v1::KvChunk, Status>>;
+
+    async fn fetch_checkpoint(
+        &self,
+        request: Request<shoal_proto::v1::FetchCheckpointRequest>,
+    ) -> Result<Response<Self::FetchCheckpointStream>, Status> {
+        self.calls.record(&request);
+        Err(Status::unimplemented("the test node keeps no checkpoints"))
+    }
+
+    async fn drop_checkpoint(
+        &self,
+        request: Request<shoal_proto::v1::DropCheckpointRequest>,
+    ) -> Result<Response<shoal_proto::v1::DropCheckpointReply>, Status> {
+        self.calls.record(&request);
+        Err(Status::unimplemented("the test node keeps no checkpoints"))
+    }
 }
 
 /// A `Coordinator` service that accepts everyone it is asked about.
