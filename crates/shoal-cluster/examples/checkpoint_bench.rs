@@ -249,6 +249,8 @@ async fn main() {
         "restored",
         "identical"
     );
+    // Per context, without checkpoints: (prompt tokens, prefill tokens/s, decode tokens/s).
+    let mut rates = Vec::new();
     for &context in &opts.contexts {
         for every in [0, opts.every] {
             let mut cluster = Cluster::start(&model, &spec, context + opts.max_tokens, every).await;
@@ -278,6 +280,14 @@ async fn main() {
             // The delta after the kill is the first from the survivor.
             let stall = run.gap_before(opts.kill_after).unwrap_or_default();
             let quiet = reference.gap_before(opts.kill_after).unwrap_or_default();
+            if every == 0 {
+                let ttft = (reference.first() - reference.start).as_secs_f64();
+                rates.push((
+                    reference.prompt_tokens,
+                    reference.prompt_tokens as f64 / ttft,
+                    reference.decode_rate(),
+                ));
+            }
             println!(
                 "{:>7} {:>11} | {:>9} {:>7.1}/s {:>8.0} B | {:>9} {:>9} {:>9} {:>9} {:>9}",
                 reference.prompt_tokens,
@@ -301,5 +311,17 @@ async fn main() {
             );
             cluster.stop().await;
         }
+    }
+    // When a checkpoint pays: moving a position's entries must beat computing it again.
+    println!("\nwhen checkpoints pay ({kv_per_position} B of KV per position):");
+    let mbit = |bytes_per_second: f64| bytes_per_second * 8.0 / 1e6;
+    for (prompt, prefill, decode) in rates {
+        println!(
+            "  {prompt} tokens: prefill {prefill:.0} tok/s, so re-prefilling them takes {:.1} s; fetching the checkpoint at failover beats that on links faster than {:.0} Mbit/s (with the holder as the resume target nothing moves at failover); checkpointing streams {:.0} Mbit/s to the peer during the prefill and {:.1} Mbit/s while decoding at {decode:.0} tok/s",
+            prompt as f64 / prefill,
+            mbit(prefill * kv_per_position as f64),
+            mbit(prefill * kv_per_position as f64),
+            mbit(decode * kv_per_position as f64),
+        );
     }
 }

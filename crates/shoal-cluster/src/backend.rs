@@ -367,15 +367,35 @@ impl Inner {
                 ))),
             }
         };
-        match tokio::time::timeout(self.cfg.start_timeout, call).await {
-            Ok(r) => r,
-            Err(_) => Err(Attempt::Retry(BackendError::new(
+        // A node cut off while the call waits for its first event holds the call open; the
+        // membership declaring it (or a later stage) dead ends the wait.
+        let mut view = self.view.clone();
+        let declared_dead = async {
+            loop {
+                if view.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                if let Some(dead) = route.stages.iter().find(|s| !self.alive(&s.node)) {
+                    return dead.node.clone();
+                }
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout(self.cfg.start_timeout, call) => match r {
+                Ok(r) => r,
+                Err(_) => Err(Attempt::Retry(BackendError::new(
+                    ErrorClass::Unavailable,
+                    "start_timeout",
+                    format!(
+                        "node {} did not start the generation within {:?}",
+                        route.node, self.cfg.start_timeout
+                    ),
+                ))),
+            },
+            dead = declared_dead => Err(Attempt::Retry(BackendError::new(
                 ErrorClass::Unavailable,
-                "start_timeout",
-                format!(
-                    "node {} did not start the generation within {:?}",
-                    route.node, self.cfg.start_timeout
-                ),
+                "node_lost",
+                format!("node {dead} was declared dead before the generation started"),
             ))),
         }
     }

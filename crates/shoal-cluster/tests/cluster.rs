@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 use shoal_api::InferenceBackend;
-use shoal_cluster::{Coordinator, CoordinatorOptions};
+use shoal_cluster::{ClusterBackendConfig, Coordinator, CoordinatorOptions};
 use shoal_control::{CoordinatorConfig, NodeState, PlacementMode};
 use shoal_net::faults::{FaultProxy, Faults};
 use shoal_net::{ClusterCa, PeerIdentity, Role, TlsMode};
@@ -154,20 +154,22 @@ impl TestCluster {
             (PlacementMode::Shard { max_stages }, Weights::Synth(_)) => Some(*max_stages),
             _ => None,
         };
-        Self::start_limited(weights, n_agents, placement, codec, limit, proxied, 0).await
+        let backend = ClusterBackendConfig {
+            pipeline_codec: codec,
+            ..ClusterBackendConfig::default()
+        };
+        Self::start_limited(weights, n_agents, placement, limit, proxied, backend).await
     }
 
     /// With `room_for_stages = Some(k)`, every agent reports memory for `1/k` of the layers
-    /// (plus the ends' weights and a KV reserve) and no more. `checkpoint_every` is the
-    /// gateway's (0: no checkpoints).
+    /// (plus the ends' weights and a KV reserve) and no more; `backend` is the gateway's.
     async fn start_limited(
         weights: Weights,
         n_agents: usize,
         placement: PlacementMode,
-        codec: Preference,
         room_for_stages: Option<u32>,
         proxied: bool,
-        checkpoint_every: u32,
+        backend: ClusterBackendConfig,
     ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let path = match weights {
@@ -215,8 +217,7 @@ impl TestCluster {
         let ca = ClusterCa::generate("test-cluster").unwrap();
         let mut opts =
             CoordinatorOptions::on_loopback(config, tls(&ca, Role::Coordinator, "coordinator"));
-        opts.backend.pipeline_codec = codec;
-        opts.backend.checkpoint_every = checkpoint_every;
+        opts.backend = backend;
         let coordinator = within(
             "starting the coordinator",
             Coordinator::start(opts, CancellationToken::new()),
@@ -760,10 +761,12 @@ async fn a_replica_killed_mid_stream_resumes_from_its_checkpoint_on_the_other() 
         Weights::Synth(slow_model()),
         2,
         PlacementMode::Auto,
-        Preference::default(),
         None,
         false,
-        16,
+        ClusterBackendConfig {
+            checkpoint_every: 16,
+            ..ClusterBackendConfig::default()
+        },
     )
     .await;
     let mut body = long_answer(json!({"temperature": 0.9, "seed": 11}));
@@ -1230,6 +1233,64 @@ async fn a_stage_partitioned_away_mid_stream_costs_no_token() {
     heal_and_answer_as_before(&cluster, &name, body, &reference).await;
 }
 
+/// Requests sent over an open connection to a node just cut off wait for its first event;
+/// when the membership declares the node dead they go to the other replica, not after the
+/// start timeout (set here far beyond the test's bound) or when HTTP/2 keepalive gives up on
+/// the connection (40 s), or whenever the link heals (never, here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_a_node_declared_dead_start_on_another() {
+    let backend = ClusterBackendConfig {
+        start_timeout: Duration::from_secs(600),
+        ..ClusterBackendConfig::default()
+    };
+    let cluster = TestCluster::start_limited(
+        Weights::Synth(slow_model()),
+        2,
+        PlacementMode::Auto,
+        None,
+        true,
+        backend,
+    )
+    .await;
+    let body = greedy("where do the tides come from", 12);
+    let router = cluster.coordinator.backend().router();
+    let (agent_1, agent_2) = (NodeId::new("agent-1"), NodeId::new("agent-2"));
+    // Concurrent requests open the gateway's connections to both agents.
+    let both_busy = async {
+        while router.in_flight(&agent_1) == 0 || router.in_flight(&agent_2) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let requests = futures::future::join_all((0..6).map(|_| cluster.chat(body.clone())));
+    let (answers, ()) =
+        futures::future::join(requests, within("both agents busy", both_busy)).await;
+    let reference = answers[0].1["choices"][0]["message"]["content"].clone();
+    assert!(answers.iter().all(|(status, a)| *status == 200
+        && a["choices"][0]["message"]["content"] == reference));
+
+    cluster.cut("agent-1", Cut::Partition);
+    let requests = futures::future::join_all((0..6).map(|_| cluster.chat(body.clone())));
+    let on_cut = async {
+        while router.in_flight(&agent_1) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    // Some land on agent-1 before it is declared dead (1.5 s lease); without watching the
+    // membership they would wait for the connection's keepalive to fail, past this bound.
+    let answers = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures::future::join(requests, within("a request on agent-1", on_cut)),
+    )
+    .await
+    .expect("requests on the cut node were moved when it was declared dead")
+    .0;
+    for (status, answer) in answers {
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["choices"][0]["message"]["content"], reference);
+    }
+    cluster.wait_state("agent-1", NodeState::Dead).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_whose_data_links_go_silent_is_caught_by_the_stall_timeout() {
     // Only the data plane is cut: the coordinator still hears the stage and counts it alive,
@@ -1407,10 +1468,12 @@ async fn a_1b_model_too_large_for_any_node_is_served_by_a_pipeline() {
         Weights::File(path),
         3,
         PlacementMode::Auto,
-        Preference::Exact,
         Some(3),
         false,
-        0,
+        ClusterBackendConfig {
+            pipeline_codec: Preference::Exact,
+            ..ClusterBackendConfig::default()
+        },
     )
     .await;
     let budget = cluster.memory_budget.unwrap();
