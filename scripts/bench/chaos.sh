@@ -221,6 +221,12 @@ slow_and_restore() {
   cpu_uncap "$i"
   proxy_cmd "data-$i" clear || true
   fault restore "agent-$i" "$(now_ms)"
+  # What the cap did: CPU periods throttled, time held back (cumulative for the group).
+  if [[ $cpu != "cpu not capped" ]]; then
+    awk -v n="agent-$i" '/^nr_throttled/ { p = $2 } /^throttled_time/ { t = $2 }
+      END { printf "  %s restored: throttled in %d periods so far, %.1f s held back\n", n, p, t / 1e9 }' \
+      "$(cpu_group "$i")/cpu.stat" >&2 || true
+  fi
 }
 
 echo "== cluster: coordinator + $agents agents (replicas $replicas, $threads thread(s) each)"
@@ -295,7 +301,7 @@ python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['wall_s
 # Deaths declared by the coordinator and losses the gateway noticed in a generation, with the
 # coordinator log's timestamps.
 log_events() { # $1 = event, $2 = log text to match
-  sed 's/\x1b\[[0-9;]*m//g' "$work/coordinator.log" | grep "$2" |
+  sed 's/\x1b\[[0-9;]*m//g' "$work/coordinator.log" | { grep "$2" || true; } |
     sed -E 's/^([^ ]+) .* node=([^ ]+).*$/\1 \2/' | while read -r ts node; do
       fault "$1" "$node" "$(date -d "$ts" +%s%3N)"
     done

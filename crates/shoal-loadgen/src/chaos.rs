@@ -21,8 +21,8 @@
 //!   noticing the loss in a generation it was relaying, and to the node being ready again;
 //! - **slowdowns**: a slowed node (CPU capped, links delayed and lossy) is not dead. For the
 //!   requests in flight on it during a slowdown (from the audit log's paths; without one, every
-//!   request in flight then): how many moved (none has to), their longest silence beside the
-//!   reference's, and their extra end-to-end latency.
+//!   request in flight then): how many moved away from it (none has to), their longest silence
+//!   beside the reference's, and their extra end-to-end latency.
 //!
 //! The fault log is JSON lines `{"event": "kill" | "freeze" | "cut" | "heal" | "slow" |
 //! "restore" | "dead" | "lost" | "ready", "node": "...", "unix_ms": ...}`, written by whatever
@@ -156,7 +156,7 @@ pub struct SlowOutcome {
     pub noticed_ms: Option<f64>,
     /// Requests in flight on the node during the slowdown.
     pub requests: u64,
-    /// Of them, moved to another node.
+    /// Of them, moved away from the node (see [`ChaosReport::slowed_moved`]).
     pub moved: u64,
 }
 
@@ -207,7 +207,9 @@ pub struct ChaosReport {
     pub slowdowns: Vec<SlowOutcome>,
     /// Requests in flight on a slowed node during a slowdown (each counted once).
     pub slowed_requests: u64,
-    /// Of them, moved to another node.
+    /// Of them, moved away from the slowed node: moved, with the slowed node not the last
+    /// of its path (for a pipeline, a stage before the last also counts); without an audit
+    /// log, moved at all.
     pub slowed_moved: u64,
     /// Longest silence of each completed slowed request in the faulty run (ms).
     pub slowed_stall_ms: Option<LatencySummary>,
@@ -484,18 +486,26 @@ impl ChaosReport {
         report.recovery_ms = summary(report.kills.iter().filter_map(|k| k.ready_ms));
 
         // Each slowdown lasts until the node is restored (or the run ends); the requests in
-        // flight on the node meanwhile are its.
-        let mut slowed: BTreeMap<u64, &RequestRecord> = BTreeMap::new();
+        // flight on the node meanwhile are its. One of them moved away from the node when it
+        // moved and the node is not the last of its path (a request that moved *to* the slowed
+        // node fled another fault); without an audit log, when it moved at all.
+        let mut slowed: BTreeMap<u64, (&RequestRecord, bool)> = BTreeMap::new();
         for slow in &slows {
             let restored_ms = after(slow, FaultKind::Restore);
             let end = restored_ms.map_or(f64::INFINITY, |ms| slow.unix_ms + ms);
-            let on_node = |r: &RequestRecord| match &paths {
-                Some(paths) => r
-                    .request_id
-                    .as_deref()
-                    .and_then(|id| paths.get(id))
-                    .is_some_and(|nodes| nodes.contains(&slow.node)),
-                None => true,
+            let path = |r: &RequestRecord| {
+                paths.as_ref().map(|paths| {
+                    r.request_id
+                        .as_deref()
+                        .and_then(|id| paths.get(id))
+                        .copied()
+                        .unwrap_or_default()
+                })
+            };
+            let on_node =
+                |r: &RequestRecord| path(r).is_none_or(|nodes| nodes.contains(&slow.node));
+            let moved_away = |r: &RequestRecord| {
+                moves.of(r) > 0 && path(r).is_none_or(|nodes| nodes.last() != Some(&slow.node))
             };
             let mut outcome = SlowOutcome {
                 node: slow.node.clone(),
@@ -508,20 +518,23 @@ impl ChaosReport {
             };
             for r in run {
                 if in_flight_during(r, slow.unix_ms, end) && on_node(r) {
+                    let away = moved_away(r);
                     outcome.requests += 1;
-                    if moves.of(r) > 0 {
-                        outcome.moved += 1;
-                    }
-                    slowed.insert(r.index, r);
+                    outcome.moved += u64::from(away);
+                    let entry = slowed.entry(r.index).or_insert((r, false));
+                    entry.1 |= away;
                 }
             }
             report.slowdowns.push(outcome);
         }
         report.slowed_requests = slowed.len() as u64;
-        report.slowed_moved = slowed.values().filter(|r| moves.of(r) > 0).count() as u64;
+        report.slowed_moved = slowed.values().filter(|(_, away)| *away).count() as u64;
         let (mut stall, mut before, mut extra, mut extra_e2e) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for r in slowed.values().filter(|r| r.outcome == RecordOutcome::Ok) {
+        for (r, _) in slowed
+            .values()
+            .filter(|(r, _)| r.outcome == RecordOutcome::Ok)
+        {
             let silence = longest_silence_ms(r);
             stall.push(silence);
             if let Some(reference) = by_index.get(&r.index) {
@@ -619,7 +632,7 @@ impl ChaosReport {
                 .count();
             let _ = writeln!(
                 out,
-                "slowdowns        {} ({dead} declared dead); {} requests in flight on a slowed node, {} moved",
+                "slowdowns        {} ({dead} declared dead); {} requests in flight on a slowed node, {} moved away",
                 self.slowdowns.len(),
                 self.slowed_requests,
                 self.slowed_moved
@@ -889,6 +902,7 @@ mod tests {
             ok(1, "b", T0, &[10.0, 20.0, 30.0]),
             ok(2, "c", T0 + 10_000.0, &[10.0, 20.0, 30.0]),
             ok(3, "d", T0, &[10.0, 20.0, 30.0]),
+            ok(4, "e", T0, &[10.0, 20.0, 30.0]),
         ];
         let run = vec![
             // On the slowed node `a` during the slowdown: a 290 ms silence, 470 ms longer.
@@ -899,14 +913,18 @@ mod tests {
             ok(2, "c", T0 + 10_000.0, &[10.0, 20.0, 30.0]),
             // During the slowdown, on another node.
             ok(3, "d", T0, &[10.0, 20.0, 30.0]),
+            // Moved to the slowed node, away from another fault: not moved by the slowdown.
+            ok(4, "e", T0, &[10.0, 20.0, 30.0]),
         ];
         let mut entries = vec![
             audit("run-0", &["a"]),
             audit("run-1", &["a", "b"]),
             audit("run-2", &["a"]),
             audit("run-3", &["b"]),
+            audit("run-4", &["c", "a"]),
         ];
         entries[1].failovers = Some(1);
+        entries[4].failovers = Some(1);
         let faults = vec![
             fault(FaultKind::Slow, "a", T0 + 5.0),
             fault(FaultKind::Restore, "a", T0 + 5_005.0),
@@ -919,25 +937,25 @@ mod tests {
         let slow = &r.slowdowns[0];
         assert_eq!(slow.restored_ms, Some(5_000.0));
         assert_eq!((slow.detected_ms, slow.noticed_ms), (None, None));
-        assert_eq!((slow.requests, slow.moved), (2, 1));
+        assert_eq!((slow.requests, slow.moved), (3, 1));
         assert_eq!(r.slowdowns[1].restored_ms, None);
         assert_eq!(r.slowdowns[1].requests, 0);
-        assert_eq!((r.slowed_requests, r.slowed_moved), (2, 1));
+        assert_eq!((r.slowed_requests, r.slowed_moved), (3, 1));
         let stall = r.slowed_stall_ms.unwrap();
-        assert_eq!((stall.count, stall.min, stall.max), (2, 100.0, 290.0));
+        assert_eq!((stall.count, stall.min, stall.max), (3, 10.0, 290.0));
         assert_eq!(r.slowed_reference_stall_ms.unwrap().max, 10.0);
         let extra = r.slowed_extra_stall_ms.unwrap();
-        assert_eq!((extra.min, extra.max), (90.0, 280.0));
+        assert_eq!((extra.min, extra.max), (0.0, 280.0));
         let e2e = r.slowed_extra_e2e_ms.unwrap();
-        assert_eq!((e2e.min, e2e.max), (90.0, 470.0));
+        assert_eq!((e2e.min, e2e.max), (0.0, 470.0));
         let text = r.render_text();
         assert!(
-            text.contains("slowdowns        2 (0 declared dead); 2 requests in flight on a slowed node, 1 moved"),
+            text.contains("slowdowns        2 (0 declared dead); 3 requests in flight on a slowed node, 1 moved away"),
             "{text}"
         );
         // Without an audit log, every request in flight during a slowdown counts.
         let r = ChaosReport::build(&reference, &run, None, &faults);
-        assert_eq!((r.slowed_requests, r.slowed_moved), (3, 0));
+        assert_eq!((r.slowed_requests, r.slowed_moved), (4, 0));
         // A slowdown that got the node declared dead says so.
         let mut dead = faults.clone();
         dead.push(fault(FaultKind::Dead, "a", T0 + 2_005.0));
