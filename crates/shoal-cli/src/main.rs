@@ -6,6 +6,7 @@ mod cmd_agent;
 mod cmd_audit;
 mod cmd_bench_model;
 mod cmd_coordinator;
+mod cmd_fault_proxy;
 mod cmd_generate;
 mod cmd_key;
 mod cmd_model;
@@ -54,6 +55,10 @@ enum Command {
     /// Compare a run recorded under faults (`shoal bench --record`) with a fault-free
     /// recording: completed and identical outputs, stall at failover, detection time.
     ChaosReport(shoal_loadgen::ChaosReportArgs),
+    /// Test and benchmark tool: a TCP proxy in front of one address whose traffic commands on
+    /// standard input cut, heal, delay or lose (`cut`, `heal`, `delay <ms>`, `loss <percent>`,
+    /// `clear`, `stats`; one answer line each). Used by `scripts/bench/chaos.sh`.
+    FaultProxy(cmd_fault_proxy::FaultProxyArgs),
     /// Interactive chat against an OpenAI-compatible API (a `shoal up` cluster by default).
     Chat(shoal_loadgen::ChatArgs),
     /// The cluster's certificate authority.
@@ -109,6 +114,7 @@ fn main() -> std::process::ExitCode {
             runtime().and_then(|rt| rt.block_on(shoal_loadgen::run_bench(args)))
         }
         Command::ChaosReport(args) => chaos_report(&args),
+        Command::FaultProxy(args) => cmd_fault_proxy::run(args),
         Command::Chat(args) => runtime().and_then(|rt| {
             rt.block_on(shoal_loadgen::run_chat(
                 args,

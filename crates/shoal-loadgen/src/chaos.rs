@@ -15,14 +15,18 @@
 //! - **stall**: a request's longest silence (request sent → first chunk, or between two
 //!   chunks), for the failed-over requests, beside the same requests' longest silence in the
 //!   reference run and the difference (the extra latency of the failover);
-//! - **detection**: from each fault (a kill, or a freeze: the process stopped, alive but
-//!   silent) to the coordinator declaring that node dead (its lease expired), to the gateway
-//!   first noticing the loss in a generation it was relaying, and to the node being ready
-//!   again.
+//! - **detection**: from each fault (a kill; a freeze: the process stopped, alive but silent;
+//!   a cut: the node partitioned away, running, its connections open but carrying nothing) to
+//!   the coordinator declaring that node dead (its lease expired), to the gateway first
+//!   noticing the loss in a generation it was relaying, and to the node being ready again;
+//! - **slowdowns**: a slowed node (CPU capped, links delayed and lossy) is not dead. For the
+//!   requests in flight on it during a slowdown (from the audit log's paths; without one, every
+//!   request in flight then): how many moved away from it (none has to), their longest silence
+//!   beside the reference's, and their extra end-to-end latency.
 //!
-//! The fault log is JSON lines `{"event": "kill" | "freeze" | "dead" | "lost" | "ready",
-//! "node": "...", "unix_ms": ...}`, written by whatever injects the faults
-//! (`scripts/bench/chaos.sh`).
+//! The fault log is JSON lines `{"event": "kill" | "freeze" | "cut" | "heal" | "slow" |
+//! "restore" | "dead" | "lost" | "ready", "node": "...", "unix_ms": ...}`, written by whatever
+//! injects the faults (`scripts/bench/chaos.sh`): `heal` ends a cut, `restore` a slowdown.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -65,6 +69,15 @@ pub enum FaultKind {
     Kill,
     /// It was frozen (SIGSTOP): alive, holding its connections, answering nothing.
     Freeze,
+    /// It was cut off the network (data plane and coordinator link): running, its
+    /// connections open, nothing crossing them.
+    Cut,
+    /// The cut ended: its links carry traffic again.
+    Heal,
+    /// It was slowed down (less CPU, a slower and lossy link): alive and serving, slowly.
+    Slow,
+    /// The slowdown ended.
+    Restore,
     /// The coordinator declared it dead.
     Dead,
     /// The gateway noticed the loss in the middle of a generation (and moved it).
@@ -109,7 +122,7 @@ pub struct FailedRequest {
     pub error: Option<String>,
 }
 
-/// One fault (a kill or a freeze) and what followed it.
+/// One fault (a kill, a freeze or a cut) and what followed it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KillOutcome {
     /// Which fault.
@@ -124,6 +137,27 @@ pub struct KillOutcome {
     pub noticed_ms: Option<f64>,
     /// Kill → the restarted node was ready again.
     pub ready_ms: Option<f64>,
+    /// Cut → healed (none for other faults).
+    pub healed_ms: Option<f64>,
+}
+
+/// One slowdown of a node and what it cost.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SlowOutcome {
+    /// The node.
+    pub node: String,
+    /// When it was slowed, in milliseconds since the Unix epoch.
+    pub unix_ms: f64,
+    /// Slowed → restored (none if the run ended first).
+    pub restored_ms: Option<f64>,
+    /// Slowed → the coordinator declared it dead, if it did (a slow node is not dead).
+    pub detected_ms: Option<f64>,
+    /// Slowed → the gateway first took a generation away from it, if it did.
+    pub noticed_ms: Option<f64>,
+    /// Requests in flight on the node during the slowdown.
+    pub requests: u64,
+    /// Of them, moved away from the node (see [`ChaosReport::slowed_moved`]).
+    pub moved: u64,
 }
 
 /// The report of `shoal chaos-report`.
@@ -169,6 +203,23 @@ pub struct ChaosReport {
     pub gateway_detection_ms: Option<LatencySummary>,
     /// Kill → ready again (ms).
     pub recovery_ms: Option<LatencySummary>,
+    /// Every slowdown.
+    pub slowdowns: Vec<SlowOutcome>,
+    /// Requests in flight on a slowed node during a slowdown (each counted once).
+    pub slowed_requests: u64,
+    /// Of them, moved away from the slowed node: moved, with the slowed node not the last
+    /// of its path (for a pipeline, a stage before the last also counts); without an audit
+    /// log, moved at all.
+    pub slowed_moved: u64,
+    /// Longest silence of each completed slowed request in the faulty run (ms).
+    pub slowed_stall_ms: Option<LatencySummary>,
+    /// The same requests' longest silence in the reference run (ms).
+    pub slowed_reference_stall_ms: Option<LatencySummary>,
+    /// Per completed slowed request, faulty minus reference longest silence (ms; floored at 0).
+    pub slowed_extra_stall_ms: Option<LatencySummary>,
+    /// Per completed slowed request, faulty minus reference end-to-end latency (ms; floored
+    /// at 0).
+    pub slowed_extra_e2e_ms: Option<LatencySummary>,
 }
 
 /// Why the report could not be made.
@@ -226,6 +277,16 @@ enum Moves<'a> {
     InFlightAtKill(Vec<f64>),
 }
 
+/// Whether `r` was in flight at some moment of `[from, to)`.
+fn in_flight_during(r: &RequestRecord, from: f64, to: f64) -> bool {
+    r.started_unix_ms < to && from < r.started_unix_ms + r.e2e_ms
+}
+
+/// The faults that make a node unavailable: the ones detection is measured for.
+fn is_outage(kind: FaultKind) -> bool {
+    matches!(kind, FaultKind::Kill | FaultKind::Freeze | FaultKind::Cut)
+}
+
 impl Moves<'_> {
     fn source(&self) -> &'static str {
         match self {
@@ -266,11 +327,48 @@ impl ChaosReport {
             .filter(|r| r.outcome == RecordOutcome::Ok)
             .map(|r| (r.index, r))
             .collect();
-        let mut kills: Vec<&FaultEvent> = faults
-            .iter()
-            .filter(|f| matches!(f.event, FaultKind::Kill | FaultKind::Freeze))
-            .collect();
+        let mut kills: Vec<&FaultEvent> = faults.iter().filter(|f| is_outage(f.event)).collect();
         kills.sort_by(|a, b| a.unix_ms.total_cmp(&b.unix_ms));
+        let mut slows: Vec<&FaultEvent> = faults
+            .iter()
+            .filter(|f| f.event == FaultKind::Slow)
+            .collect();
+        slows.sort_by(|a, b| a.unix_ms.total_cmp(&b.unix_ms));
+        // What follows a fault belongs to it until the node's next fault of any kind.
+        let next_fault = |fault: &FaultEvent| {
+            faults
+                .iter()
+                .filter(|f| {
+                    (is_outage(f.event) || f.event == FaultKind::Slow)
+                        && f.node == fault.node
+                        && f.unix_ms > fault.unix_ms
+                })
+                .map(|f| f.unix_ms)
+                .min_by(f64::total_cmp)
+                .unwrap_or(f64::INFINITY)
+        };
+        // The first `kind` event of the fault's node after it (and before its next fault), in
+        // ms after it.
+        let after = |fault: &FaultEvent, kind: FaultKind| {
+            let bound = next_fault(fault);
+            faults
+                .iter()
+                .filter(|f| {
+                    f.event == kind
+                        && f.node == fault.node
+                        && f.unix_ms >= fault.unix_ms
+                        && f.unix_ms < bound
+                })
+                .map(|f| f.unix_ms - fault.unix_ms)
+                .min_by(f64::total_cmp)
+        };
+        // The paths of the audit log, to tell which requests a slowed node served.
+        let paths: Option<HashMap<&str, &[String]>> = audit.map(|entries| {
+            entries
+                .iter()
+                .map(|e| (e.request_id.as_str(), e.nodes.as_slice()))
+                .collect()
+        });
 
         // Moves per request: from the audit log, or exposure to a kill.
         let moves = match audit {
@@ -308,6 +406,13 @@ impl ChaosReport {
             detection_ms: None,
             gateway_detection_ms: None,
             recovery_ms: None,
+            slowdowns: Vec::new(),
+            slowed_requests: 0,
+            slowed_moved: 0,
+            slowed_stall_ms: None,
+            slowed_reference_stall_ms: None,
+            slowed_extra_stall_ms: None,
+            slowed_extra_e2e_ms: None,
         };
         let mut stalls = Vec::new();
         let mut reference_stalls = Vec::new();
@@ -362,36 +467,87 @@ impl ChaosReport {
         report.normal_gap_ms = summary(normal_gaps);
 
         // Each kill pairs with the first death and the first readiness of that node after it
-        // (and before its next kill).
-        for (i, kill) in kills.iter().enumerate() {
-            let next_kill = kills[i + 1..]
-                .iter()
-                .find(|k| k.node == kill.node)
-                .map_or(f64::INFINITY, |k| k.unix_ms);
-            let after = |kind: FaultKind| {
-                faults
-                    .iter()
-                    .filter(|f| {
-                        f.event == kind
-                            && f.node == kill.node
-                            && f.unix_ms >= kill.unix_ms
-                            && f.unix_ms < next_kill
-                    })
-                    .map(|f| f.unix_ms - kill.unix_ms)
-                    .min_by(f64::total_cmp)
-            };
+        // (and before its next fault).
+        for kill in &kills {
             report.kills.push(KillOutcome {
                 event: kill.event,
                 node: kill.node.clone(),
                 unix_ms: kill.unix_ms,
-                detected_ms: after(FaultKind::Dead),
-                noticed_ms: after(FaultKind::Lost),
-                ready_ms: after(FaultKind::Ready),
+                detected_ms: after(kill, FaultKind::Dead),
+                noticed_ms: after(kill, FaultKind::Lost),
+                ready_ms: after(kill, FaultKind::Ready),
+                healed_ms: (kill.event == FaultKind::Cut)
+                    .then(|| after(kill, FaultKind::Heal))
+                    .flatten(),
             });
         }
         report.detection_ms = summary(report.kills.iter().filter_map(|k| k.detected_ms));
         report.gateway_detection_ms = summary(report.kills.iter().filter_map(|k| k.noticed_ms));
         report.recovery_ms = summary(report.kills.iter().filter_map(|k| k.ready_ms));
+
+        // Each slowdown lasts until the node is restored (or the run ends); the requests in
+        // flight on the node meanwhile are its. One of them moved away from the node when it
+        // moved and the node is not the last of its path (a request that moved *to* the slowed
+        // node fled another fault); without an audit log, when it moved at all.
+        let mut slowed: BTreeMap<u64, (&RequestRecord, bool)> = BTreeMap::new();
+        for slow in &slows {
+            let restored_ms = after(slow, FaultKind::Restore);
+            let end = restored_ms.map_or(f64::INFINITY, |ms| slow.unix_ms + ms);
+            let path = |r: &RequestRecord| {
+                paths.as_ref().map(|paths| {
+                    r.request_id
+                        .as_deref()
+                        .and_then(|id| paths.get(id))
+                        .copied()
+                        .unwrap_or_default()
+                })
+            };
+            let on_node =
+                |r: &RequestRecord| path(r).is_none_or(|nodes| nodes.contains(&slow.node));
+            let moved_away = |r: &RequestRecord| {
+                moves.of(r) > 0 && path(r).is_none_or(|nodes| nodes.last() != Some(&slow.node))
+            };
+            let mut outcome = SlowOutcome {
+                node: slow.node.clone(),
+                unix_ms: slow.unix_ms,
+                restored_ms,
+                detected_ms: after(slow, FaultKind::Dead),
+                noticed_ms: after(slow, FaultKind::Lost),
+                requests: 0,
+                moved: 0,
+            };
+            for r in run {
+                if in_flight_during(r, slow.unix_ms, end) && on_node(r) {
+                    let away = moved_away(r);
+                    outcome.requests += 1;
+                    outcome.moved += u64::from(away);
+                    let entry = slowed.entry(r.index).or_insert((r, false));
+                    entry.1 |= away;
+                }
+            }
+            report.slowdowns.push(outcome);
+        }
+        report.slowed_requests = slowed.len() as u64;
+        report.slowed_moved = slowed.values().filter(|(_, away)| *away).count() as u64;
+        let (mut stall, mut before, mut extra, mut extra_e2e) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (r, _) in slowed
+            .values()
+            .filter(|(r, _)| r.outcome == RecordOutcome::Ok)
+        {
+            let silence = longest_silence_ms(r);
+            stall.push(silence);
+            if let Some(reference) = by_index.get(&r.index) {
+                let reference_silence = longest_silence_ms(reference);
+                before.push(reference_silence);
+                extra.push(silence - reference_silence);
+                extra_e2e.push(r.e2e_ms - reference.e2e_ms);
+            }
+        }
+        report.slowed_stall_ms = summary(stall);
+        report.slowed_reference_stall_ms = summary(before);
+        report.slowed_extra_stall_ms = summary(extra);
+        report.slowed_extra_e2e_ms = summary(extra_e2e);
         report
     }
 
@@ -456,20 +612,44 @@ impl ChaosReport {
         );
         let _ = writeln!(out, "  extra          {}", line(&self.extra_stall_ms));
         let _ = writeln!(out, "  normal gaps    {}", line(&self.normal_gap_ms));
-        let frozen = self
-            .kills
-            .iter()
-            .filter(|k| k.event == FaultKind::Freeze)
-            .count();
+        let count = |kind: FaultKind| self.kills.iter().filter(|k| k.event == kind).count();
         let _ = writeln!(
             out,
-            "faults           {} ({} kills, {frozen} freezes)",
+            "faults           {} ({} kills, {} freezes, {} cuts)",
             self.kills.len(),
-            self.kills.len() - frozen
+            count(FaultKind::Kill),
+            count(FaultKind::Freeze),
+            count(FaultKind::Cut)
         );
         let _ = writeln!(out, "  declared dead  {}", line(&self.detection_ms));
         let _ = writeln!(out, "  gateway saw it {}", line(&self.gateway_detection_ms));
         let _ = writeln!(out, "  ready again    {}", line(&self.recovery_ms));
+        if !self.slowdowns.is_empty() {
+            let dead = self
+                .slowdowns
+                .iter()
+                .filter(|s| s.detected_ms.is_some())
+                .count();
+            let _ = writeln!(
+                out,
+                "slowdowns        {} ({dead} declared dead); {} requests in flight on a slowed node, {} moved away",
+                self.slowdowns.len(),
+                self.slowed_requests,
+                self.slowed_moved
+            );
+            let _ = writeln!(out, "  stall          {}", line(&self.slowed_stall_ms));
+            let _ = writeln!(
+                out,
+                "  same requests without faults {}",
+                line(&self.slowed_reference_stall_ms)
+            );
+            let _ = writeln!(
+                out,
+                "  extra stall    {}",
+                line(&self.slowed_extra_stall_ms)
+            );
+            let _ = writeln!(out, "  extra e2e      {}", line(&self.slowed_extra_e2e_ms));
+        }
         out
     }
 }
@@ -547,7 +727,7 @@ mod tests {
         assert_eq!(r.kills[0].event, FaultKind::Freeze);
         assert_eq!(r.kills[0].detected_ms, Some(3_100.0));
         assert_eq!(r.kills[0].ready_ms, Some(5_500.0));
-        assert!(r.render_text().contains("1 (0 kills, 1 freezes)"));
+        assert!(r.render_text().contains("1 (0 kills, 1 freezes, 0 cuts)"));
         let parsed: FaultEvent =
             serde_json::from_str(r#"{"event":"freeze","node":"a","unix_ms":1}"#).unwrap();
         assert_eq!(parsed.event, FaultKind::Freeze);
@@ -673,6 +853,115 @@ mod tests {
         assert_eq!(r.failed_over, 1);
         assert_eq!(r.stall_ms.unwrap().max, 290.0);
         assert_eq!(r.identical, 2);
+    }
+
+    #[test]
+    fn a_cut_pairs_with_its_death_the_gateway_noticing_its_heal_and_readiness() {
+        let reference = vec![ok(0, "abc", T0, &[10.0, 20.0, 30.0])];
+        // In flight on `a` when it was cut: moved after the lease ran out.
+        let run = vec![ok(0, "abc", T0, &[10.0, 2_300.0, 2_310.0])];
+        let faults = vec![
+            fault(FaultKind::Cut, "a", T0 + 15.0),
+            fault(FaultKind::Dead, "a", T0 + 2_015.0),
+            fault(FaultKind::Lost, "a", T0 + 2_020.0),
+            fault(FaultKind::Heal, "a", T0 + 5_015.0),
+            fault(FaultKind::Ready, "a", T0 + 6_015.0),
+            // The next cut of `a` owns what follows it.
+            fault(FaultKind::Cut, "a", T0 + 20_000.0),
+            fault(FaultKind::Heal, "a", T0 + 25_000.0),
+        ];
+        let audit = vec![audit("run-0", &["a", "b"])];
+        let r = ChaosReport::build(&reference, &run, Some(&audit), &faults);
+        assert_eq!(r.kills.len(), 2);
+        let cut = &r.kills[0];
+        assert_eq!(cut.event, FaultKind::Cut);
+        assert_eq!(cut.detected_ms, Some(2_000.0));
+        assert_eq!(cut.noticed_ms, Some(2_005.0));
+        assert_eq!(cut.healed_ms, Some(5_000.0));
+        assert_eq!(cut.ready_ms, Some(6_000.0));
+        assert_eq!(r.kills[1].detected_ms, None);
+        assert_eq!(r.kills[1].healed_ms, Some(5_000.0));
+        assert_eq!((r.failed_over, r.identical), (1, 1));
+        assert_eq!(r.stall_ms.unwrap().max, 2_290.0);
+        assert!(r.slowdowns.is_empty());
+        let text = r.render_text();
+        assert!(text.contains("2 (0 kills, 0 freezes, 2 cuts)"), "{text}");
+        assert!(!text.contains("slowdowns"), "{text}");
+        // Without an audit log a cut, like a kill, moves what was in flight.
+        let r = ChaosReport::build(&reference, &run, None, &faults);
+        assert_eq!(r.failed_over, 1);
+        let parsed: FaultEvent =
+            serde_json::from_str(r#"{"event":"heal","node":"a","unix_ms":1}"#).unwrap();
+        assert_eq!(parsed.event, FaultKind::Heal);
+    }
+
+    #[test]
+    fn a_slowdown_counts_the_requests_on_the_slowed_node_and_their_extra_latency() {
+        let reference = vec![
+            ok(0, "a", T0, &[10.0, 20.0, 30.0]),
+            ok(1, "b", T0, &[10.0, 20.0, 30.0]),
+            ok(2, "c", T0 + 10_000.0, &[10.0, 20.0, 30.0]),
+            ok(3, "d", T0, &[10.0, 20.0, 30.0]),
+            ok(4, "e", T0, &[10.0, 20.0, 30.0]),
+        ];
+        let run = vec![
+            // On the slowed node `a` during the slowdown: a 290 ms silence, 470 ms longer.
+            ok(0, "a", T0, &[10.0, 210.0, 500.0]),
+            // On `a` too, and moved away from it.
+            ok(1, "b", T0, &[10.0, 20.0, 120.0]),
+            // On `a`, but after the slowdown ended.
+            ok(2, "c", T0 + 10_000.0, &[10.0, 20.0, 30.0]),
+            // During the slowdown, on another node.
+            ok(3, "d", T0, &[10.0, 20.0, 30.0]),
+            // Moved to the slowed node, away from another fault: not moved by the slowdown.
+            ok(4, "e", T0, &[10.0, 20.0, 30.0]),
+        ];
+        let mut entries = vec![
+            audit("run-0", &["a"]),
+            audit("run-1", &["a", "b"]),
+            audit("run-2", &["a"]),
+            audit("run-3", &["b"]),
+            audit("run-4", &["c", "a"]),
+        ];
+        entries[1].failovers = Some(1);
+        entries[4].failovers = Some(1);
+        let faults = vec![
+            fault(FaultKind::Slow, "a", T0 + 5.0),
+            fault(FaultKind::Restore, "a", T0 + 5_005.0),
+            // A second slowdown of `a` that the run outlives: open-ended, nothing in flight.
+            fault(FaultKind::Slow, "a", T0 + 20_000.0),
+        ];
+        let r = ChaosReport::build(&reference, &run, Some(&entries), &faults);
+        assert!(r.kills.is_empty());
+        assert_eq!(r.slowdowns.len(), 2);
+        let slow = &r.slowdowns[0];
+        assert_eq!(slow.restored_ms, Some(5_000.0));
+        assert_eq!((slow.detected_ms, slow.noticed_ms), (None, None));
+        assert_eq!((slow.requests, slow.moved), (3, 1));
+        assert_eq!(r.slowdowns[1].restored_ms, None);
+        assert_eq!(r.slowdowns[1].requests, 0);
+        assert_eq!((r.slowed_requests, r.slowed_moved), (3, 1));
+        let stall = r.slowed_stall_ms.unwrap();
+        assert_eq!((stall.count, stall.min, stall.max), (3, 10.0, 290.0));
+        assert_eq!(r.slowed_reference_stall_ms.unwrap().max, 10.0);
+        let extra = r.slowed_extra_stall_ms.unwrap();
+        assert_eq!((extra.min, extra.max), (0.0, 280.0));
+        let e2e = r.slowed_extra_e2e_ms.unwrap();
+        assert_eq!((e2e.min, e2e.max), (0.0, 470.0));
+        let text = r.render_text();
+        assert!(
+            text.contains("slowdowns        2 (0 declared dead); 3 requests in flight on a slowed node, 1 moved away"),
+            "{text}"
+        );
+        // Without an audit log, every request in flight during a slowdown counts.
+        let r = ChaosReport::build(&reference, &run, None, &faults);
+        assert_eq!((r.slowed_requests, r.slowed_moved), (4, 0));
+        // A slowdown that got the node declared dead says so.
+        let mut dead = faults.clone();
+        dead.push(fault(FaultKind::Dead, "a", T0 + 2_005.0));
+        let r = ChaosReport::build(&reference, &run, Some(&entries), &dead);
+        assert_eq!(r.slowdowns[0].detected_ms, Some(2_000.0));
+        assert!(r.render_text().contains("(1 declared dead)"));
     }
 
     #[test]

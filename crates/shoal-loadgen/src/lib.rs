@@ -59,7 +59,7 @@ mod stats;
 pub use bench::{BenchArgs, ConfigProblem, LoadConfig, LoadError, StopAfter, run_bench, run_load};
 pub use chaos::{
     AuditPath, ChaosReport, ChaosReportArgs, ChaosReportError, FailedRequest, FaultEvent,
-    FaultKind, KillOutcome, longest_silence_ms, run_chaos_report,
+    FaultKind, KillOutcome, SlowOutcome, longest_silence_ms, run_chaos_report,
 };
 pub use chat::{ChatArgs, run_chat};
 pub use client::{ApiKey, BadReply, DEFAULT_URL, Endpoint, ModelsError, RequestFailure};
