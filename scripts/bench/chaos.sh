@@ -31,6 +31,10 @@
 #   KILL_EVERY=10 FAULTS=kill (kill | freeze | cut | slow | mix) FREEZE_SECS=5 CUT_SECS=5
 #   SLOW_SECS=10 SLOW_CPU_PCT=25 SLOW_DELAY_MS=50 SLOW_LOSS_PCT=1 PROXIES=auto (1: always)
 #   AGENTS=3 REPLICAS=2 THREADS=1 KEEP=<dir to keep the files in> SHOAL=<binary>
+#   CHECKPOINT_EVERY=0 (N: the coordinator's --checkpoint-every: KV checkpoints to the other
+#   replica every N positions, so failovers resume from them) PROMPT_TOKENS= (N: 16 distinct
+#   prompts of about N tokens each instead of the built-in short ones) TIMEOUT=120 (seconds per
+#   request) FIRST_TOKEN_TIMEOUT_MS=60000 (the gateway's bound on a generation's first token)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 requests=${REQUESTS:-200}
@@ -54,6 +58,10 @@ case ${PROXIES:-auto} in
   auto) [[ $faults == kill || $faults == freeze ]] && proxies=no || proxies=yes ;;
   *) proxies=no ;;
 esac
+checkpoint_every=${CHECKPOINT_EVERY:-0}
+prompt_tokens=${PROMPT_TOKENS:-}
+timeout=${TIMEOUT:-120}
+first_token_timeout_ms=${FIRST_TOKEN_TIMEOUT_MS:-60000}
 agents=${AGENTS:-3}
 replicas=${REPLICAS:-2}
 threads=${THREADS:-1}
@@ -232,6 +240,7 @@ slow_and_restore() {
 echo "== cluster: coordinator + $agents agents (replicas $replicas, $threads thread(s) each)"
 SHOAL_LOG=warn "$shoal" coordinator --listen 127.0.0.1:$http_port --grpc-listen 127.0.0.1:$grpc_port \
   --cluster-dir "$work/cluster" --replicas "$replicas" --audit-log "$work/audit.jsonl" \
+  --checkpoint-every "$checkpoint_every" --first-token-timeout-ms "$first_token_timeout_ms" \
   >"$work/coordinator.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 50); do curl -fs 127.0.0.1:$http_port/healthz >/dev/null 2>&1 && break; sleep 0.2; done
@@ -258,7 +267,23 @@ status
 
 bench=("$shoal" bench --url http://127.0.0.1:$http_port/v1 --json --requests "$requests"
   --concurrency "$concurrency" --max-tokens "$max_tokens" --temperature "$temperature"
-  --seed "$seed" --seed-per-request --timeout 120)
+  --seed "$seed" --seed-per-request --timeout "$timeout")
+if [[ -n $prompt_tokens ]]; then
+  # About 13 tokens per sentence; each prompt starts differently so none shares a prefix.
+  python3 - "$prompt_tokens" >"$work/prompts.jsonl" <<'PY'
+import json, sys
+n = int(sys.argv[1])
+sentence = "The tide rises over the grey rocks of the northern shore. "
+for i in range(16):
+    text = f"Story {i}: " + sentence * max(1, n // 13) + "Summarize it."
+    print(json.dumps({"messages": [{"role": "user", "content": text}]}))
+PY
+  bench+=(--prompts "$work/prompts.jsonl")
+  echo "   prompts: 16 of about $prompt_tokens tokens"
+fi
+if [[ $checkpoint_every -gt 0 ]]; then
+  echo "   KV checkpoints to the other replica every $checkpoint_every positions"
+fi
 echo "== fault-free run: $requests streamed requests, concurrency $concurrency, max_tokens $max_tokens"
 "${bench[@]}" --record "$work/reference.jsonl" --request-id-prefix ref >"$work/reference.json"
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['wall_seconds']:.1f} s, {r['requests_ok']} ok, {r['output_tokens_per_second']:.0f} tok/s\")" "$work/reference.json"
@@ -311,6 +336,10 @@ log_events lost 'node lost in the middle of a generation'
 
 echo "== failovers counted by the gateway"
 curl -fs 127.0.0.1:$http_port/metrics | grep '^shoal_failovers_total' || true
+if [[ $checkpoint_every -gt 0 ]]; then
+  echo "== failovers resumed from a KV checkpoint, and the positions they did not prefill"
+  curl -fs 127.0.0.1:$http_port/metrics | grep '^shoal_checkpoint_' || true
+fi
 echo "== report"
 "$shoal" chaos-report --reference "$work/reference.jsonl" --run "$work/chaos.jsonl" \
   --audit "$work/audit.jsonl" --faults "$work/faults.jsonl" | tee "$work/report.txt"

@@ -45,6 +45,10 @@ pub struct CoordinatorArgs {
     /// token) moves to another replica; it must outlast the slowest node's longest step.
     #[arg(long, default_value_t = 10_000)]
     pub stall_timeout_ms: u64,
+    /// The same bound before a generation's first token, which waits for its whole prefill
+    /// (and any queue ahead of it): long prompts on slow nodes need more.
+    #[arg(long, default_value_t = 60_000)]
+    pub first_token_timeout_ms: u64,
     /// Checkpoint each generation's KV cache to another ready replica every this many
     /// positions (0: off), so a failover resumes from the checkpoint instead of prefilling
     /// the whole context again. Pays for long contexts on links faster than the prefill.
@@ -151,6 +155,9 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             },
             backend: ClusterBackendConfig {
                 stall_timeout: std::time::Duration::from_millis(args.stall_timeout_ms.max(1)),
+                first_token_timeout: std::time::Duration::from_millis(
+                    args.first_token_timeout_ms.max(1),
+                ),
                 checkpoint_every: args.checkpoint_every,
                 ..ClusterBackendConfig::default()
             },

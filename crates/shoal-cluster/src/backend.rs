@@ -19,7 +19,9 @@
 //! sampling the output is the one a run without the fault gives. Up to
 //! [`ClusterBackendConfig::max_failovers`] such moves are made per request.
 
-use crate::metrics::FAILOVERS_TOTAL;
+use crate::metrics::{
+    CHECKPOINT_RESTORED_POSITIONS_TOTAL, CHECKPOINT_RESTORES_TOTAL, FAILOVERS_TOTAL,
+};
 use crate::wire;
 use futures::StreamExt;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -45,6 +47,9 @@ use tonic::transport::Channel;
 
 /// Events buffered per request between the agent's stream and the HTTP response.
 const EVENT_BUFFER: usize = 64;
+/// How long a node a generation was lost on is kept from holding checkpoints (it is declared
+/// dead within a lease, or comes back).
+const SUSPECT_FOR: Duration = Duration::from_secs(5);
 
 /// How the gateway noticed that a node serving a generation was lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -140,6 +145,12 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     failovers: AtomicU64,
     failovers_by_cause: Family<CauseLabels, Counter>,
+    /// Failovers resumed from a checkpoint, and the positions they imported.
+    restores: Counter,
+    restored_positions: Counter,
+    /// Nodes a generation was lost on lately, by when: the membership may still count them
+    /// alive for a lease, and they are no place for a checkpoint.
+    suspects: Mutex<HashMap<NodeId, tokio::time::Instant>>,
 }
 
 impl ClusterBackend {
@@ -161,6 +172,9 @@ impl ClusterBackend {
                 channels: Mutex::default(),
                 failovers: AtomicU64::new(0),
                 failovers_by_cause: Family::default(),
+                restores: Counter::default(),
+                restored_positions: Counter::default(),
+                suspects: Mutex::default(),
             }),
             created,
             tasks: TaskTracker::new(),
@@ -192,6 +206,25 @@ impl ClusterBackend {
             "Generations moved to another replica in their middle, by how the loss was noticed",
             family.clone(),
         );
+        let base = |name: &'static str| name.strip_suffix("_total").unwrap_or(name);
+        registry.register(
+            base(CHECKPOINT_RESTORES_TOTAL),
+            "Failovers that resumed from a KV checkpoint instead of prefilling the whole context",
+            self.inner.restores.clone(),
+        );
+        registry.register(
+            base(CHECKPOINT_RESTORED_POSITIONS_TOTAL),
+            "KV positions failovers imported from checkpoints instead of prefilling",
+            self.inner.restored_positions.clone(),
+        );
+    }
+
+    /// Failovers resumed from a checkpoint since start, and the positions they imported.
+    pub fn restores(&self) -> (u64, u64) {
+        (
+            self.inner.restores.get(),
+            self.inner.restored_positions.get(),
+        )
     }
 
     /// Waits until every forwarding task has ended.
@@ -251,6 +284,7 @@ impl Inner {
             if self.cfg.checkpoint_every > 0 && !route.is_pipeline() {
                 let mut exclude = failed.clone();
                 exclude.push(route.node.clone());
+                exclude.extend(self.suspects());
                 checkpoint = self.router.checkpoint_peer(model, &exclude);
             }
             // A pipeline's head is told the stages after it.
@@ -318,6 +352,7 @@ impl Inner {
                         "generation could not start on this node; trying another replica"
                     );
                     failed.push(route.node.clone());
+                    self.suspect(&route.node);
                     last_error = Some(e);
                 }
             }
@@ -398,6 +433,25 @@ impl Inner {
                 format!("node {dead} was declared dead before the generation started"),
             ))),
         }
+    }
+
+    /// Nodes a generation was lost on within the last lease: the membership may not have
+    /// declared them dead yet.
+    fn suspects(&self) -> Vec<NodeId> {
+        let now = tokio::time::Instant::now();
+        let mut suspects = self
+            .suspects
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        suspects.retain(|_, at| now.duration_since(*at) < SUSPECT_FOR);
+        suspects.keys().cloned().collect()
+    }
+
+    fn suspect(&self, node: &NodeId) {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(node.clone(), tokio::time::Instant::now());
     }
 
     /// Whether the membership still counts `node` alive. A draining node is: it finishes
@@ -594,6 +648,9 @@ impl Relay {
                 Leg::Lost(err, cause) => (err, cause),
             };
             self.failed.push(node.clone());
+            if cause != FailoverCause::declared_dead {
+                self.inner.suspect(&node);
+            }
             if self.failovers >= self.inner.cfg.max_failovers {
                 let _ = self.tx.send(GenerateEvent::Failed(err)).await;
                 return;
@@ -624,6 +681,12 @@ impl Relay {
             {
                 Ok(next) => {
                     self.inner.failovers.fetch_add(1, Ordering::Relaxed);
+                    if next.started.restored_positions > 0 {
+                        self.inner.restores.inc();
+                        self.inner
+                            .restored_positions
+                            .inc_by(u64::from(next.started.restored_positions));
+                    }
                     self.inner
                         .failovers_by_cause
                         .get_or_create(&CauseLabels { cause })
@@ -632,6 +695,7 @@ impl Relay {
                         request = %self.request.request_id,
                         from = %node,
                         to = %next.route.node,
+                        restored = next.started.restored_positions,
                         "generation resumed"
                     );
                     opened = next;

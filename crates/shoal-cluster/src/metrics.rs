@@ -31,14 +31,22 @@ pub const SHARDS_ASSIGNED: &str = "shoal_cluster_shards_assigned";
 /// see [`crate::FailoverCause`]); registered by [`crate::ClusterBackend::register_metrics`].
 pub const FAILOVERS_TOTAL: &str = "shoal_failovers_total";
 
+/// Failovers that resumed from a KV checkpoint instead of prefilling the whole context
+/// (counter); registered by [`crate::ClusterBackend::register_metrics`].
+pub const CHECKPOINT_RESTORES_TOTAL: &str = "shoal_checkpoint_restores_total";
+/// KV positions those failovers imported instead of prefilling (counter).
+pub const CHECKPOINT_RESTORED_POSITIONS_TOTAL: &str = "shoal_checkpoint_restored_positions_total";
+
 /// Every metric name the coordinator adds to the gateway's.
-pub const ALL_NAMES: [&str; 6] = [
+pub const ALL_NAMES: [&str; 8] = [
     HEARTBEAT_AGE_SECONDS,
     NODES,
     PLAN_EPOCH,
     SHARDS_READY,
     SHARDS_ASSIGNED,
     FAILOVERS_TOTAL,
+    CHECKPOINT_RESTORES_TOTAL,
+    CHECKPOINT_RESTORED_POSITIONS_TOTAL,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]

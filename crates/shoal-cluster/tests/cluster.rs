@@ -821,6 +821,8 @@ async fn a_replica_killed_mid_stream_resumes_from_its_checkpoint_on_the_other() 
         restored >= prompt_tokens,
         "{restored} positions restored of a {prompt_tokens}-token prompt"
     );
+    // The gateway counts the restore too, from the survivor's Started event.
+    assert_eq!(cluster.coordinator.backend().restores(), (1, restored));
 }
 
 /// The sum of `shoal_failovers_total` over its causes on the coordinator's `/metrics`.

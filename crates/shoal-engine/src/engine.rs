@@ -191,6 +191,8 @@ pub enum EngineEvent {
     Started {
         /// Prompt tokens.
         prompt_tokens: u32,
+        /// KV positions imported from a checkpoint instead of prefilled.
+        restored: u32,
     },
     /// A generated token and the text it completes (may be empty while a character or a
     /// possible stop string is incomplete).
@@ -748,9 +750,7 @@ impl Worker {
                     continue;
                 }
             };
-            let _ = sub.events.try_send(EngineEvent::Started {
-                prompt_tokens: sub.req.prompt.len() as u32,
-            });
+            let prompt_tokens = sub.req.prompt.len() as u32;
             let mut a = Active {
                 seq,
                 depth,
@@ -767,21 +767,27 @@ impl Worker {
                 done: None,
             };
             replay(&mut a, context);
-            if self.down.is_none() {
-                self.restore(&mut a);
-            }
+            let restored = if self.down.is_none() {
+                self.restore(&mut a)
+            } else {
+                0
+            };
+            let _ = a.sub.events.try_send(EngineEvent::Started {
+                prompt_tokens,
+                restored,
+            });
             self.active.push(a);
         }
     }
 
     /// Imports the part of a resumed generation's checkpoint that matches its tokens, so its
-    /// prefill starts after it.
-    fn restore(&mut self, a: &mut Active) {
+    /// prefill starts after it; returns the positions imported.
+    fn restore(&mut self, a: &mut Active) -> u32 {
         let Some(mut snap) = a.sub.req.restore.take() else {
-            return;
+            return 0;
         };
         if a.done.is_some() {
-            return;
+            return 0;
         }
         // The last token is computed again: its logits give the next draw.
         let usable = snap
@@ -789,7 +795,7 @@ impl Worker {
             .min(a.history.len().saturating_sub(1));
         snap.truncate(usable);
         if snap.is_empty() {
-            return;
+            return 0;
         }
         match self.rt.import_kv(a.seq, &snap) {
             Ok(()) => {
@@ -804,6 +810,7 @@ impl Worker {
                     of = a.history.len(),
                     "KV cache restored from a checkpoint"
                 );
+                usable as u32
             }
             Err(e) => {
                 tracing::warn!(
@@ -812,6 +819,7 @@ impl Worker {
                     "the checkpoint does not fit; prefilling everything"
                 );
                 self.rt.release(a.seq);
+                0
             }
         }
     }

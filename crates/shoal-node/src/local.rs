@@ -411,7 +411,7 @@ impl InferenceBackend for LocalBackend {
                     };
                     let out = match ev {
                         None => break,
-                        Some(EngineEvent::Started { prompt_tokens }) => {
+                        Some(EngineEvent::Started { prompt_tokens, .. }) => {
                             GenerateEvent::Started { prompt_tokens }
                         }
                         Some(EngineEvent::Token { id, text }) => {

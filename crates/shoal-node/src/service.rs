@@ -351,10 +351,11 @@ impl Forward {
                     );
                     (out, Some(Outcome::Error(ErrorClass::Unavailable)))
                 }
-                Some(EngineEvent::Started { .. }) => (
+                Some(EngineEvent::Started { restored, .. }) => (
                     event(Event::Started(v1::Started {
                         prompt_ids: prompt_ids.take().unwrap_or_default(),
                         node_id: self.core.node_id.as_str().to_owned(),
+                        restored_positions: restored,
                     })),
                     None,
                 ),
