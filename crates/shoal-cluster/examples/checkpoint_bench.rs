@@ -21,15 +21,14 @@
 mod common;
 
 use serde_json::{Value, json};
-use shoal_api::InferenceBackend;
 use shoal_cluster::{Coordinator, CoordinatorOptions};
-use shoal_control::{CoordinatorConfig, ModelSpec, NodeState, PlacementMode};
+use shoal_control::{CoordinatorConfig, ModelSpec, PlacementMode};
 use shoal_net::{ClusterCa, Role};
 use shoal_node::{Agent, AgentConfig, ModelFile};
 use shoal_types::NodeId;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "bench";
@@ -122,36 +121,8 @@ impl Cluster {
             agents,
             http: reqwest::Client::new(),
         };
-        cluster.wait_ready().await;
+        common::wait_serving(&cluster.coordinator, 2).await;
         cluster
-    }
-
-    async fn wait_ready(&self) {
-        let mut views = self.coordinator.membership().subscribe_view();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            {
-                let v = views.borrow_and_update();
-                let ready = v
-                    .nodes
-                    .values()
-                    .filter(|n| {
-                        n.state == NodeState::Alive
-                            && n.shards
-                                .iter()
-                                .any(|s| s.state == shoal_control::membership::ShardState::Ready)
-                    })
-                    .count();
-                if ready >= 2
-                    && self.coordinator.backend().readiness() == shoal_api::Readiness::Ready
-                {
-                    return;
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "the cluster did not become ready");
-            let _ = tokio::time::timeout(left, views.changed()).await;
-        }
     }
 
     /// Kills the agent with a request in flight (no Leave: like a crash, its connections

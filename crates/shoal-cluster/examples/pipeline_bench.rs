@@ -21,16 +21,15 @@ mod common;
 
 use common::Streamed;
 use serde_json::json;
-use shoal_api::InferenceBackend;
 use shoal_cluster::{Coordinator, CoordinatorOptions};
-use shoal_control::{CoordinatorConfig, ModelSpec, NodeState, PlacementMode};
+use shoal_control::{CoordinatorConfig, ModelSpec, PlacementMode};
 use shoal_net::faults::{FaultProxy, Faults, LossModel, MIN_RTO, NftLoss};
 use shoal_net::{ClusterCa, Role};
 use shoal_node::{Agent, AgentConfig, LatencySnapshot, ModelFile, Peer, PeerTotals};
 use shoal_pipeline::Preference;
 use shoal_types::{ModelId, NodeId};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "bench";
@@ -199,53 +198,29 @@ impl Cluster {
     }
 
     async fn wait_ready(&mut self, stages: usize) {
-        let mut views = self.coordinator.membership().subscribe_view();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            {
-                let v = views.borrow_and_update();
-                let ready = v
-                    .nodes
-                    .values()
-                    .filter(|n| {
-                        n.state == NodeState::Alive
-                            && n.shards
-                                .iter()
-                                .any(|s| s.state == shoal_control::membership::ShardState::Ready)
-                    })
-                    .count();
-                let chains = v.plan.chains(&ModelId::new(MODEL));
-                if ready >= stages
-                    && self.coordinator.backend().readiness() == shoal_api::Readiness::Ready
-                    && let Some(c) = chains.first()
-                {
-                    assert_eq!(c.stages.len(), stages, "the planner made another pipeline");
-                    self.chain = c
-                        .stages
-                        .iter()
-                        .map(|a| {
-                            let n: usize = a
-                                .node
-                                .as_str()
-                                .trim_start_matches("agent-")
-                                .parse()
-                                .unwrap();
-                            n - 1
-                        })
-                        .collect();
-                    let layers: Vec<String> = c
-                        .stages
-                        .iter()
-                        .map(|a| format!("{}:{}", a.node, a.layers))
-                        .collect();
-                    println!("  pipeline: {}", layers.join(" -> "));
-                    return;
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "the cluster did not become ready");
-            let _ = tokio::time::timeout(left, views.changed()).await;
-        }
+        let v = common::wait_serving(&self.coordinator, stages).await;
+        let chains = v.plan.chains(&ModelId::new(MODEL));
+        let c = chains.first().expect("a replica of the model");
+        assert_eq!(c.stages.len(), stages, "the planner made another pipeline");
+        self.chain = c
+            .stages
+            .iter()
+            .map(|a| {
+                let n: usize = a
+                    .node
+                    .as_str()
+                    .trim_start_matches("agent-")
+                    .parse()
+                    .unwrap();
+                n - 1
+            })
+            .collect();
+        let layers: Vec<String> = c
+            .stages
+            .iter()
+            .map(|a| format!("{}:{}", a.node, a.layers))
+            .collect();
+        println!("  pipeline: {}", layers.join(" -> "));
     }
 
     /// The agent running stage `i`.

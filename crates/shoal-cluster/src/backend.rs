@@ -18,6 +18,11 @@
 //! client's stream goes on with no token repeated and none missing; with greedy or seeded
 //! sampling the output is the one a run without the fault gives. Up to
 //! [`ClusterBackendConfig::max_failovers`] such moves are made per request.
+//!
+//! With [`ClusterBackendConfig::checkpoint_every`] set, each generation on a whole-model
+//! replica is told a second ready replica to checkpoint its KV cache to (the least loaded;
+//! not a node a generation was just lost on). A failover then prefers that holder and names it
+//! in `restore`, so the new node imports the checkpoint instead of prefilling the context.
 
 use crate::metrics::{
     CHECKPOINT_RESTORED_POSITIONS_TOTAL, CHECKPOINT_RESTORES_TOTAL, FAILOVERS_TOTAL,

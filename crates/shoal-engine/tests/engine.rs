@@ -291,6 +291,17 @@ async fn events(mut rx: mpsc::Receiver<EngineEvent>) -> Vec<EngineEvent> {
     }
 }
 
+/// The ids of the token events among `events`.
+fn token_ids(events: &[EngineEvent]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            EngineEvent::Token { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A generation resumed after a node failed has a client waiting mid-stream: when every slot
 /// is taken, it is admitted before new requests that arrived earlier.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,13 +375,7 @@ async fn a_resumed_generation_continues_exactly_where_the_first_stopped() {
     for sampling in samplings {
         let full_req = request(0, prompt.clone(), 24, sampling.clone());
         let full = events(eng.submit(full_req, CancellationToken::new()).unwrap()).await;
-        let ids: Vec<u32> = full
-            .iter()
-            .filter_map(|e| match e {
-                EngineEvent::Token { id, .. } => Some(*id),
-                _ => None,
-            })
-            .collect();
+        let ids = token_ids(&full);
         assert_eq!(ids.len(), 24);
         // Stop strings make the replay matter: take one that spans the middle of the output.
         for stop in [None, Some(())] {
@@ -434,13 +439,7 @@ async fn a_generation_resumed_from_its_checkpoint_continues_exactly() {
     let mut req = request(0, prompt.clone(), 24, sampling.clone());
     req.checkpoint = Some(CheckpointSink { every: 8, tx });
     let reference = events(first.submit(req, CancellationToken::new()).unwrap()).await;
-    let ids: Vec<u32> = reference
-        .iter()
-        .filter_map(|e| match e {
-            EngineEvent::Token { id, .. } => Some(*id),
-            _ => None,
-        })
-        .collect();
+    let ids = token_ids(&reference);
     assert_eq!(ids.len(), 24);
     // The snapshots continue one another from position 0; the sink closes with the sequence.
     let mut held = tokio::time::timeout(WAIT, rx.recv())

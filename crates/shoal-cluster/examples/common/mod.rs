@@ -126,6 +126,39 @@ pub async fn stream_chat(
     out
 }
 
+/// Waits (up to 5 minutes) until `n` nodes are alive with a shard ready and the gateway is
+/// ready; returns the view that saw it.
+pub async fn wait_serving(
+    coordinator: &shoal_cluster::Coordinator,
+    n: usize,
+) -> std::sync::Arc<shoal_control::ClusterView> {
+    use shoal_api::InferenceBackend;
+    let mut views = coordinator.membership().subscribe_view();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        {
+            let v = views.borrow_and_update();
+            let ready = v
+                .nodes
+                .values()
+                .filter(|node| {
+                    node.state == shoal_control::NodeState::Alive
+                        && node
+                            .shards
+                            .iter()
+                            .any(|s| s.state == shoal_control::membership::ShardState::Ready)
+                })
+                .count();
+            if ready >= n && coordinator.backend().readiness() == shoal_api::Readiness::Ready {
+                return v.clone();
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "the cluster did not become ready");
+        let _ = tokio::time::timeout(left, views.changed()).await;
+    }
+}
+
 /// The median of `v` (NaN when empty).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
