@@ -21,10 +21,10 @@ mod common;
 
 use common::Streamed;
 use serde_json::json;
-use shoal_cluster::{Coordinator, CoordinatorOptions};
-use shoal_control::{CoordinatorConfig, ModelSpec, PlacementMode};
+use shoal_cluster::Coordinator;
+use shoal_control::{ModelSpec, PlacementMode};
+use shoal_net::Role;
 use shoal_net::faults::{FaultProxy, Faults, LossModel, MIN_RTO, NftLoss};
-use shoal_net::{ClusterCa, Role};
 use shoal_node::{Agent, AgentConfig, LatencySnapshot, ModelFile, Peer, PeerTotals};
 use shoal_pipeline::Preference;
 use shoal_types::{ModelId, NodeId};
@@ -131,25 +131,11 @@ impl Cluster {
                 Some(budget),
             )
         };
-        let config = CoordinatorConfig {
-            lease_ms: 3000,
-            heartbeat_interval_ms: 500,
-            kv_reserve_tokens: KV_TOKENS,
-            placement,
-            models: vec![spec.clone()],
-            ..CoordinatorConfig::default()
-        }
-        .validate()
-        .unwrap();
-        let ca = ClusterCa::generate("bench-cluster").unwrap();
-        let mut opts = CoordinatorOptions::on_loopback(
-            config,
-            common::tls(&ca, Role::Coordinator, "coordinator"),
-        );
-        opts.backend.pipeline_codec = codec;
-        let coordinator = Coordinator::start(opts, CancellationToken::new())
-            .await
-            .unwrap();
+        let (coordinator, ca) =
+            common::start_coordinator(spec, placement, KV_TOKENS, 3000, |backend| {
+                backend.pipeline_codec = codec;
+            })
+            .await;
         let mut agents = Vec::new();
         for i in 1..=stages {
             let name = format!("agent-{i}");

@@ -69,9 +69,16 @@ impl Streamed {
         self.completion_tokens.saturating_sub(1) as f64 / (self.last() - self.first()).as_secs_f64()
     }
 
-    /// The gap before content delta `i` (from the previous one), if there are both.
-    pub fn gap_before(&self, i: usize) -> Option<Duration> {
-        Some(*self.arrivals.get(i)? - *self.arrivals.get(i.checked_sub(1)?)?)
+    /// The longest gap between two content deltas from delta `i` on (from delta `i - 1` to
+    /// `i`, and every later pair).
+    pub fn longest_gap_from(&self, i: usize) -> Duration {
+        self.arrivals
+            .get(i.saturating_sub(1)..)
+            .unwrap_or_default()
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default()
     }
 }
 
@@ -124,6 +131,39 @@ pub async fn stream_chat(
         }
     }
     out
+}
+
+/// A coordinator on loopback serving `spec` with a new CA (returned, to issue the agents'
+/// certificates), a heartbeat every 500 ms and a lease of `lease_ms`; `backend` adjusts the
+/// gateway's settings.
+pub async fn start_coordinator(
+    spec: &ModelSpec,
+    placement: shoal_control::PlacementMode,
+    kv_reserve_tokens: u32,
+    lease_ms: u64,
+    backend: impl FnOnce(&mut shoal_cluster::ClusterBackendConfig),
+) -> (shoal_cluster::Coordinator, ClusterCa) {
+    let config = shoal_control::CoordinatorConfig {
+        lease_ms,
+        heartbeat_interval_ms: 500,
+        kv_reserve_tokens,
+        placement,
+        models: vec![spec.clone()],
+        ..shoal_control::CoordinatorConfig::default()
+    }
+    .validate()
+    .unwrap();
+    let ca = ClusterCa::generate("bench-cluster").unwrap();
+    let mut opts = shoal_cluster::CoordinatorOptions::on_loopback(
+        config,
+        tls(&ca, Role::Coordinator, "coordinator"),
+    );
+    backend(&mut opts.backend);
+    let coordinator =
+        shoal_cluster::Coordinator::start(opts, tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap();
+    (coordinator, ca)
 }
 
 /// Waits (up to 5 minutes) until `n` nodes are alive with a shard ready and the gateway is
