@@ -49,6 +49,10 @@ pub struct CoordinatorArgs {
     /// (and any queue ahead of it): long prompts on slow nodes need more.
     #[arg(long, default_value_t = 60_000)]
     pub first_token_timeout_ms: u64,
+    /// Moves to another replica in the middle of one generation at most (a request that
+    /// keeps losing its node, or keeps killing it, fails after this many).
+    #[arg(long, default_value_t = 3)]
+    pub max_failovers: usize,
     /// Checkpoint each generation's KV cache to another ready replica every this many
     /// positions (0: off), so a failover resumes from the checkpoint instead of prefilling
     /// the whole context again. Pays for long contexts on links faster than the prefill.
@@ -159,6 +163,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
                     args.first_token_timeout_ms.max(1),
                 ),
                 checkpoint_every: args.checkpoint_every,
+                max_failovers: args.max_failovers,
                 ..ClusterBackendConfig::default()
             },
         };

@@ -52,9 +52,6 @@ use tonic::transport::Channel;
 
 /// Events buffered per request between the agent's stream and the HTTP response.
 const EVENT_BUFFER: usize = 64;
-/// How long a node a generation was lost on is kept from holding checkpoints (it is declared
-/// dead within a lease, or comes back).
-const SUSPECT_FOR: Duration = Duration::from_secs(5);
 
 /// How the gateway noticed that a node serving a generation was lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -107,6 +104,10 @@ pub struct ClusterBackendConfig {
     pub first_token_timeout: Duration,
     /// Moves to another replica in the middle of one generation at most.
     pub max_failovers: usize,
+    /// How long a node a generation was lost on is kept from taking that generation back,
+    /// and from holding checkpoints: long enough for the membership to declare it dead (a
+    /// lease), after which it serves again only once it has rejoined and loaded its model.
+    pub lost_node_exclusion: Duration,
     /// How pipeline links choose their activation codec (f16 by default; `Exact` for
     /// bit-identical hidden states).
     pub pipeline_codec: shoal_pipeline::Preference,
@@ -126,6 +127,7 @@ impl Default for ClusterBackendConfig {
             stall_timeout: Duration::from_secs(10),
             first_token_timeout: Duration::from_secs(60),
             max_failovers: 3,
+            lost_node_exclusion: Duration::from_secs(5),
             pipeline_codec: shoal_pipeline::Preference::default(),
             checkpoint_every: 0,
         }
@@ -448,7 +450,7 @@ impl Inner {
             .suspects
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        suspects.retain(|_, at| now.duration_since(*at) < SUSPECT_FOR);
+        suspects.retain(|_, at| now.duration_since(*at) < self.cfg.lost_node_exclusion);
         suspects.keys().cloned().collect()
     }
 
@@ -567,11 +569,12 @@ impl InferenceBackend for ClusterBackend {
                 .start(&req.model, &wire_req, &mut failed, None, &cancel)
                 .await?;
             let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+            let until = Some(tokio::time::Instant::now() + self.inner.cfg.lost_node_exclusion);
             let relay = Relay {
                 inner: self.inner.clone(),
                 model: req.model.clone(),
                 request: wire_req,
-                failed,
+                excluded: failed.into_iter().map(|n| (n, until)).collect(),
                 prompt_ids: opened.started.prompt_ids.clone(),
                 delivered: Vec::new(),
                 failovers: 0,
@@ -601,8 +604,11 @@ struct Relay {
     model: ModelId,
     /// The request as first sent.
     request: v1::GenerateRequest,
-    /// Nodes this request failed on.
-    failed: Vec<NodeId>,
+    /// Nodes this request was lost on or could not start on, each with when it may be tried
+    /// again: a node that broke or was declared dead is back in service only once the
+    /// membership counts it alive and ready again (a restart), so a few seconds are enough;
+    /// one that went silent while still heartbeating (`None`) is not tried again.
+    excluded: Vec<(NodeId, Option<tokio::time::Instant>)>,
     /// The prompt as the first node tokenized it.
     prompt_ids: Vec<u32>,
     /// Tokens the client has been sent, in order.
@@ -652,7 +658,12 @@ impl Relay {
                 Leg::Done => return,
                 Leg::Lost(err, cause) => (err, cause),
             };
-            self.failed.push(node.clone());
+            let exclusion = self.inner.cfg.lost_node_exclusion;
+            let until = match cause {
+                FailoverCause::stalled => None,
+                _ => Some(tokio::time::Instant::now() + exclusion),
+            };
+            self.excluded.push((node.clone(), until));
             if cause != FailoverCause::declared_dead {
                 self.inner.suspect(&node);
             }
@@ -661,7 +672,8 @@ impl Relay {
                 return;
             }
             self.failovers += 1;
-            let resumed = self.resumed_request();
+            let mut exclude = self.exclusions();
+            let resumed = self.resumed_request(&exclude);
             let holder = resumed
                 .restore
                 .as_ref()
@@ -673,17 +685,21 @@ impl Relay {
                 error = %err,
                 "node lost in the middle of a generation; resuming on another replica"
             );
-            match self
+            let tried = exclude.len();
+            let started = self
                 .inner
                 .start(
                     &self.model,
                     &resumed,
-                    &mut self.failed,
+                    &mut exclude,
                     holder.as_ref(),
                     &self.cancel,
                 )
-                .await
-            {
+                .await;
+            let until = Some(tokio::time::Instant::now() + exclusion);
+            self.excluded
+                .extend(exclude.drain(tried..).map(|n| (n, until)));
+            match started {
                 Ok(next) => {
                     self.inner.failovers.fetch_add(1, Ordering::Relaxed);
                     if next.started.restored_positions > 0 {
@@ -725,13 +741,22 @@ impl Relay {
         }
     }
 
+    /// The nodes not to try now.
+    fn exclusions(&mut self) -> Vec<NodeId> {
+        let now = tokio::time::Instant::now();
+        self.excluded
+            .retain(|(_, until)| until.is_none_or(|until| now < until));
+        self.excluded.iter().map(|(n, _)| n.clone()).collect()
+    }
+
     /// The request that continues this generation on another node: the prompt as token ids,
-    /// the tokens delivered so far, and where its checkpoint is when its holder is alive.
-    fn resumed_request(&self) -> v1::GenerateRequest {
+    /// the tokens delivered so far, and where its checkpoint is when its holder is alive and
+    /// not in `exclude`.
+    fn resumed_request(&self, exclude: &[NodeId]) -> v1::GenerateRequest {
         let restore = self
             .holder
             .as_ref()
-            .filter(|h| !self.failed.contains(&h.node) && self.inner.alive(&h.node))
+            .filter(|h| !exclude.contains(&h.node) && self.inner.alive(&h.node))
             .map(|h| v1::CheckpointSource {
                 node: h.node.as_str().to_owned(),
                 addr: h.data_addr.clone(),

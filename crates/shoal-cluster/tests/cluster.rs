@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -249,21 +250,7 @@ impl TestCluster {
 
     /// Starts an agent whose copy of the model is `model`.
     async fn add_agent_with(&mut self, name: &str, model: ModelFile) {
-        let cfg = AgentConfig {
-            node_id: NodeId::new(name),
-            coordinator: self.coordinator.grpc_addr().to_string(),
-            tls: tls(&self.ca, Role::Agent, name),
-            data_listen: "127.0.0.1:0".parse().unwrap(),
-            advertise_addr: None,
-            http_listen: Some("127.0.0.1:0".parse().unwrap()),
-            models: vec![model],
-            threads: 1,
-            engine: shoal_engine::EngineConfig::default(),
-            default_max_tokens: 16,
-            memory_budget: self.memory_budget,
-            benchmark: true,
-            model_keys: None,
-        };
+        let cfg = self.agent_config(name, model);
         let cancel = CancellationToken::new();
         let agent = if self.proxied {
             let (agent, links) = within(
@@ -279,6 +266,36 @@ impl TestCluster {
                 .unwrap()
         };
         self.agents.lock().unwrap().push(Some((agent, cancel)));
+    }
+
+    fn agent_config(&self, name: &str, model: ModelFile) -> AgentConfig {
+        AgentConfig {
+            node_id: NodeId::new(name),
+            coordinator: self.coordinator.grpc_addr().to_string(),
+            tls: tls(&self.ca, Role::Agent, name),
+            data_listen: "127.0.0.1:0".parse().unwrap(),
+            advertise_addr: None,
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            models: vec![model],
+            threads: 1,
+            engine: shoal_engine::EngineConfig::default(),
+            default_max_tokens: 16,
+            memory_budget: self.memory_budget,
+            benchmark: true,
+            model_keys: None,
+        }
+    }
+
+    /// Starts the agent of slot `index` again (after [`TestCluster::kill`]), under its name.
+    async fn restart(&self, index: usize) {
+        assert!(!self.proxied, "restarting a proxied agent is not supported");
+        let name = format!("agent-{}", index + 1);
+        let cfg = self.agent_config(&name, self.model.clone());
+        let cancel = CancellationToken::new();
+        let agent = within("restarting an agent", Agent::start(cfg, cancel.clone()))
+            .await
+            .unwrap();
+        self.agents.lock().unwrap()[index] = Some((agent, cancel));
     }
 
     /// Waits until `n` nodes report the model ready and the gateway says ready.
@@ -897,6 +914,77 @@ async fn two_failures_during_one_request_are_both_survived() {
         }
     })
     .await;
+    assert_eq!(seen, reference);
+    assert_eq!(cluster.coordinator.backend().failovers(), 2);
+}
+
+/// A generation lost on a node may go back to it once it has restarted: with two replicas,
+/// the first is killed mid-stream (the generation moves to the second) and restarted, then the
+/// second is killed; the generation finishes on the first, exactly as without faults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_goes_back_to_a_node_it_was_lost_on_once_it_restarts() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Slower than `slow_model`, so the generation outlasts a restart.
+    let spec = shoal_synth::SynthSpec {
+        hidden: 1024,
+        n_heads: 16,
+        n_kv_heads: 8,
+        ffn: 3072,
+        ..slow_model()
+    };
+    let backend = ClusterBackendConfig {
+        lost_node_exclusion: Duration::from_millis(300),
+        ..ClusterBackendConfig::default()
+    };
+    let cluster = Arc::new(
+        TestCluster::start_limited(
+            Weights::Synth(spec),
+            2,
+            PlacementMode::Auto,
+            None,
+            false,
+            backend,
+        )
+        .await,
+    );
+    let mut body = long_answer(json!({"temperature": 0.9, "seed": 5}));
+    body["max_tokens"] = json!(400);
+    let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
+    assert!(reference.deltas.len() >= 100, "{reference:?}");
+    let (killed_tx, killed_rx) = std::sync::mpsc::channel::<usize>();
+    let back = Arc::new(AtomicBool::new(false));
+    let restarter = {
+        let (cluster, back) = (cluster.clone(), back.clone());
+        tokio::spawn(async move {
+            let index = tokio::task::spawn_blocking(move || killed_rx.recv().unwrap())
+                .await
+                .unwrap();
+            cluster
+                .wait_state(&format!("agent-{}", index + 1), NodeState::Dead)
+                .await;
+            cluster.restart(index).await;
+            cluster.wait_ready(2).await;
+            back.store(true, Ordering::SeqCst);
+        })
+    };
+    let seen = stream_chat(&cluster, body, |n| {
+        if n == 10 {
+            killed_tx.send(cluster.kill_busy_agent()).unwrap();
+            // This client stops reading (the generation goes on, on the other replica) until
+            // the killed node is back, then that replica is killed too.
+            let waited = Instant::now();
+            while !back.load(Ordering::SeqCst) {
+                assert!(
+                    waited.elapsed() < WAIT,
+                    "the killed agent did not come back"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            cluster.kill_busy_agent();
+        }
+    })
+    .await;
+    restarter.await.unwrap();
     assert_eq!(seen, reference);
     assert_eq!(cluster.coordinator.backend().failovers(), 2);
 }
