@@ -68,8 +68,8 @@ pub struct EngineRequest {
 }
 
 /// Where a sequence's KV cache goes as it grows: after each step that leaves at least `every`
-/// positions not yet checkpointed, the engine copies them out (the copy is a few hundred
-/// microseconds per hundred positions of a small model) and offers them to `tx`. Each snapshot
+/// positions not yet checkpointed, the engine copies them out (a memory copy of their keys and
+/// values: 23,040 bytes a position for SmolLM2-135M) and offers them to `tx`. Each snapshot
 /// continues the previous one. When `tx` is full the copy is not made, and the next
 /// checkpoint covers more; the channel closes when the sequence ends.
 #[derive(Debug, Clone)]
