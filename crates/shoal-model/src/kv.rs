@@ -258,15 +258,18 @@ impl KvSnapshot {
         tokens: Vec<u32>,
         bytes: &[u8],
     ) -> Result<Self, crate::ModelError> {
-        let per = tokens.len() * kv_dim;
-        let want = layers.len() as usize * 2 * per * 2;
-        if bytes.len() != want {
+        // Sizes come from a peer: an overflow is a mismatch, and no positions means nothing
+        // to build (a layer range of millions would otherwise cost that many empty vectors).
+        let per = tokens.len().checked_mul(kv_dim);
+        let want = per.and_then(|p| (layers.len() as usize).checked_mul(p)?.checked_mul(4));
+        if tokens.is_empty() || want != Some(bytes.len()) {
             return Err(crate::ModelError::Snapshot(format!(
-                "{} bytes of entries; {} positions of {kv_dim} over {layers} need {want}",
+                "{} bytes of entries do not hold {} positions of {kv_dim} over {layers}",
                 bytes.len(),
                 tokens.len()
             )));
         }
+        let per = tokens.len() * kv_dim;
         let mut halves = bytes
             .chunks_exact(2)
             .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])));

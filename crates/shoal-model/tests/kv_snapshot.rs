@@ -140,6 +140,10 @@ fn snapshots_that_do_not_fit_are_refused() {
         KvSnapshot::from_kv_bytes(snap.layers, snap.kv_dim, 0, prompt.clone(), &bytes[1..])
             .is_err()
     );
+    // A chunk of no positions over an absurd layer range (what a rogue peer could send).
+    let huge = LayerRange::new(0, u32::MAX).unwrap();
+    assert!(KvSnapshot::from_kv_bytes(huge, snap.kv_dim, 0, Vec::new(), &[]).is_err());
+    assert!(KvSnapshot::from_kv_bytes(huge, usize::MAX, 0, vec![1; 4], &bytes).is_err());
     let mut broken = snap.clone();
     broken.kv[3].1.pop();
     assert!(matches!(
