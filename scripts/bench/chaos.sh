@@ -35,7 +35,8 @@
 #   replica every N positions, so failovers resume from them) PROMPT_TOKENS= (N: 16 distinct
 #   prompts of about N tokens each instead of the built-in short ones) TIMEOUT=120 (seconds per
 #   request) FIRST_TOKEN_TIMEOUT_MS=60000 (the gateway's bound on a generation's first token)
-#   MAX_FAILOVERS=3 (moves of one generation at most)
+#   MAX_FAILOVERS=3 (moves of one generation after a node lost work on it, at most)
+#   MAX_MOVES=16 (moves of one generation at most)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 requests=${REQUESTS:-200}
@@ -64,6 +65,7 @@ prompt_tokens=${PROMPT_TOKENS:-}
 timeout=${TIMEOUT:-120}
 first_token_timeout_ms=${FIRST_TOKEN_TIMEOUT_MS:-60000}
 max_failovers=${MAX_FAILOVERS:-3}
+max_moves=${MAX_MOVES:-16}
 agents=${AGENTS:-3}
 replicas=${REPLICAS:-2}
 threads=${THREADS:-1}
@@ -243,7 +245,7 @@ echo "== cluster: coordinator + $agents agents (replicas $replicas, $threads thr
 SHOAL_LOG=warn "$shoal" coordinator --listen 127.0.0.1:$http_port --grpc-listen 127.0.0.1:$grpc_port \
   --cluster-dir "$work/cluster" --replicas "$replicas" --audit-log "$work/audit.jsonl" \
   --checkpoint-every "$checkpoint_every" --first-token-timeout-ms "$first_token_timeout_ms" \
-  --max-failovers "$max_failovers" \
+  --max-failovers "$max_failovers" --max-moves "$max_moves" \
   >"$work/coordinator.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 50); do curl -fs 127.0.0.1:$http_port/healthz >/dev/null 2>&1 && break; sleep 0.2; done

@@ -45,14 +45,19 @@ pub struct CoordinatorArgs {
     /// token) moves to another replica; it must outlast the slowest node's longest step.
     #[arg(long, default_value_t = 10_000)]
     pub stall_timeout_ms: u64,
-    /// The same bound before a generation's first token, which waits for its whole prefill
-    /// (and any queue ahead of it): long prompts on slow nodes need more.
+    /// The same bound before a generation's first token, which waits for any queue ahead of
+    /// it and then for its prefill (each prefill chunk's progress restarts the count).
     #[arg(long, default_value_t = 60_000)]
     pub first_token_timeout_ms: u64,
-    /// Moves to another replica in the middle of one generation at most (a request that
-    /// keeps losing its node, or keeps killing it, fails after this many).
+    /// Moves to another replica after a node lost work on a generation (it computed part of
+    /// it, no token came, and no checkpoint kept it), at most: a request that keeps killing
+    /// its node fails after this many.
     #[arg(long, default_value_t = 3)]
     pub max_failovers: usize,
+    /// Moves of one generation at most, counting those that cost it nothing (after tokens,
+    /// with a checkpoint, or from a node's queue).
+    #[arg(long, default_value_t = 16)]
+    pub max_moves: usize,
     /// Checkpoint each generation's KV cache to another ready replica every this many
     /// positions (0: off), so a failover resumes from the checkpoint instead of prefilling
     /// the whole context again. Pays for long contexts on links faster than the prefill.
@@ -164,6 +169,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
                 ),
                 checkpoint_every: args.checkpoint_every,
                 max_failovers: args.max_failovers,
+                max_moves: args.max_moves,
                 ..ClusterBackendConfig::default()
             },
         };

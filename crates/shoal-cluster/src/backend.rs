@@ -16,13 +16,21 @@
 //! detokenizer and stop matcher, and samples on from step `len(resume)` with the same seed (the
 //! request id seeds sampling when the client gave none, and the id travels unchanged). The
 //! client's stream goes on with no token repeated and none missing; with greedy or seeded
-//! sampling the output is the one a run without the fault gives. Up to
-//! [`ClusterBackendConfig::max_failovers`] such moves are made per request.
+//! sampling the output is the one a run without the fault gives.
+//!
+//! Moves are bounded twice. A move after a leg that lost work (the node computed part of the
+//! request, as its `Progress` events say, yet no token came and no later checkpoint holds more
+//! of it) counts toward [`ClusterBackendConfig::max_failovers`]: a request that kills every
+//! node it reaches stops there. A move after a leg that delivered tokens, or whose work a
+//! checkpoint kept, or that only waited in a node's queue, costs the request nothing, and
+//! every move counts toward [`ClusterBackendConfig::max_moves`].
 //!
 //! With [`ClusterBackendConfig::checkpoint_every`] set, each generation on a whole-model
-//! replica is told a second ready replica to checkpoint its KV cache to (the least loaded;
-//! not a node a generation was just lost on). A failover then prefers that holder and names it
-//! in `restore`, so the new node imports the checkpoint instead of prefilling the context.
+//! replica checkpoints its KV cache to a second ready replica (the least loaded; not a node a
+//! generation was just lost on). When its holder dies, or none was ready when it started, the
+//! gateway names a new one (`Node.RetargetCheckpoint`), and the checkpoint starts again there.
+//! A failover prefers the holder and names it in `restore`, so the new node imports the
+//! checkpoint instead of prefilling the context.
 
 use crate::metrics::{
     CHECKPOINT_RESTORED_POSITIONS_TOTAL, CHECKPOINT_RESTORES_TOTAL, FAILOVERS_TOTAL,
@@ -52,6 +60,10 @@ use tonic::transport::Channel;
 
 /// Events buffered per request between the agent's stream and the HTTP response.
 const EVENT_BUFFER: usize = 64;
+/// Bound on naming a new checkpoint holder to a generation's node.
+const RETARGET_TIMEOUT: Duration = Duration::from_secs(2);
+/// Least time between two attempts to name a generation a checkpoint holder.
+const RETARGET_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How the gateway noticed that a node serving a generation was lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -100,10 +112,13 @@ pub struct ClusterBackendConfig {
     /// outlast a busy node's longest step, such as a prefill chunk of another request on a
     /// slow device, or a slow node loses work it was doing.
     pub stall_timeout: Duration,
-    /// The same bound before the first token, which waits for the whole prefill.
+    /// The same bound before the first token: a request may wait in the node's queue, and
+    /// then for its prefill (whose `Progress` events, one per chunk, restart the count).
     pub first_token_timeout: Duration,
-    /// Moves to another replica in the middle of one generation at most.
+    /// Moves to another replica in the middle of one generation that lost work, at most.
     pub max_failovers: usize,
+    /// Moves of one generation at most, whatever they cost.
+    pub max_moves: usize,
     /// How long a node a generation was lost on is kept from taking that generation back,
     /// and from holding checkpoints: long enough for the membership to declare it dead (a
     /// lease), after which it serves again only once it has rejoined and loaded its model.
@@ -127,6 +142,7 @@ impl Default for ClusterBackendConfig {
             stall_timeout: Duration::from_secs(10),
             first_token_timeout: Duration::from_secs(60),
             max_failovers: 3,
+            max_moves: 16,
             lost_node_exclusion: Duration::from_secs(5),
             pipeline_codec: shoal_pipeline::Preference::default(),
             checkpoint_every: 0,
@@ -286,22 +302,28 @@ impl Inner {
                 Ok(r) => r,
                 Err(e) => return Err(last_error.unwrap_or_else(|| route_error(&e))),
             };
-            // A whole-model replica checkpoints to another one, when asked to.
-            let mut checkpoint = None;
-            if self.cfg.checkpoint_every > 0 && !route.is_pipeline() {
-                let mut exclude = failed.clone();
-                exclude.push(route.node.clone());
-                exclude.extend(self.suspects());
-                checkpoint = self.router.checkpoint_peer(model, &exclude);
-            }
+            // A whole-model replica checkpoints to another one, when asked to; when none is
+            // ready, the relay names one later.
+            let checkpoints = self.cfg.checkpoint_every > 0 && !route.is_pipeline();
+            let checkpoint = if checkpoints {
+                self.checkpoint_peer(model, &route.node, failed)
+            } else {
+                None
+            };
             // A pipeline's head is told the stages after it.
             let routed;
-            let req = if let Some(peer) = &checkpoint {
+            let req = if checkpoints {
                 routed = v1::GenerateRequest {
                     checkpoint: Some(v1::CheckpointPlan {
                         every: self.cfg.checkpoint_every,
-                        peer_node: peer.node.as_str().to_owned(),
-                        peer_addr: peer.data_addr.clone(),
+                        peer_node: checkpoint
+                            .as_ref()
+                            .map(|p| p.node.as_str().to_owned())
+                            .unwrap_or_default(),
+                        peer_addr: checkpoint
+                            .as_ref()
+                            .map(|p| p.data_addr.clone())
+                            .unwrap_or_default(),
                     }),
                     ..req.clone()
                 };
@@ -442,6 +464,51 @@ impl Inner {
         }
     }
 
+    /// The ready replica of `model` to hold the checkpoints of a generation running on
+    /// `node`: not `node`, nor one in `exclude`, nor one a generation was just lost on.
+    fn checkpoint_peer(
+        &self,
+        model: &ModelId,
+        node: &NodeId,
+        exclude: &[NodeId],
+    ) -> Option<shoal_control::RouteStage> {
+        let mut exclude = exclude.to_vec();
+        exclude.push(node.clone());
+        exclude.extend(self.suspects());
+        self.router.checkpoint_peer(model, &exclude)
+    }
+
+    /// Tells the node at `addr` to send the checkpoints of `request_id` to `peer` from now
+    /// on; `peer` once it agreed.
+    async fn retarget(
+        self: Arc<Self>,
+        addr: String,
+        request_id: String,
+        peer: shoal_control::RouteStage,
+    ) -> Option<shoal_control::RouteStage> {
+        let mut client = self.client(&addr).ok()?;
+        let req = v1::RetargetCheckpointRequest {
+            request_id: request_id.clone(),
+            plan: Some(v1::CheckpointPlan {
+                every: self.cfg.checkpoint_every,
+                peer_node: peer.node.as_str().to_owned(),
+                peer_addr: peer.data_addr.clone(),
+            }),
+        };
+        let call = client.retarget_checkpoint(shoal_net::with_deadline(req, RETARGET_TIMEOUT));
+        match tokio::time::timeout(RETARGET_TIMEOUT, call).await {
+            Ok(Ok(_)) => {
+                tracing::info!(request = %request_id, peer = %peer.node, "checkpoint holder named");
+                Some(peer)
+            }
+            Ok(Err(status)) => {
+                tracing::debug!(request = %request_id, error = %status.message(), "retarget refused");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     /// Nodes a generation was lost on within the last lease: the membership may not have
     /// declared them dead yet.
     fn suspects(&self) -> Vec<NodeId> {
@@ -577,7 +644,9 @@ impl InferenceBackend for ClusterBackend {
                 excluded: failed.into_iter().map(|n| (n, until)).collect(),
                 prompt_ids: opened.started.prompt_ids.clone(),
                 delivered: Vec::new(),
-                failovers: 0,
+                moves: 0,
+                charged: 0,
+                best_restored: 0,
                 holder: None,
                 tx,
                 cancel,
@@ -594,7 +663,16 @@ enum Leg {
     /// client went away): nothing more to do.
     Done,
     /// The node failed in the middle: continue elsewhere.
-    Lost(BackendError, FailoverCause),
+    Lost(BackendError, FailoverCause, LegWork),
+}
+
+/// What one replica did for a generation before it was lost.
+#[derive(Debug, Default, Clone, Copy)]
+struct LegWork {
+    /// It computed part of the request (a `Progress` event or a token came).
+    computed: bool,
+    /// Tokens it delivered.
+    tokens: usize,
 }
 
 /// One generation's journal and the task that copies its events from the node to the gateway,
@@ -613,7 +691,12 @@ struct Relay {
     prompt_ids: Vec<u32>,
     /// Tokens the client has been sent, in order.
     delivered: Vec<u32>,
-    failovers: usize,
+    /// Moves to another replica so far.
+    moves: usize,
+    /// Moves after legs that lost work (see the module's documentation).
+    charged: usize,
+    /// The most KV positions a resumed leg imported from a checkpoint.
+    best_restored: u32,
     /// The node holding the latest checkpoint of the generation's KV cache, if any.
     holder: Option<shoal_control::RouteStage>,
     tx: mpsc::Sender<GenerateEvent>,
@@ -649,14 +732,14 @@ impl Relay {
             }
             let event = GenerateEvent::Path {
                 nodes: path.clone(),
-                failovers: u32::try_from(self.failovers).unwrap_or(u32::MAX),
+                failovers: u32::try_from(self.moves).unwrap_or(u32::MAX),
             };
             if self.tx.send(event).await.is_err() {
                 return;
             }
-            let (err, cause) = match self.leg(opened, prompt_tokens).await {
+            let (err, cause, work) = match self.leg(opened, prompt_tokens).await {
                 Leg::Done => return,
-                Leg::Lost(err, cause) => (err, cause),
+                Leg::Lost(err, cause, work) => (err, cause, work),
             };
             let exclusion = self.inner.cfg.lost_node_exclusion;
             let until = match cause {
@@ -667,17 +750,28 @@ impl Relay {
             if cause != FailoverCause::declared_dead {
                 self.inner.suspect(&node);
             }
-            if self.failovers >= self.inner.cfg.max_failovers {
-                let _ = self.tx.send(GenerateEvent::Failed(err)).await;
-                return;
+            // The node computed part of the request and no token came of it: unless the next
+            // leg finds a checkpoint holding more than before, that work is lost.
+            let wasted = work.computed && work.tokens == 0;
+            if wasted {
+                self.charged += 1;
             }
-            self.failovers += 1;
             let mut exclude = self.exclusions();
             let resumed = self.resumed_request(&exclude);
             let holder = resumed
                 .restore
                 .as_ref()
                 .map(|r| NodeId::new(r.node.clone()));
+            // A move that lost work may find it in a checkpoint: then the cap is checked once
+            // the next node says what it restored.
+            let may_restore = wasted && holder.is_some();
+            if (self.charged > self.inner.cfg.max_failovers && !may_restore)
+                || self.moves >= self.inner.cfg.max_moves
+            {
+                self.give_up(err).await;
+                return;
+            }
+            self.moves += 1;
             tracing::warn!(
                 request = %self.request.request_id,
                 %node,
@@ -701,12 +795,21 @@ impl Relay {
                 .extend(exclude.drain(tried..).map(|n| (n, until)));
             match started {
                 Ok(next) => {
+                    let restored = next.started.restored_positions;
+                    if wasted && restored > self.best_restored {
+                        // A checkpoint kept the lost leg's work.
+                        self.charged -= 1;
+                    }
+                    self.best_restored = self.best_restored.max(restored);
+                    if self.charged > self.inner.cfg.max_failovers {
+                        // Dropping the new leg cancels it.
+                        self.give_up(err).await;
+                        return;
+                    }
                     self.inner.failovers.fetch_add(1, Ordering::Relaxed);
-                    if next.started.restored_positions > 0 {
+                    if restored > 0 {
                         self.inner.restores.inc();
-                        self.inner
-                            .restored_positions
-                            .inc_by(u64::from(next.started.restored_positions));
+                        self.inner.restored_positions.inc_by(u64::from(restored));
                     }
                     self.inner
                         .failovers_by_cause
@@ -717,6 +820,8 @@ impl Relay {
                         from = %node,
                         to = %next.route.node,
                         restored = next.started.restored_positions,
+                        queued_only = !work.computed,
+                        tokens = work.tokens,
                         "generation resumed"
                     );
                     opened = next;
@@ -739,6 +844,17 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// Ends the generation with `err`: it moved too often.
+    async fn give_up(&self, err: BackendError) {
+        tracing::warn!(
+            request = %self.request.request_id,
+            moves = self.moves,
+            lost_work = self.charged,
+            "generation failed: too many moves"
+        );
+        let _ = self.tx.send(GenerateEvent::Failed(err)).await;
     }
 
     /// The nodes not to try now.
@@ -775,10 +891,14 @@ impl Relay {
     /// lost.
     async fn leg(&mut self, opened: Opened, prompt_tokens: u32) -> Leg {
         let Opened {
-            route, mut stream, ..
+            route,
+            mut stream,
+            checkpoint,
+            ..
         } = opened;
         let node = route.node.clone();
-        let lost = |cause: FailoverCause, why: String| {
+        let mut work = LegWork::default();
+        let lost = |cause: FailoverCause, why: String, work: LegWork| {
             Leg::Lost(
                 BackendError::new(
                     ErrorClass::Unavailable,
@@ -786,8 +906,14 @@ impl Relay {
                     format!("node {node} failed during the generation: {why}"),
                 ),
                 cause,
+                work,
             )
         };
+        // The node this leg's checkpoints go to, renamed when it dies or there is none.
+        let checkpoints = self.inner.cfg.checkpoint_every > 0 && !route.is_pipeline();
+        let mut leg_holder = checkpoint.map(|c| c.node);
+        let mut naming: Option<BoxFuture<'static, Option<shoal_control::RouteStage>>> = None;
+        let mut next_naming = tokio::time::Instant::now();
         let mut view = self.inner.view.clone();
         let mut last_id = self.delivered.last().copied().unwrap_or(0);
         // Until this node's first token it may be prefilling (the prompt and, after a
@@ -806,6 +932,19 @@ impl Relay {
                 // Dropping the stream cancels the call; the node frees the sequence.
                 () = self.cancel.cancelled() => return Leg::Done,
                 () = self.tx.closed() => return Leg::Done,
+                named = async {
+                    match naming.as_mut() {
+                        Some(call) => call.await,
+                        None => std::future::pending().await,
+                    }
+                }, if naming.is_some() => {
+                    naming = None;
+                    if let Some(peer) = named {
+                        leg_holder = Some(peer.node.clone());
+                        self.holder = Some(peer);
+                    }
+                    continue;
+                }
                 changed = view.changed() => {
                     // A pipeline is lost with any of its stages: a later one cut off from the
                     // network leaves the head alive and waiting.
@@ -816,7 +955,27 @@ impl Relay {
                         } else {
                             format!("the membership declared its pipeline stage {} dead", dead.node)
                         };
-                        return lost(FailoverCause::declared_dead, why);
+                        return lost(FailoverCause::declared_dead, why, work);
+                    }
+                    // A generation whose checkpoints go nowhere (its holder died, or none was
+                    // ready when it started) is given a holder.
+                    let now = tokio::time::Instant::now();
+                    if checkpoints
+                        && naming.is_none()
+                        && now >= next_naming
+                        && leg_holder.as_ref().is_none_or(|h| {
+                            !self.inner.alive(h) || self.inner.suspects().contains(h)
+                        })
+                    {
+                        next_naming = now + RETARGET_INTERVAL;
+                        let exclude = self.exclusions();
+                        if let Some(peer) = self.inner.checkpoint_peer(&self.model, &node, &exclude) {
+                            naming = Some(Box::pin(self.inner.clone().retarget(
+                                route.data_addr.clone(),
+                                self.request.request_id.clone(),
+                                peer,
+                            )));
+                        }
                     }
                     continue;
                 }
@@ -824,6 +983,7 @@ impl Relay {
                     return lost(
                         FailoverCause::stalled,
                         format!("nothing received for {quiet:?}"),
+                        work,
                     );
                 }
                 next = stream.next() => next,
@@ -835,7 +995,7 @@ impl Relay {
                 Some(Err(status)) => {
                     let err = wire::status_error(&status);
                     if is_node_failure(err.class) {
-                        return lost(FailoverCause::stream_broken, err.message);
+                        return lost(FailoverCause::stream_broken, err.message, work);
                     }
                     let _ = self.tx.send(GenerateEvent::Failed(err)).await;
                     return Leg::Done;
@@ -844,14 +1004,18 @@ impl Relay {
                     return lost(
                         FailoverCause::stream_broken,
                         "the stream ended without finishing".into(),
+                        work,
                     );
                 }
             };
             match event {
                 v1::generate_event::Event::Started(_) => {}
+                v1::generate_event::Event::Progress(_) => work.computed = true,
                 v1::generate_event::Event::Token(t) => {
                     last_id = t.id;
                     got_token = true;
+                    work.computed = true;
+                    work.tokens += 1;
                     let ev = GenerateEvent::Token {
                         text: t.text,
                         token_id: t.id,
@@ -878,7 +1042,7 @@ impl Relay {
                 v1::generate_event::Event::Error(e) => {
                     let err = wire::event_error(&e);
                     if is_node_failure(err.class) {
-                        return lost(FailoverCause::node_error, err.message);
+                        return lost(FailoverCause::node_error, err.message, work);
                     }
                     let _ = self.tx.send(GenerateEvent::Failed(err)).await;
                     return Leg::Done;

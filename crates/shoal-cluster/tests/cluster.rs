@@ -717,16 +717,54 @@ async fn stream_chat(cluster: &TestCluster, mut body: Value, mut at: impl FnMut(
 }
 
 impl TestCluster {
-    /// Kills the one agent with a request in flight; returns its index.
-    fn kill_busy_agent(&self) -> usize {
+    /// The index of the one agent with a request in flight.
+    fn busy_agent(&self) -> usize {
         let router = self.coordinator.backend().router();
         let n = self.agents.lock().unwrap().len();
         let busy: Vec<usize> = (0..n)
             .filter(|&i| router.in_flight(&NodeId::new(format!("agent-{}", i + 1))) > 0)
             .collect();
         assert_eq!(busy.len(), 1, "expected one busy agent, got {busy:?}");
-        self.kill(busy[0]);
         busy[0]
+    }
+
+    /// Kills the one agent with a request in flight; returns its index.
+    fn kill_busy_agent(&self) -> usize {
+        let busy = self.busy_agent();
+        self.kill(busy);
+        busy
+    }
+
+    /// One of the checkpoint counters of the running agent `name`.
+    fn checkpoint_counter(
+        &self,
+        name: &str,
+        which: fn(&shoal_node::CheckpointCounters) -> &std::sync::atomic::AtomicU64,
+    ) -> u64 {
+        self.with_agent(name, |a| {
+            which(a.metrics().checkpoints()).load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+}
+
+/// Blocks the calling thread until `cond` holds (the test fails after [`WAIT`]).
+fn block_until(what: &str, cond: impl Fn() -> bool) {
+    let since = Instant::now();
+    while !cond() {
+        assert!(since.elapsed() < WAIT, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Slower than [`slow_model`] (about as much compute a token as SmolLM2-135M), so a
+/// generation outlasts a lease and a long prefill takes seconds.
+fn slower_model() -> shoal_synth::SynthSpec {
+    shoal_synth::SynthSpec {
+        hidden: 1024,
+        n_heads: 16,
+        n_kv_heads: 8,
+        ffn: 3072,
+        ..slow_model()
     }
 }
 
@@ -842,6 +880,141 @@ async fn a_replica_killed_mid_stream_resumes_from_its_checkpoint_on_the_other() 
     assert_eq!(cluster.coordinator.backend().restores(), (1, restored));
 }
 
+/// A generation whose checkpoint holder dies is given another holder by the gateway, and its
+/// node checkpoints there from position 0; when that node dies next, the generation resumes on
+/// the new holder from the checkpoint. The move came after tokens, so it costs the request
+/// nothing even with no move that loses work allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_whose_checkpoint_holder_dies_gets_another_and_resumes_from_it() {
+    let cluster = TestCluster::start_limited(
+        Weights::Synth(slower_model()),
+        3,
+        PlacementMode::Auto,
+        None,
+        false,
+        ClusterBackendConfig {
+            checkpoint_every: 16,
+            max_failovers: 0,
+            ..ClusterBackendConfig::default()
+        },
+    )
+    .await;
+    let mut body = long_answer(json!({"temperature": 0.9, "seed": 3}));
+    body["max_tokens"] = json!(600);
+    body["messages"][0]["content"] =
+        json!("tell me everything about the sea and its shores. ".repeat(30));
+    let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
+    assert!(reference.error.is_none(), "{reference:?}");
+    let prompt_tokens = reference.usage["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        prompt_tokens > 200 && reference.deltas.len() >= 300,
+        "{reference:?}"
+    );
+    let names = ["agent-1", "agent-2", "agent-3"];
+    let stored = |i: usize| cluster.checkpoint_counter(names[i], |c| &c.stored_tokens);
+    let before: Vec<u64> = (0..3).map(stored).collect();
+
+    let roles = std::sync::Mutex::new(None);
+    let seen = stream_chat(&cluster, body, |n| {
+        if n != 10 {
+            return;
+        }
+        let origin = cluster.busy_agent();
+        let holder = (0..3)
+            .find(|&i| i != origin && stored(i) > before[i])
+            .expect("a checkpoint holder");
+        let third = 3 - origin - holder;
+        cluster.kill(holder);
+        // Once the holder is declared dead, the gateway names the third agent, and the whole
+        // cache so far (at least the prompt) goes there.
+        block_until("a new checkpoint holder", || {
+            cluster.checkpoint_counter(names[origin], |c| &c.retargets) == 1
+                && stored(third) >= before[third] + prompt_tokens
+        });
+        cluster.kill(origin);
+        *roles.lock().unwrap() = Some((origin, holder, third));
+    })
+    .await;
+    assert_eq!(seen, reference);
+    assert!(roles.lock().unwrap().is_some(), "the faults were injected");
+    assert_eq!(cluster.coordinator.backend().failovers(), 1);
+    let (_, _, third) = roles.lock().unwrap().unwrap();
+    let restores = cluster.checkpoint_counter(names[third], |c| &c.restores);
+    assert_eq!(restores, 1);
+    let restored = cluster
+        .agent_counter(names[third], "shoal_node_kv_restored_tokens_total")
+        .await;
+    assert!(restored >= prompt_tokens, "{restored} of {prompt_tokens}");
+    assert_eq!(cluster.coordinator.backend().restores(), (1, restored));
+}
+
+/// A node lost in the middle of a long prefill, before any token, costs the request only what
+/// its last checkpoint did not keep: the generation resumes on the holder from the checkpoint,
+/// and the move does not count as one that lost work (none is allowed here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lost_during_a_long_prefill_resumes_from_its_checkpoint_at_no_cost() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let cluster = Arc::new(
+        TestCluster::start_limited(
+            Weights::Synth(slower_model()),
+            2,
+            PlacementMode::Auto,
+            None,
+            false,
+            ClusterBackendConfig {
+                checkpoint_every: 32,
+                max_failovers: 0,
+                ..ClusterBackendConfig::default()
+            },
+        )
+        .await,
+    );
+    let mut body = long_answer(json!({"temperature": 0.9, "seed": 4}));
+    body["max_tokens"] = json!(24);
+    body["messages"][0]["content"] =
+        json!("tell me everything about the sea and its shores. ".repeat(40));
+    let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
+    assert!(reference.error.is_none(), "{reference:?}");
+    let prompt_tokens = reference.usage["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens >= 700, "{prompt_tokens} prompt tokens");
+    let names = ["agent-1", "agent-2"];
+    let pushed = |i: usize| cluster.checkpoint_counter(names[i], |c| &c.pushed_tokens);
+    let before: Vec<u64> = (0..2).map(pushed).collect();
+
+    let deltas = Arc::new(AtomicUsize::new(0));
+    let run = {
+        let (cluster, deltas) = (cluster.clone(), deltas.clone());
+        tokio::spawn(async move {
+            stream_chat(&cluster, body, |n| deltas.store(n, Ordering::SeqCst)).await
+        })
+    };
+    // Killed once two prefill chunks are checkpointed, long before its first token.
+    let origin = within("the prefill checkpointing", async {
+        loop {
+            if let Some(i) = (0..2).find(|&i| pushed(i) >= before[i] + 256) {
+                return i;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    // The first delta names the role; none holds a token yet.
+    assert!(
+        deltas.load(Ordering::SeqCst) <= 1,
+        "the prefill ended before the kill"
+    );
+    cluster.kill(origin);
+    let seen = within("the resumed generation", run).await.unwrap();
+    assert_eq!(seen, reference);
+    assert_eq!(cluster.coordinator.backend().failovers(), 1);
+    let holder = names[1 - origin];
+    let restored = cluster
+        .agent_counter(holder, "shoal_node_kv_restored_tokens_total")
+        .await;
+    assert!(restored >= 256, "{restored} positions restored");
+    assert_eq!(cluster.coordinator.backend().restores(), (1, restored));
+}
+
 /// The sum of `shoal_failovers_total` over its causes on the coordinator's `/metrics`.
 async fn failovers_on_metrics(cluster: &TestCluster) -> u64 {
     failovers_by_cause(cluster).await.values().sum()
@@ -924,14 +1097,8 @@ async fn two_failures_during_one_request_are_both_survived() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generation_goes_back_to_a_node_it_was_lost_on_once_it_restarts() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    // Slower than `slow_model`, so the generation outlasts a restart.
-    let spec = shoal_synth::SynthSpec {
-        hidden: 1024,
-        n_heads: 16,
-        n_kv_heads: 8,
-        ffn: 3072,
-        ..slow_model()
-    };
+    // The generation outlasts a restart.
+    let spec = slower_model();
     let backend = ClusterBackendConfig {
         lost_node_exclusion: Duration::from_millis(300),
         ..ClusterBackendConfig::default()

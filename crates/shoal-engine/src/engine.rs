@@ -6,12 +6,16 @@ use shoal_model::{
 };
 use shoal_types::{ErrorClass, RequestId, SeqId};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc as std_mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// Free event slots a sequence's channel must have for a `Progress` event to be sent: the
+/// token and final events of a step must always find room.
+const PROGRESS_ROOM: usize = 4;
 
 /// Limits of an engine.
 #[derive(Debug, Clone)]
@@ -70,14 +74,29 @@ pub struct EngineRequest {
 /// Where a sequence's KV cache goes as it grows: after each step that leaves at least `every`
 /// positions not yet checkpointed, the engine copies them out (a memory copy of their keys and
 /// values: 23,040 bytes a position for SmolLM2-135M) and offers them to `tx`. Each snapshot
-/// continues the previous one. When `tx` is full the copy is not made, and the next
-/// checkpoint covers more; the channel closes when the sequence ends.
+/// continues the previous one; the first starts at position 0 (also after a restore: the
+/// holder of the next checkpoint may be another node). When `tx` is full the copy is not made,
+/// and the next checkpoint covers more; the channel closes when the sequence ends.
 #[derive(Debug, Clone)]
 pub struct CheckpointSink {
     /// Positions gathered before a checkpoint is sent, at least 1.
     pub every: u32,
     /// Receives the snapshots.
     pub tx: mpsc::Sender<KvSnapshot>,
+    /// The receiver increments it to have the next snapshot start again at position 0 (the
+    /// checkpoints now go to a new holder).
+    pub restarts: Arc<AtomicU32>,
+}
+
+impl CheckpointSink {
+    /// A sink checkpointing every `every` positions into `tx`.
+    pub fn new(every: u32, tx: mpsc::Sender<KvSnapshot>) -> Self {
+        Self {
+            every,
+            tx,
+            restarts: Arc::new(AtomicU32::new(0)),
+        }
+    }
 }
 
 /// A value the engine carries for its [`Downstream`] without looking at it.
@@ -201,6 +220,13 @@ pub enum EngineEvent {
         id: u32,
         /// Text that became final with this token.
         text: String,
+    },
+    /// Part of the prompt is being computed: sent as each prefill chunk is scheduled, before
+    /// it runs, so a caller learns that the request got the node's compute (rather than
+    /// waiting in its queue) and how far its KV cache will reach, restored positions included.
+    Progress {
+        /// KV positions the sequence holds once this chunk is computed.
+        positions: u32,
     },
     /// The generation ended.
     Finished {
@@ -573,8 +599,10 @@ struct Active {
     decoder: StreamDecoder<Arc<Tokenizer>>,
     /// The prompt, then every generated token.
     history: Vec<u32>,
-    /// Positions of the KV cache already checkpointed (or imported from a checkpoint).
+    /// Positions of the KV cache already checkpointed.
     checkpointed: u32,
+    /// The sink's `restarts` when `checkpointed` was last set.
+    checkpoint_restarts: u32,
     generated: u32,
     eog: Vec<u32>,
     done: Option<(FinishReason, String)>,
@@ -758,6 +786,7 @@ impl Worker {
                 stops: StopMatcher::new(&sub.req.options.stop),
                 history: sub.req.prompt.clone(),
                 checkpointed: 0,
+                checkpoint_restarts: 0,
                 sub,
                 phase: Phase::Prefill(0),
                 sampler,
@@ -800,7 +829,6 @@ impl Worker {
         match self.rt.import_kv(a.seq, &snap) {
             Ok(()) => {
                 a.phase = Phase::Prefill(usable);
-                a.checkpointed = usable as u32;
                 self.stats
                     .restored_tokens
                     .fetch_add(usable as u64, Ordering::Relaxed);
@@ -837,6 +865,11 @@ impl Worker {
             let Some(cached) = self.rt.seq_len(a.seq) else {
                 continue;
             };
+            let restarts = sink.restarts.load(Ordering::Acquire);
+            if restarts != a.checkpoint_restarts {
+                a.checkpoint_restarts = restarts;
+                a.checkpointed = 0;
+            }
             if cached < a.checkpointed.saturating_add(sink.every.max(1)) {
                 continue;
             }
@@ -921,6 +954,12 @@ impl Worker {
                     let prompt = &a.history;
                     let n = (prompt.len() - done).min(budget);
                     let last = done + n == prompt.len();
+                    // Room is left for the token and final events.
+                    if a.sub.events.capacity() > PROGRESS_ROOM {
+                        let _ = a.sub.events.try_send(EngineEvent::Progress {
+                            positions: (done + n) as u32,
+                        });
+                    }
                     batch.push(SeqStep {
                         seq: a.seq,
                         pos: done as u32,

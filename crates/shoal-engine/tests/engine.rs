@@ -59,7 +59,7 @@ async fn collect(mut rx: mpsc::Receiver<EngineEvent>) -> (Vec<u32>, EngineEvent)
             .expect("engine event timed out")
             .expect("channel open");
         match ev {
-            EngineEvent::Started { .. } => {}
+            EngineEvent::Started { .. } | EngineEvent::Progress { .. } => {}
             EngineEvent::Token { id, .. } => ids.push(id),
             other => return (ids, other),
         }
@@ -281,7 +281,7 @@ async fn events(mut rx: mpsc::Receiver<EngineEvent>) -> Vec<EngineEvent> {
             .expect("engine event timed out")
             .expect("channel open");
         match ev {
-            EngineEvent::Started { .. } => {}
+            EngineEvent::Started { .. } | EngineEvent::Progress { .. } => {}
             ev @ EngineEvent::Token { .. } => out.push(ev),
             other => {
                 out.push(other);
@@ -437,7 +437,7 @@ async fn a_generation_resumed_from_its_checkpoint_continues_exactly() {
     };
     let (tx, mut rx) = mpsc::channel(64);
     let mut req = request(0, prompt.clone(), 24, sampling.clone());
-    req.checkpoint = Some(CheckpointSink { every: 8, tx });
+    req.checkpoint = Some(CheckpointSink::new(8, tx));
     let reference = events(first.submit(req, CancellationToken::new()).unwrap()).await;
     let ids = token_ids(&reference);
     assert_eq!(ids.len(), 24);
@@ -511,6 +511,88 @@ async fn a_generation_resumed_from_its_checkpoint_continues_exactly() {
         second.stats().restored_tokens.load(Ordering::Relaxed) - restored_before,
         10
     );
+}
+
+/// A prefill announces each chunk before it runs, and a checkpoint sink whose receiver
+/// restarts it (a new holder) gets the whole cache from position 0 next, then continuations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_progress_is_announced_and_a_restarted_checkpoint_starts_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir, SynthSpec::tiny_llama());
+    // Small steps and a small event buffer: unread, the sequence pauses after a few tokens.
+    let eng = engine(
+        &model,
+        EngineConfig {
+            step_tokens: 16,
+            event_buffer: 8,
+            ..EngineConfig::default()
+        },
+    );
+    let prompt: Vec<u32> = (0..40).map(|j| 3 + j * 7).collect();
+    let (tx, mut snaps) = mpsc::channel(1);
+    let sink = CheckpointSink::new(4, tx);
+    let restarts = sink.restarts.clone();
+    let mut req = request(0, prompt.clone(), 30, SamplingParams::greedy());
+    req.checkpoint = Some(sink);
+    let mut rx = eng.submit(req, CancellationToken::new()).unwrap();
+    let first = tokio::time::timeout(WAIT, snaps.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.start, first.len()), (0, 16));
+    restarts.fetch_add(1, Ordering::SeqCst);
+
+    // Events: Started, the prefill's chunks before any token, then the tokens.
+    let mut progress = Vec::new();
+    let mut ids = Vec::new();
+    let mut held: Option<shoal_model::KvSnapshot> = None;
+    let mut continued_before_restart = 0;
+    loop {
+        let ev = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match ev {
+            EngineEvent::Started { .. } => {}
+            EngineEvent::Progress { positions } => {
+                assert!(ids.is_empty(), "progress after a token");
+                progress.push(positions);
+            }
+            EngineEvent::Token { id, .. } => ids.push(id),
+            EngineEvent::Finished { .. } => break,
+            other => panic!("{other:?}"),
+        }
+        // Reading events lets the sequence go on; snapshots are read as they come.
+        while let Ok(snap) = snaps.try_recv() {
+            match &mut held {
+                // One snapshot made before the restart was seen may still continue the first.
+                None if snap.start != 0 => {
+                    assert_eq!(snap.start, 16);
+                    continued_before_restart += 1;
+                }
+                None => {
+                    assert!(snap.len() > 16, "the restart sent {} positions", snap.len());
+                    held = Some(snap);
+                }
+                Some(h) => h.append(snap).unwrap(),
+            }
+        }
+    }
+    assert_eq!(progress, vec![16, 32, 40]);
+    assert_eq!(ids.len(), 30);
+    assert!(continued_before_restart <= 1);
+    while let Some(snap) = tokio::time::timeout(WAIT, snaps.recv()).await.unwrap() {
+        held.as_mut()
+            .expect("a snapshot from 0")
+            .append(snap)
+            .unwrap();
+    }
+    let held = held.expect("a snapshot from position 0 after the restart");
+    let history = [prompt, ids].concat();
+    assert_eq!(held.start, 0);
+    // Past the prompt (a last checkpoint may have found the sink full).
+    assert!(held.len() > 40, "{} of {}", held.len(), history.len());
+    assert_eq!(held.matching_prefix(&history), held.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -713,7 +795,7 @@ async fn pipeline_head_batches_sequences_that_arrive_one_by_one() {
             .unwrap();
         let first = loop {
             match tokio::time::timeout(WAIT, rx.recv()).await.unwrap() {
-                Some(EngineEvent::Started { .. }) => {}
+                Some(EngineEvent::Started { .. } | EngineEvent::Progress { .. }) => {}
                 Some(EngineEvent::Token { id, .. }) => break id,
                 other => panic!("request {i}: {other:?}"),
             }

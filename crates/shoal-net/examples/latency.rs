@@ -62,6 +62,13 @@ impl Node for Echo {
     ) -> Result<Response<v1::DropCheckpointReply>, Status> {
         Err(Status::unimplemented("latency probe"))
     }
+
+    async fn retarget_checkpoint(
+        &self,
+        _: Request<v1::RetargetCheckpointRequest>,
+    ) -> Result<Response<v1::RetargetCheckpointReply>, Status> {
+        Err(Status::unimplemented("latency probe"))
+    }
 }
 
 async fn serve(mode: &TlsMode, with_auth: bool) -> anyhow::Result<SocketAddr> {

@@ -189,6 +189,8 @@ impl AccessPolicy {
             .allow_method(node, "PushCheckpoint", &[Role::Agent])
             .allow_method(node, "FetchCheckpoint", &[Role::Agent])
             .allow_method(node, "DropCheckpoint", &[Role::Agent])
+            // The gateway, in the coordinator, names a generation's holder.
+            .allow_method(node, "RetargetCheckpoint", &[Role::Coordinator])
             .allow_method(stage, "Open", &[Role::Agent])
             .allow_method(enrollment, "Renew", &[Role::Agent])
     }

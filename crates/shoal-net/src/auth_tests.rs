@@ -78,6 +78,16 @@ fn only_agents_move_checkpoints() {
             );
         }
     }
+    // Only the gateway names a generation's checkpoint holder.
+    let path = "/shoal.v1.Node/RetargetCheckpoint";
+    assert!(decide(&f.layer, path, Some(&coordinator)).is_ok());
+    for other in [&agent, &client] {
+        let err = decide(&f.layer, path, Some(other)).unwrap_err();
+        assert_eq!(
+            (err.code, err.reason),
+            (Code::PermissionDenied, "role_not_allowed")
+        );
+    }
 }
 
 #[test]

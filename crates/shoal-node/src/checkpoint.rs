@@ -5,7 +5,10 @@
 //!   engine request; each snapshot the engine offers (the KV positions gathered since the
 //!   last one) is sent by a [`Pusher`] task to the peer over `Node.PushCheckpoint`, in chunks
 //!   of at most [`CHUNK_BYTES`]. When the generation finishes normally the peer is told to
-//!   drop what it holds; when it is cut short the checkpoint stays for the failover.
+//!   drop what it holds; when it is cut short the checkpoint stays for the failover. The
+//!   gateway may name a new peer while the generation runs (`Node.RetargetCheckpoint`, through
+//!   [`Retargets`]): its holder died, or there was none to name at the start. Checkpoints
+//!   then start again from position 0 on the new peer.
 //! - **Holder**: a [`CheckpointStore`] keeps the checkpoints peers push, each the
 //!   concatenation of its pushes, within a byte budget (least recently used ones go first)
 //!   and for a time to live.
@@ -22,10 +25,10 @@ use shoal_net::{ConnectOptions, Role};
 use shoal_proto::v1;
 use shoal_types::{LayerRange, ModelId, NodeId, RequestId};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Largest checkpoint chunk on the wire (well under gRPC's 4 MiB message limit).
 pub(crate) const CHUNK_BYTES: usize = 1 << 20;
@@ -45,13 +48,12 @@ const MAX_KV_DIM: u32 = 1 << 16;
 pub struct CheckpointPlan {
     /// Positions gathered before each checkpoint.
     pub every: u32,
-    /// The peer that stores it.
-    pub peer: NodeId,
-    /// The peer's data-plane address.
-    pub peer_addr: String,
+    /// The peer that stores it; `None` until the gateway names one.
+    pub peer: Option<CheckpointSource>,
 }
 
-/// Where a resumed generation's checkpoint is stored (from the wire's `CheckpointSource`).
+/// A node holding (or to hold) a generation's checkpoint: from the wire's `CheckpointSource`,
+/// or the peer of a `CheckpointPlan`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointSource {
     /// The node holding it.
@@ -64,10 +66,9 @@ impl CheckpointPlan {
     /// The plan a wire request carries, if a usable one.
     pub(crate) fn from_wire(p: Option<v1::CheckpointPlan>) -> Option<Self> {
         let p = p?;
-        (p.every > 0 && !p.peer_node.is_empty() && !p.peer_addr.is_empty()).then(|| Self {
+        (p.every > 0).then(|| Self {
             every: p.every,
-            peer: NodeId::new(p.peer_node),
-            peer_addr: p.peer_addr,
+            peer: CheckpointSource::from_parts(p.peer_node, p.peer_addr),
         })
     }
 }
@@ -76,9 +77,14 @@ impl CheckpointSource {
     /// The source a wire request carries, if a usable one.
     pub(crate) fn from_wire(s: Option<v1::CheckpointSource>) -> Option<Self> {
         let s = s?;
-        (!s.node.is_empty() && !s.addr.is_empty()).then(|| Self {
-            node: NodeId::new(s.node),
-            addr: s.addr,
+        Self::from_parts(s.node, s.addr)
+    }
+
+    /// The node named by `node` and `addr`, unless either is empty.
+    pub(crate) fn from_parts(node: String, addr: String) -> Option<Self> {
+        (!node.is_empty() && !addr.is_empty()).then(|| Self {
+            node: NodeId::new(node),
+            addr,
         })
     }
 }
@@ -90,8 +96,11 @@ pub struct CheckpointCounters {
     pub pushed_tokens: AtomicU64,
     /// Bytes of entries this node pushed to peers.
     pub pushed_bytes: AtomicU64,
-    /// Pushes that failed (the generation stops checkpointing).
+    /// Pushes that failed (the generation's next push starts again from position 0, after
+    /// a pause).
     pub push_failures: AtomicU64,
+    /// Generations whose checkpoints the gateway sent to a new holder.
+    pub retargets: AtomicU64,
     /// KV positions peers pushed to this node.
     pub stored_tokens: AtomicU64,
     /// Checkpoints taken up by a resumed generation here (from this node's store or a peer).
@@ -331,14 +340,113 @@ fn node_client(settings: &LinkSettings, addr: &str) -> Result<shoal_net::ShoalNo
     Ok(shoal_net::node_client(channel, PUSH_TIMEOUT))
 }
 
-/// Sends one generation's checkpoints to its peer.
+/// The running generations that checkpoint from this node, so the gateway can name a new
+/// holder for one (`Node.RetargetCheckpoint`).
+#[derive(Debug, Default)]
+pub(crate) struct Retargets {
+    next: AtomicU64,
+    live: Mutex<HashMap<String, Registered>>,
+}
+
+/// A registered generation: its registration's key, and where its holder is sent.
+type Registered = (u64, watch::Sender<Option<CheckpointSource>>);
+
+impl Retargets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Registered>> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a generation; it stays registered while the [`Registration`] lives. A later
+    /// generation of the same request id (resumed here again) takes the name over.
+    fn register(
+        self: &Arc<Self>,
+        request_id: &str,
+        peer: Option<CheckpointSource>,
+    ) -> (watch::Receiver<Option<CheckpointSource>>, Registration) {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(peer);
+        self.lock().insert(request_id.to_owned(), (key, tx));
+        let reg = Registration {
+            owner: self.clone(),
+            request_id: request_id.to_owned(),
+            key,
+        };
+        (rx, reg)
+    }
+
+    /// Sends the checkpoints of `request_id` to `holder` from now on; false when no such
+    /// generation checkpoints here.
+    pub fn retarget(&self, request_id: &str, holder: CheckpointSource) -> bool {
+        match self.lock().get(request_id) {
+            Some((_, tx)) => tx.send(Some(holder)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Generations registered.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Keeps a generation in [`Retargets`] while it lives.
+struct Registration {
+    owner: Arc<Retargets>,
+    request_id: String,
+    key: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut live = self.owner.lock();
+        if live
+            .get(&self.request_id)
+            .is_some_and(|(k, _)| *k == self.key)
+        {
+            live.remove(&self.request_id);
+        }
+    }
+}
+
+/// Sends one generation's checkpoints to its holder, which the gateway may change while it
+/// runs. A new holder, or a push that fails, restarts the checkpoint from position 0 (the
+/// engine's next snapshot holds the whole cache); after a failure the same holder is tried
+/// again after a pause that doubles up to [`RETRY_MAX`] (a holder that restarted has an empty
+/// store; one that died is replaced by the gateway once the membership declares it dead).
 pub(crate) struct Pusher {
     pub request_id: RequestId,
     pub model: ModelId,
     pub model_sha256: String,
-    pub plan: CheckpointPlan,
+    pub every: u32,
+    pub peer: Option<CheckpointSource>,
     pub links: LinkSettings,
     pub counters: Arc<CheckpointCounters>,
+    pub retargets: Arc<Retargets>,
+}
+
+/// First pause after a failed push.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest pause between pushes to a failing holder.
+const RETRY_MAX: Duration = Duration::from_secs(8);
+
+/// A holder and the link to it.
+struct Holder {
+    peer: CheckpointSource,
+    client: shoal_net::ShoalNodeClient,
+}
+
+impl Holder {
+    fn connect(links: &LinkSettings, peer: Option<CheckpointSource>) -> Option<Self> {
+        let peer = peer?;
+        match node_client(links, &peer.addr) {
+            Ok(client) => Some(Self { peer, client }),
+            Err(e) => {
+                tracing::warn!(peer = %peer.node, error = %e, "no checkpoint link");
+                None
+            }
+        }
+    }
 }
 
 impl Pusher {
@@ -353,30 +461,91 @@ impl Pusher {
     ) {
         let (tx, rx) = mpsc::channel(SINK_BUFFER);
         let (done_tx, done_rx) = oneshot::channel();
-        let sink = CheckpointSink {
-            every: self.plan.every,
-            tx,
+        let sink = CheckpointSink::new(self.every, tx);
+        let restarts = sink.restarts.clone();
+        let (target, registration) = self
+            .retargets
+            .register(self.request_id.as_str(), self.peer.clone());
+        let task = async move {
+            let _registration = registration;
+            self.run(rx, done_rx, target, restarts).await;
         };
-        (sink, self.run(rx, done_rx), done_tx)
+        (sink, task, done_tx)
     }
 
-    async fn run(self, mut rx: mpsc::Receiver<KvSnapshot>, done: oneshot::Receiver<bool>) {
-        let mut client = match node_client(&self.links, &self.plan.peer_addr) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(peer = %self.plan.peer, error = %e, "no checkpoint link");
-                self.counters.push_failures.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        };
+    async fn run(
+        self,
+        mut rx: mpsc::Receiver<KvSnapshot>,
+        mut done: oneshot::Receiver<bool>,
+        mut target: watch::Receiver<Option<CheckpointSource>>,
+        restarts: Arc<AtomicU32>,
+    ) {
         let id = self.request_id.as_str();
-        while let Some(snap) = rx.recv().await {
+        let mut holder = Holder::connect(&self.links, target.borrow_and_update().clone());
+        // After a restart, snapshots made before the engine saw it are skipped until one
+        // from position 0 comes.
+        let mut from_zero = false;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut pause = RETRY_FIRST;
+        let mut sink_open = true;
+        let mut targets_open = true;
+        let finished = loop {
+            let ready = holder.is_some() && sink_open && retry_at.is_none();
+            let snap = tokio::select! {
+                d = &mut done => break d == Ok(true),
+                changed = target.changed(), if targets_open => {
+                    if changed.is_err() {
+                        targets_open = false;
+                        continue;
+                    }
+                    let next = target.borrow_and_update().clone();
+                    tracing::info!(
+                        request = %id,
+                        peer = ?next.as_ref().map(|p| p.node.as_str()),
+                        "checkpoints go to a new holder, from position 0"
+                    );
+                    self.counters.retargets.fetch_add(1, Ordering::Relaxed);
+                    holder = Holder::connect(&self.links, next);
+                    restarts.fetch_add(1, Ordering::AcqRel);
+                    from_zero = true;
+                    retry_at = None;
+                    pause = RETRY_FIRST;
+                    continue;
+                }
+                () = sleep_until_some(retry_at) => {
+                    retry_at = None;
+                    continue;
+                }
+                snap = rx.recv(), if ready => match snap {
+                    Some(snap) => snap,
+                    None => {
+                        sink_open = false;
+                        continue;
+                    }
+                },
+            };
+            if from_zero && snap.start != 0 {
+                continue;
+            }
+            from_zero = false;
+            let Some(h) = holder.as_mut() else { continue };
             let (tokens, bytes) = (snap.len() as u64, snap.bytes() as u64);
             let chunks = to_chunks(id, &self.model, &self.model_sha256, &snap);
             drop(snap);
-            let push = client.push_checkpoint(futures::stream::iter(chunks));
-            match tokio::time::timeout(PUSH_TIMEOUT, push).await {
-                Ok(Ok(_)) => {
+            let push = h.client.push_checkpoint(futures::stream::iter(chunks));
+            // A push to a holder that went silent is abandoned when the gateway names
+            // another (the change is seen at the top of the loop).
+            let outcome = tokio::select! {
+                r = tokio::time::timeout(PUSH_TIMEOUT, push) => Some(r),
+                _ = target.changed(), if targets_open => {
+                    target.mark_changed();
+                    None
+                }
+            };
+            match outcome {
+                None => {}
+                Some(Ok(Ok(_))) => {
+                    pause = RETRY_FIRST;
                     self.counters
                         .pushed_tokens
                         .fetch_add(tokens, Ordering::Relaxed);
@@ -384,29 +553,41 @@ impl Pusher {
                         .pushed_bytes
                         .fetch_add(bytes, Ordering::Relaxed);
                 }
-                failed => {
+                Some(failed) => {
                     let why = match failed {
                         Ok(Err(status)) => status.message().to_owned(),
                         _ => format!("no answer within {PUSH_TIMEOUT:?}"),
                     };
-                    // The peer now misses a piece: later pieces could not continue it.
+                    // The holder now misses a piece: later pieces could not continue it.
                     tracing::warn!(
                         request = %id,
-                        peer = %self.plan.peer,
+                        peer = %h.peer.node,
                         error = %why,
-                        "checkpoint push failed; this generation stops checkpointing"
+                        retry_in = ?pause,
+                        "checkpoint push failed; starting over from position 0 after a pause"
                     );
                     self.counters.push_failures.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    restarts.fetch_add(1, Ordering::AcqRel);
+                    from_zero = true;
+                    retry_at = Some(tokio::time::Instant::now() + pause);
+                    pause = (pause * 2).min(RETRY_MAX);
                 }
             }
-        }
-        if done.await == Ok(true) {
+        };
+        if finished && let Some(h) = holder.as_mut() {
             let req = v1::DropCheckpointRequest {
                 request_id: id.to_owned(),
             };
-            let _ = tokio::time::timeout(FETCH_TIMEOUT, client.drop_checkpoint(req)).await;
+            let _ = tokio::time::timeout(FETCH_TIMEOUT, h.client.drop_checkpoint(req)).await;
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -516,6 +697,31 @@ mod tests {
             store.append("d", "sha", snap(0, 30, 1)),
             Err(StoreError::Full { .. })
         ));
+    }
+
+    #[test]
+    fn a_generation_can_be_retargeted_while_it_is_registered() {
+        let retargets = Arc::new(Retargets::default());
+        let holder = |n: &str| CheckpointSource {
+            node: NodeId::new(n),
+            addr: format!("{n}:1"),
+        };
+        let (mut first, first_reg) = retargets.register("r", None);
+        assert!(first.borrow_and_update().is_none());
+        assert!(retargets.retarget("r", holder("b")));
+        assert!(first.has_changed().unwrap());
+        assert_eq!(*first.borrow_and_update(), Some(holder("b")));
+        assert!(!retargets.retarget("other", holder("b")));
+        // The same request resumed here again takes the name over; the first generation
+        // ending does not unregister the second.
+        let (second, second_reg) = retargets.register("r", Some(holder("c")));
+        drop(first_reg);
+        assert_eq!(retargets.len(), 1);
+        assert!(retargets.retarget("r", holder("d")));
+        assert_eq!(*second.borrow(), Some(holder("d")));
+        drop(second_reg);
+        assert_eq!(retargets.len(), 0);
+        assert!(!retargets.retarget("r", holder("d")));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! What the agent's parts share: the shard table, the drain flag, the last measured capability,
 //! the metrics and the parent token of every generation.
 
-use crate::checkpoint::{CheckpointCounters, CheckpointStore};
+use crate::checkpoint::{CheckpointCounters, CheckpointStore, Retargets};
 use crate::metrics::NodeMetrics;
 use crate::shards::ShardTable;
 use shoal_api::BackendError;
@@ -30,6 +30,8 @@ pub(crate) struct NodeCore {
     pub checkpoints: CheckpointStore,
     /// Checkpoint traffic of this node, both ways.
     pub checkpoint_counters: Arc<CheckpointCounters>,
+    /// This node's generations that checkpoint, by request id.
+    pub checkpoint_targets: Arc<Retargets>,
 }
 
 impl NodeCore {
@@ -51,6 +53,7 @@ impl NodeCore {
             tokens_per_second: AtomicU64::new(0f64.to_bits()),
             requests,
             checkpoints: CheckpointStore::new(checkpoint_budget, CHECKPOINT_TTL),
+            checkpoint_targets: Arc::default(),
         }
     }
 

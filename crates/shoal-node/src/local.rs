@@ -414,6 +414,7 @@ impl InferenceBackend for LocalBackend {
                         Some(EngineEvent::Started { prompt_tokens, .. }) => {
                             GenerateEvent::Started { prompt_tokens }
                         }
+                        Some(EngineEvent::Progress { .. }) => continue,
                         Some(EngineEvent::Token { id, text }) => {
                             last_id = id;
                             GenerateEvent::Token { text, token_id: id }

@@ -49,6 +49,8 @@ pub const NODE_CHECKPOINT_PUSHED_TOKENS_TOTAL: &str = "shoal_node_checkpoint_pus
 pub const NODE_CHECKPOINT_PUSHED_BYTES_TOTAL: &str = "shoal_node_checkpoint_pushed_bytes_total";
 /// Checkpoint pushes that failed (counter).
 pub const NODE_CHECKPOINT_PUSH_FAILURES_TOTAL: &str = "shoal_node_checkpoint_push_failures_total";
+/// Generations whose checkpoints the gateway sent to a new holder (counter).
+pub const NODE_CHECKPOINT_RETARGETS_TOTAL: &str = "shoal_node_checkpoint_retargets_total";
 /// KV positions of other nodes' generations stored here (counter).
 pub const NODE_CHECKPOINT_STORED_TOKENS_TOTAL: &str = "shoal_node_checkpoint_stored_tokens_total";
 /// Resumed generations that found their checkpoint (counter).
@@ -299,6 +301,11 @@ impl Collector for CheckpointCollector {
                 NODE_CHECKPOINT_PUSH_FAILURES_TOTAL,
                 "Checkpoint pushes that failed",
                 &c.push_failures,
+            ),
+            (
+                NODE_CHECKPOINT_RETARGETS_TOTAL,
+                "Generations whose checkpoints the gateway sent to a new holder",
+                &c.retargets,
             ),
             (
                 NODE_CHECKPOINT_STORED_TOKENS_TOTAL,

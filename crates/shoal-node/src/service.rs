@@ -128,16 +128,18 @@ impl NodeService {
         if req.downstream.is_empty() {
             ereq.restore = self.restore(&req).await;
             if let Some(plan) = req.checkpoint.clone()
-                && plan.peer != self.core.node_id
                 && let Some(model_sha256) = self.core.shards.whole_sha256(req.model.as_str())
             {
                 let (sink, task, done) = Pusher {
                     request_id: req.request_id.clone(),
                     model: req.model.clone(),
                     model_sha256,
-                    plan,
+                    every: plan.every,
+                    // A node is no holder of its own generations.
+                    peer: plan.peer.filter(|p| p.node != self.core.node_id),
                     links: self.links.clone(),
                     counters: self.core.checkpoint_counters.clone(),
+                    retargets: self.core.checkpoint_targets.clone(),
                 }
                 .start();
                 ereq.checkpoint = Some(sink);
@@ -359,6 +361,9 @@ impl Forward {
                     })),
                     None,
                 ),
+                Some(EngineEvent::Progress { positions }) => {
+                    (event(Event::Progress(v1::Progress { positions })), None)
+                }
                 Some(EngineEvent::Token { id, text }) => {
                     let now = Instant::now();
                     match last_token {
@@ -526,6 +531,35 @@ impl Node for NodeService {
             .checkpoints
             .remove(&request.into_inner().request_id);
         Ok(Response::new(v1::DropCheckpointReply {}))
+    }
+
+    async fn retarget_checkpoint(
+        &self,
+        request: Request<v1::RetargetCheckpointRequest>,
+    ) -> Result<Response<v1::RetargetCheckpointReply>, Status> {
+        let req = request.into_inner();
+        let Some(holder) = req
+            .plan
+            .and_then(|p| crate::CheckpointSource::from_parts(p.peer_node, p.peer_addr))
+        else {
+            return Err(Status::invalid_argument("the plan names no holder"));
+        };
+        if holder.node == self.core.node_id {
+            return Err(Status::invalid_argument(
+                "a node is no holder of its own generations' checkpoints",
+            ));
+        }
+        if !self
+            .core
+            .checkpoint_targets
+            .retarget(&req.request_id, holder)
+        {
+            return Err(Status::not_found(format!(
+                "no generation {:?} checkpoints from this node",
+                req.request_id
+            )));
+        }
+        Ok(Response::new(v1::RetargetCheckpointReply {}))
     }
 
     async fn status(

@@ -262,6 +262,8 @@ fn text_request(prompt: &str, max_tokens: u32) -> v1::GenerateRequest {
 #[derive(Debug, Default)]
 struct Streamed {
     started: Option<v1::Started>,
+    /// The positions each `Progress` event announced.
+    progress: Vec<u32>,
     tokens: Vec<u32>,
     text: String,
     finished: Option<v1::Finished>,
@@ -282,6 +284,13 @@ async fn generate_all(client: &mut ShoalNodeClient, req: v1::GenerateRequest) ->
                     "Started comes first"
                 );
                 out.started = Some(s);
+            }
+            Event::Progress(p) => {
+                assert!(
+                    out.started.is_some() && out.tokens.is_empty(),
+                    "Progress comes between Started and the first token"
+                );
+                out.progress.push(p.positions);
             }
             Event::Token(t) => {
                 out.tokens.push(t.id);
@@ -383,6 +392,8 @@ async fn two_agents_join_serve_the_model_and_leave() {
     let finished = got.finished.expect("a Finished event");
     assert_eq!(finished.completion_tokens as usize, expected.tokens.len());
     assert_eq!(finished.prompt_tokens as usize, started.prompt_ids.len());
+    // The prompt's prefill was announced (one chunk, here) before it ran.
+    assert_eq!(got.progress, vec![started.prompt_ids.len() as u32]);
 
     // The same through token ids, and through the node's own OpenAI API.
     let by_ids = generate_all(

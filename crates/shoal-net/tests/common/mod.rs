@@ -140,6 +140,14 @@ impl Node for TestNode {
         self.calls.record(&request);
         Err(Status::unimplemented("the test node keeps no checkpoints"))
     }
+
+    async fn retarget_checkpoint(
+        &self,
+        request: Request<shoal_proto::v1::RetargetCheckpointRequest>,
+    ) -> Result<Response<shoal_proto::v1::RetargetCheckpointReply>, Status> {
+        self.calls.record(&request);
+        Err(Status::unimplemented("the test node keeps no checkpoints"))
+    }
 }
 
 /// A `Coordinator` service that accepts everyone it is asked about.
