@@ -502,7 +502,11 @@ impl Inner {
                 Some(peer)
             }
             Ok(Err(status)) => {
-                tracing::debug!(request = %request_id, error = %status.message(), "retarget refused");
+                tracing::debug!(
+                    request = %request_id,
+                    error = %status.message(),
+                    "the node named no new checkpoint holder"
+                );
                 None
             }
             Err(_) => None,
@@ -526,6 +530,19 @@ impl Inner {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(node.clone(), tokio::time::Instant::now());
+    }
+
+    /// Whether `holder` may have lost what it held since it was named: the membership does
+    /// not count it alive, a generation was just lost on it, or it came back at another
+    /// address (a restart: its store is empty).
+    fn holder_gone(&self, holder: &shoal_control::RouteStage) -> bool {
+        let restarted = self
+            .view
+            .borrow()
+            .nodes
+            .get(&holder.node)
+            .is_none_or(|n| n.data_addr != holder.data_addr);
+        restarted || !self.alive(&holder.node) || self.suspects().contains(&holder.node)
     }
 
     /// Whether the membership still counts `node` alive. A draining node is: it finishes
@@ -872,7 +889,7 @@ impl Relay {
         let restore = self
             .holder
             .as_ref()
-            .filter(|h| !exclude.contains(&h.node) && self.inner.alive(&h.node))
+            .filter(|h| !exclude.contains(&h.node) && !self.inner.holder_gone(h))
             .map(|h| v1::CheckpointSource {
                 node: h.node.as_str().to_owned(),
                 addr: h.data_addr.clone(),
@@ -911,7 +928,7 @@ impl Relay {
         };
         // The node this leg's checkpoints go to, renamed when it dies or there is none.
         let checkpoints = self.inner.cfg.checkpoint_every > 0 && !route.is_pipeline();
-        let mut leg_holder = checkpoint.map(|c| c.node);
+        let mut leg_holder = checkpoint;
         let mut naming: Option<BoxFuture<'static, Option<shoal_control::RouteStage>>> = None;
         let mut next_naming = tokio::time::Instant::now();
         let mut view = self.inner.view.clone();
@@ -940,7 +957,7 @@ impl Relay {
                 }, if naming.is_some() => {
                     naming = None;
                     if let Some(peer) = named {
-                        leg_holder = Some(peer.node.clone());
+                        leg_holder = Some(peer.clone());
                         self.holder = Some(peer);
                     }
                     continue;
@@ -957,19 +974,28 @@ impl Relay {
                         };
                         return lost(FailoverCause::declared_dead, why, work);
                     }
-                    // A generation whose checkpoints go nowhere (its holder died, or none was
-                    // ready when it started) is given a holder.
+                    // A holder that died or restarted since it was named holds nothing (its
+                    // store went with it), even once it is back.
+                    if let Some(h) = &leg_holder
+                        && self.inner.holder_gone(h)
+                    {
+                        if self.holder.as_ref().is_some_and(|held| held.node == h.node) {
+                            self.holder = None;
+                        }
+                        leg_holder = None;
+                    }
+                    // A generation whose checkpoints go nowhere (its holder is gone, or none
+                    // was ready when it started) is given a holder.
                     let now = tokio::time::Instant::now();
                     if checkpoints
+                        && leg_holder.is_none()
                         && naming.is_none()
                         && now >= next_naming
-                        && leg_holder.as_ref().is_none_or(|h| {
-                            !self.inner.alive(h) || self.inner.suspects().contains(h)
-                        })
                     {
                         next_naming = now + RETARGET_INTERVAL;
                         let exclude = self.exclusions();
-                        if let Some(peer) = self.inner.checkpoint_peer(&self.model, &node, &exclude) {
+                        let peer = self.inner.checkpoint_peer(&self.model, &node, &exclude);
+                        if let Some(peer) = peer {
                             naming = Some(Box::pin(self.inner.clone().retarget(
                                 route.data_addr.clone(),
                                 self.request.request_id.clone(),

@@ -948,6 +948,81 @@ async fn a_generation_whose_checkpoint_holder_dies_gets_another_and_resumes_from
     assert_eq!(cluster.coordinator.backend().restores(), (1, restored));
 }
 
+/// A checkpoint holder that restarts comes back with an empty store: the gateway names it
+/// again (at its new address) once it is ready, the generation's node checkpoints there from
+/// position 0, and when that node dies the generation resumes from the refilled checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_checkpoint_holder_is_named_again_and_refilled() {
+    let cluster = Arc::new(
+        TestCluster::start_limited(
+            Weights::Synth(slower_model()),
+            2,
+            PlacementMode::Auto,
+            None,
+            false,
+            ClusterBackendConfig {
+                checkpoint_every: 16,
+                ..ClusterBackendConfig::default()
+            },
+        )
+        .await,
+    );
+    let mut body = long_answer(json!({"temperature": 0.9, "seed": 8}));
+    // Long enough to outlast a restart and a refill (about 15 s here, the refill done by 7).
+    body["max_tokens"] = json!(500);
+    body["messages"][0]["content"] =
+        json!("tell me everything about the sea and its shores. ".repeat(30));
+    let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
+    assert!(reference.error.is_none(), "{reference:?}");
+    let prompt_tokens = reference.usage["prompt_tokens"].as_u64().unwrap();
+    assert!(reference.deltas.len() >= 400, "{reference:?}");
+    let names = ["agent-1", "agent-2"];
+    let (killed_tx, killed_rx) = std::sync::mpsc::channel::<usize>();
+    let restarter = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let index = tokio::task::spawn_blocking(move || killed_rx.recv().unwrap())
+                .await
+                .unwrap();
+            cluster
+                .wait_state(&format!("agent-{}", index + 1), NodeState::Dead)
+                .await;
+            cluster.restart(index).await;
+        })
+    };
+    let holder_index = std::sync::Mutex::new(None);
+    let seen = stream_chat(&cluster, body, |n| {
+        if n != 10 {
+            return;
+        }
+        let origin = cluster.busy_agent();
+        let holder = 1 - origin;
+        cluster.kill(holder);
+        killed_tx.send(holder).unwrap();
+        // The restarted holder gets the whole cache so far, then the origin dies.
+        block_until("the restarted holder refilled", || {
+            cluster.agents.lock().unwrap()[holder].is_some()
+                && cluster.checkpoint_counter(names[holder], |c| &c.stored_tokens) >= prompt_tokens
+        });
+        cluster.kill(origin);
+        *holder_index.lock().unwrap() = Some(holder);
+    })
+    .await;
+    restarter.await.unwrap();
+    assert_eq!(seen, reference);
+    let holder = holder_index
+        .lock()
+        .unwrap()
+        .expect("the faults were injected");
+    assert_eq!(cluster.coordinator.backend().failovers(), 1);
+    assert_eq!(
+        cluster.checkpoint_counter(names[holder], |c| &c.restores),
+        1
+    );
+    let restored = cluster.coordinator.backend().restores().1;
+    assert!(restored >= prompt_tokens, "{restored} of {prompt_tokens}");
+}
+
 /// A node lost in the middle of a long prefill, before any token, costs the request only what
 /// its last checkpoint did not keep: the generation resumes on the holder from the checkpoint,
 /// and the move does not count as one that lost work (none is allowed here).
