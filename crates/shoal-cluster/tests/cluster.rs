@@ -768,6 +768,30 @@ fn slower_model() -> shoal_synth::SynthSpec {
     }
 }
 
+/// `agents` agents serving [`slower_model`], with `backend` for the gateway.
+async fn slower_cluster(agents: usize, backend: ClusterBackendConfig) -> TestCluster {
+    let weights = Weights::Synth(slower_model());
+    TestCluster::start_limited(weights, agents, PlacementMode::Auto, None, false, backend).await
+}
+
+/// A seeded answer of up to `max_tokens` to a prompt of `sentences` sentences, what a
+/// fault-free run of it streams, and its prompt tokens.
+async fn long_context(
+    cluster: &TestCluster,
+    seed: u64,
+    max_tokens: u32,
+    sentences: usize,
+) -> (Value, Seen, u64) {
+    let mut body = long_answer(json!({"temperature": 0.9, "seed": seed}));
+    body["max_tokens"] = json!(max_tokens);
+    body["messages"][0]["content"] =
+        json!("tell me everything about the sea and its shores. ".repeat(sentences));
+    let reference = stream_chat(cluster, body.clone(), |_| {}).await;
+    assert!(reference.error.is_none(), "{reference:?}");
+    let prompt_tokens = reference.usage["prompt_tokens"].as_u64().unwrap();
+    (body, reference, prompt_tokens)
+}
+
 fn long_answer(sampling: Value) -> Value {
     let mut body = json!({
         "model": MODEL,
@@ -886,26 +910,13 @@ async fn a_replica_killed_mid_stream_resumes_from_its_checkpoint_on_the_other() 
 /// nothing even with no move that loses work allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generation_whose_checkpoint_holder_dies_gets_another_and_resumes_from_it() {
-    let cluster = TestCluster::start_limited(
-        Weights::Synth(slower_model()),
-        3,
-        PlacementMode::Auto,
-        None,
-        false,
-        ClusterBackendConfig {
-            checkpoint_every: 16,
-            max_failovers: 0,
-            ..ClusterBackendConfig::default()
-        },
-    )
-    .await;
-    let mut body = long_answer(json!({"temperature": 0.9, "seed": 3}));
-    body["max_tokens"] = json!(600);
-    body["messages"][0]["content"] =
-        json!("tell me everything about the sea and its shores. ".repeat(30));
-    let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
-    assert!(reference.error.is_none(), "{reference:?}");
-    let prompt_tokens = reference.usage["prompt_tokens"].as_u64().unwrap();
+    let backend = ClusterBackendConfig {
+        checkpoint_every: 16,
+        max_failovers: 0,
+        ..ClusterBackendConfig::default()
+    };
+    let cluster = slower_cluster(3, backend).await;
+    let (body, reference, prompt_tokens) = long_context(&cluster, 3, 600, 30).await;
     assert!(
         prompt_tokens > 200 && reference.deltas.len() >= 300,
         "{reference:?}"
@@ -953,28 +964,13 @@ async fn a_generation_whose_checkpoint_holder_dies_gets_another_and_resumes_from
 /// position 0, and when that node dies the generation resumes from the refilled checkpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_checkpoint_holder_is_named_again_and_refilled() {
-    let cluster = Arc::new(
-        TestCluster::start_limited(
-            Weights::Synth(slower_model()),
-            2,
-            PlacementMode::Auto,
-            None,
-            false,
-            ClusterBackendConfig {
-                checkpoint_every: 16,
-                ..ClusterBackendConfig::default()
-            },
-        )
-        .await,
-    );
-    let mut body = long_answer(json!({"temperature": 0.9, "seed": 8}));
+    let backend = ClusterBackendConfig {
+        checkpoint_every: 16,
+        ..ClusterBackendConfig::default()
+    };
+    let cluster = Arc::new(slower_cluster(2, backend).await);
     // Long enough to outlast a restart and a refill (about 15 s here, the refill done by 7).
-    body["max_tokens"] = json!(500);
-    body["messages"][0]["content"] =
-        json!("tell me everything about the sea and its shores. ".repeat(30));
-    let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
-    assert!(reference.error.is_none(), "{reference:?}");
-    let prompt_tokens = reference.usage["prompt_tokens"].as_u64().unwrap();
+    let (body, reference, prompt_tokens) = long_context(&cluster, 8, 500, 30).await;
     assert!(reference.deltas.len() >= 400, "{reference:?}");
     let names = ["agent-1", "agent-2"];
     let (killed_tx, killed_rx) = std::sync::mpsc::channel::<usize>();
@@ -1029,28 +1025,13 @@ async fn a_restarted_checkpoint_holder_is_named_again_and_refilled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_lost_during_a_long_prefill_resumes_from_its_checkpoint_at_no_cost() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let cluster = Arc::new(
-        TestCluster::start_limited(
-            Weights::Synth(slower_model()),
-            2,
-            PlacementMode::Auto,
-            None,
-            false,
-            ClusterBackendConfig {
-                checkpoint_every: 32,
-                max_failovers: 0,
-                ..ClusterBackendConfig::default()
-            },
-        )
-        .await,
-    );
-    let mut body = long_answer(json!({"temperature": 0.9, "seed": 4}));
-    body["max_tokens"] = json!(24);
-    body["messages"][0]["content"] =
-        json!("tell me everything about the sea and its shores. ".repeat(40));
-    let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
-    assert!(reference.error.is_none(), "{reference:?}");
-    let prompt_tokens = reference.usage["prompt_tokens"].as_u64().unwrap();
+    let backend = ClusterBackendConfig {
+        checkpoint_every: 32,
+        max_failovers: 0,
+        ..ClusterBackendConfig::default()
+    };
+    let cluster = Arc::new(slower_cluster(2, backend).await);
+    let (body, reference, prompt_tokens) = long_context(&cluster, 4, 24, 40).await;
     assert!(prompt_tokens >= 700, "{prompt_tokens} prompt tokens");
     let names = ["agent-1", "agent-2"];
     let pushed = |i: usize| cluster.checkpoint_counter(names[i], |c| &c.pushed_tokens);
@@ -1172,23 +1153,12 @@ async fn two_failures_during_one_request_are_both_survived() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generation_goes_back_to_a_node_it_was_lost_on_once_it_restarts() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    // The generation outlasts a restart.
-    let spec = slower_model();
     let backend = ClusterBackendConfig {
         lost_node_exclusion: Duration::from_millis(300),
         ..ClusterBackendConfig::default()
     };
-    let cluster = Arc::new(
-        TestCluster::start_limited(
-            Weights::Synth(spec),
-            2,
-            PlacementMode::Auto,
-            None,
-            false,
-            backend,
-        )
-        .await,
-    );
+    // The generation outlasts a restart.
+    let cluster = Arc::new(slower_cluster(2, backend).await);
     let mut body = long_answer(json!({"temperature": 0.9, "seed": 5}));
     body["max_tokens"] = json!(400);
     let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
