@@ -756,6 +756,35 @@ fn block_until(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// A task that restarts the agent whose index it is sent once the membership declares it dead,
+/// and sets the flag once every agent is ready again.
+fn restart_when_killed(
+    cluster: Arc<TestCluster>,
+) -> (
+    std::sync::mpsc::Sender<usize>,
+    Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (killed_tx, killed_rx) = std::sync::mpsc::channel::<usize>();
+    let back = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = {
+        let back = back.clone();
+        tokio::spawn(async move {
+            let index = tokio::task::spawn_blocking(move || killed_rx.recv().unwrap())
+                .await
+                .unwrap();
+            cluster
+                .wait_state(&format!("agent-{}", index + 1), NodeState::Dead)
+                .await;
+            cluster.restart(index).await;
+            let n = cluster.agents.lock().unwrap().len();
+            cluster.wait_ready(n).await;
+            back.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    (killed_tx, back, task)
+}
+
 /// Slower than [`slow_model`] (about as much compute a token as SmolLM2-135M), so a
 /// generation outlasts a lease and a long prefill takes seconds.
 fn slower_model() -> shoal_synth::SynthSpec {
@@ -973,19 +1002,7 @@ async fn a_restarted_checkpoint_holder_is_named_again_and_refilled() {
     let (body, reference, prompt_tokens) = long_context(&cluster, 8, 500, 30).await;
     assert!(reference.deltas.len() >= 400, "{reference:?}");
     let names = ["agent-1", "agent-2"];
-    let (killed_tx, killed_rx) = std::sync::mpsc::channel::<usize>();
-    let restarter = {
-        let cluster = cluster.clone();
-        tokio::spawn(async move {
-            let index = tokio::task::spawn_blocking(move || killed_rx.recv().unwrap())
-                .await
-                .unwrap();
-            cluster
-                .wait_state(&format!("agent-{}", index + 1), NodeState::Dead)
-                .await;
-            cluster.restart(index).await;
-        })
-    };
+    let (killed_tx, _, restarter) = restart_when_killed(cluster.clone());
     let holder_index = std::sync::Mutex::new(None);
     let seen = stream_chat(&cluster, body, |n| {
         if n != 10 {
@@ -1152,7 +1169,7 @@ async fn two_failures_during_one_request_are_both_survived() {
 /// second is killed; the generation finishes on the first, exactly as without faults.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generation_goes_back_to_a_node_it_was_lost_on_once_it_restarts() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     let backend = ClusterBackendConfig {
         lost_node_exclusion: Duration::from_millis(300),
         ..ClusterBackendConfig::default()
@@ -1163,22 +1180,7 @@ async fn a_generation_goes_back_to_a_node_it_was_lost_on_once_it_restarts() {
     body["max_tokens"] = json!(400);
     let reference = stream_chat(&cluster, body.clone(), |_| {}).await;
     assert!(reference.deltas.len() >= 100, "{reference:?}");
-    let (killed_tx, killed_rx) = std::sync::mpsc::channel::<usize>();
-    let back = Arc::new(AtomicBool::new(false));
-    let restarter = {
-        let (cluster, back) = (cluster.clone(), back.clone());
-        tokio::spawn(async move {
-            let index = tokio::task::spawn_blocking(move || killed_rx.recv().unwrap())
-                .await
-                .unwrap();
-            cluster
-                .wait_state(&format!("agent-{}", index + 1), NodeState::Dead)
-                .await;
-            cluster.restart(index).await;
-            cluster.wait_ready(2).await;
-            back.store(true, Ordering::SeqCst);
-        })
-    };
+    let (killed_tx, back, restarter) = restart_when_killed(cluster.clone());
     let seen = stream_chat(&cluster, body, |n| {
         if n == 10 {
             killed_tx.send(cluster.kill_busy_agent()).unwrap();
