@@ -182,10 +182,37 @@ impl CheckpointStore {
         let now = Instant::now();
         let mut entries = self.lock();
         entries.retain(|_, s| now.duration_since(s.touched) < self.ttl);
-        let add = chunk.bytes();
-        if chunk.start == 0 {
-            entries.remove(request_id);
+        // A chunk inside what is stored (a generation that pushes again from position 0 to
+        // a holder that has its checkpoint): where its tokens are the stored ones, so are
+        // their keys and values, and only what it adds beyond is kept. A re-push cut short
+        // then leaves the longer checkpoint whole. When any token differs, what is stored
+        // from the chunk's start on is replaced.
+        let mut chunk = chunk;
+        match entries.get_mut(request_id) {
+            Some(s)
+                if s.model_sha256 == model_sha256
+                    && s.snap.layers == chunk.layers
+                    && s.snap.kv_dim == chunk.kv_dim
+                    && chunk.start as usize <= s.snap.len() =>
+            {
+                let from = chunk.start as usize;
+                let overlap = (s.snap.len() - from).min(chunk.len());
+                if chunk.tokens[..overlap] == s.snap.tokens[from..from + overlap] {
+                    if overlap == chunk.len() {
+                        s.touched = now;
+                        return Ok(s.snap.len());
+                    }
+                    chunk = chunk.slice(overlap, chunk.len() - overlap);
+                } else {
+                    s.snap.truncate(from);
+                }
+            }
+            _ if chunk.start == 0 => {
+                entries.remove(request_id);
+            }
+            _ => {}
         }
+        let add = chunk.bytes();
         match entries.get(request_id) {
             None if chunk.start != 0 => {
                 return Err(StoreError::Invalid(format!(
@@ -654,7 +681,7 @@ mod tests {
     }
 
     #[test]
-    fn pushes_continue_a_checkpoint_and_a_push_from_zero_starts_it_over() {
+    fn pushes_continue_a_checkpoint_and_a_push_from_zero_keeps_what_matches() {
         let store = CheckpointStore::new(1 << 20, Duration::from_secs(60));
         assert_eq!(store.append("r1", "sha", snap(0, 10, 1)).unwrap(), 10);
         assert_eq!(store.append("r1", "sha", snap(10, 5, 2)).unwrap(), 15);
@@ -672,8 +699,17 @@ mod tests {
         assert!(store.take("r1", "other").is_none());
         assert_eq!(store.take("r1", "sha"), Some(got));
         assert!(store.get("r1", "sha").is_none());
+        // A push from zero of the same tokens keeps what is stored and adds what it has
+        // beyond; one whose tokens differ replaces it from where it starts.
         store.append("r1", "sha", snap(0, 10, 1)).unwrap();
-        assert_eq!(store.append("r1", "sha", snap(0, 3, 9)).unwrap(), 3);
+        assert_eq!(store.append("r1", "sha", snap(0, 3, 9)).unwrap(), 10);
+        assert_eq!(store.get("r1", "sha").unwrap(), snap(0, 10, 1));
+        assert_eq!(store.append("r1", "sha", snap(0, 12, 1)).unwrap(), 12);
+        assert_eq!(store.get("r1", "sha").unwrap(), snap(0, 12, 1));
+        let mut other = snap(0, 4, 5);
+        other.tokens[2] += 100;
+        assert_eq!(store.append("r1", "sha", other.clone()).unwrap(), 4);
+        assert_eq!(store.get("r1", "sha").unwrap(), other);
         assert!(store.remove("r1"));
         assert!(store.get("r1", "sha").is_none());
     }
