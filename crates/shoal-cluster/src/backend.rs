@@ -542,7 +542,17 @@ impl Inner {
             .nodes
             .get(&holder.node)
             .is_none_or(|n| n.data_addr != holder.data_addr);
-        restarted || !self.alive(&holder.node) || self.suspects().contains(&holder.node)
+        restarted || !self.alive(&holder.node) || self.is_suspect(&holder.node)
+    }
+
+    /// Whether a generation was lost on `node` within the last
+    /// [`ClusterBackendConfig::lost_node_exclusion`].
+    fn is_suspect(&self, node: &NodeId) -> bool {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(node)
+            .is_some_and(|at| at.elapsed() < self.cfg.lost_node_exclusion)
     }
 
     /// Whether the membership still counts `node` alive. A draining node is: it finishes

@@ -539,7 +539,7 @@ impl Pusher {
                     pause = RETRY_FIRST;
                     continue;
                 }
-                () = sleep_until_some(retry_at) => {
+                () = crate::sleep_until_some(retry_at) => {
                     retry_at = None;
                     continue;
                 }
@@ -607,14 +607,6 @@ impl Pusher {
             };
             let _ = tokio::time::timeout(FETCH_TIMEOUT, h.client.drop_checkpoint(req)).await;
         }
-    }
-}
-
-/// Sleeps until `at`, or forever when there is none.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -47,3 +47,12 @@ pub use local::{
 pub use metrics::NodeMetrics;
 pub use service::GenerateStream;
 pub use shards::LoadError;
+
+/// Sleeps until `at`, or forever when there is none (a deadline that may be unset, in a
+/// `select!`).
+pub(crate) async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -319,12 +319,7 @@ impl Forward {
     ) {
         let metrics = &self.core.metrics;
         let mut last_token: Option<Instant> = None;
-        let deadline = async {
-            match self.deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
+        let deadline = crate::sleep_until_some(self.deadline);
         tokio::pin!(deadline);
         let mut prompt_ids = Some(self.prompt_ids);
         let outcome = loop {
