@@ -288,12 +288,16 @@ impl Inner {
     /// `max_attempts` replicas; nodes that could not start it are added to `failed`.
     /// `prefer` names a node to try first when it can take the request (the holder of its
     /// checkpoint).
+    ///
+    /// `held` names the live holders of the generation's pipeline-stage checkpoints: a stage
+    /// of the new route running the same layers as one of them imports from it.
     async fn start(
         &self,
         model: &ModelId,
         req: &v1::GenerateRequest,
         failed: &mut Vec<NodeId>,
         prefer: Option<&NodeId>,
+        held: &[shoal_control::RouteStage],
         cancel: &CancellationToken,
     ) -> Result<Opened, BackendError> {
         let mut last_error = None;
@@ -312,6 +316,7 @@ impl Inner {
             };
             // A pipeline's head is told the stages after it.
             let routed;
+            let mut stage_holders = Vec::new();
             let req = if checkpoints {
                 routed = v1::GenerateRequest {
                     checkpoint: Some(v1::CheckpointPlan {
@@ -329,20 +334,44 @@ impl Inner {
                 };
                 &routed
             } else if route.stages.len() > 1 {
+                // Each stage checkpoints its layers to a holder of its own, and a resumed
+                // one imports what a live holder keeps of them.
+                let hops = self.stage_hops(model, &route, failed, held);
+                let head = &hops[0].checkpoint;
+                let source = |a: &shoal_pipeline::NodeAddr| v1::CheckpointSource {
+                    node: a.node.to_string(),
+                    addr: a.addr.clone(),
+                };
                 routed = v1::GenerateRequest {
-                    downstream: route.stages[1..]
-                        .iter()
-                        .map(|s| {
-                            v1::StageHop::from(shoal_pipeline::StageHop {
-                                node: s.node.clone(),
-                                data_addr: s.data_addr.clone(),
-                                layers: s.layers,
-                            })
-                        })
-                        .collect(),
+                    downstream: hops[1..].iter().cloned().map(v1::StageHop::from).collect(),
                     codec: shoal_pipeline::preference_to_wire(self.cfg.pipeline_codec) as i32,
+                    checkpoint: (head.every > 0).then(|| v1::CheckpointPlan {
+                        every: head.every,
+                        peer_node: head
+                            .peer
+                            .as_ref()
+                            .map(|p| source(p).node)
+                            .unwrap_or_default(),
+                        peer_addr: head
+                            .peer
+                            .as_ref()
+                            .map(|p| p.addr.clone())
+                            .unwrap_or_default(),
+                    }),
+                    restore: head.restore.as_ref().map(source),
                     ..req.clone()
                 };
+                stage_holders = hops
+                    .iter()
+                    .filter_map(|h| {
+                        let p = h.checkpoint.peer.as_ref()?;
+                        Some(shoal_control::RouteStage {
+                            node: p.node.clone(),
+                            data_addr: p.addr.clone(),
+                            layers: h.layers,
+                        })
+                    })
+                    .collect();
                 &routed
             } else {
                 req
@@ -370,6 +399,7 @@ impl Inner {
                         stream,
                         started,
                         checkpoint,
+                        stage_holders,
                     });
                 }
                 Err(Attempt::Fatal(e)) => return Err(e),
@@ -462,6 +492,47 @@ impl Inner {
                 format!("node {dead} was declared dead before the generation started"),
             ))),
         }
+    }
+
+    /// Every stage of the pipeline `route`, the head included, as a hop with its checkpoint
+    /// plan: when checkpoints are on, a holder for each stage's layers (see
+    /// [`Router::stage_checkpoint_peer`]; never a node in `exclude` or just lost on), and
+    /// the holder in `held` of the same layers to restore from.
+    fn stage_hops(
+        &self,
+        model: &ModelId,
+        route: &RouteGuard,
+        exclude: &[NodeId],
+        held: &[shoal_control::RouteStage],
+    ) -> Vec<shoal_pipeline::StageHop> {
+        let on_route: Vec<NodeId> = route.stages.iter().map(|s| s.node.clone()).collect();
+        let addr = |h: &shoal_control::RouteStage| shoal_pipeline::NodeAddr {
+            node: h.node.clone(),
+            addr: h.data_addr.clone(),
+        };
+        route
+            .stages
+            .iter()
+            .map(|s| {
+                let mut hop =
+                    shoal_pipeline::StageHop::new(s.node.clone(), s.data_addr.clone(), s.layers);
+                if self.cfg.checkpoint_every > 0 {
+                    let mut exclude = exclude.to_vec();
+                    exclude.push(s.node.clone());
+                    exclude.extend(self.suspects());
+                    hop.checkpoint = shoal_pipeline::HopCheckpoint {
+                        every: self.cfg.checkpoint_every,
+                        peer: self
+                            .router
+                            .stage_checkpoint_peer(model, s.layers, &on_route, &exclude)
+                            .as_ref()
+                            .map(addr),
+                        restore: held.iter().find(|h| h.layers == s.layers).map(addr),
+                    };
+                }
+                hop
+            })
+            .collect()
     }
 
     /// The ready replica of `model` to hold the checkpoints of a generation running on
@@ -574,6 +645,9 @@ struct Opened {
     started: v1::Started,
     /// The node keeping this leg's checkpoints, if any.
     checkpoint: Option<shoal_control::RouteStage>,
+    /// (A pipeline.) The nodes keeping this leg's stages' checkpoints, each with the layers
+    /// it keeps.
+    stage_holders: Vec<shoal_control::RouteStage>,
 }
 
 /// The outcome of one failed attempt to start a generation.
@@ -660,7 +734,7 @@ impl InferenceBackend for ClusterBackend {
             let mut failed: Vec<NodeId> = Vec::new();
             let opened = self
                 .inner
-                .start(&req.model, &wire_req, &mut failed, None, &cancel)
+                .start(&req.model, &wire_req, &mut failed, None, &[], &cancel)
                 .await?;
             let (tx, rx) = mpsc::channel(EVENT_BUFFER);
             let until = Some(tokio::time::Instant::now() + self.inner.cfg.lost_node_exclusion);
@@ -675,6 +749,7 @@ impl InferenceBackend for ClusterBackend {
                 charged: 0,
                 best_restored: 0,
                 holder: None,
+                stage_holders: Vec::new(),
                 tx,
                 cancel,
             };
@@ -726,6 +801,9 @@ struct Relay {
     best_restored: u32,
     /// The node holding the latest checkpoint of the generation's KV cache, if any.
     holder: Option<shoal_control::RouteStage>,
+    /// (Pipelines.) The nodes holding checkpoints of the generation's stages, each with the
+    /// layers it holds.
+    stage_holders: Vec<shoal_control::RouteStage>,
     tx: mpsc::Sender<GenerateEvent>,
     cancel: CancellationToken,
 }
@@ -756,6 +834,14 @@ impl Relay {
                 }
                 // Otherwise an older checkpoint still holds a prefix of this generation.
                 None => {}
+            }
+            // A stage's holder on the new route took its checkpoint (or goes down with the
+            // route); the holders this leg named replace those of the same layers.
+            self.stage_holders
+                .retain(|h| !opened.route.stages.iter().any(|s| s.node == h.node));
+            for named in &opened.stage_holders {
+                self.stage_holders.retain(|h| h.layers != named.layers);
+                self.stage_holders.push(named.clone());
             }
             let event = GenerateEvent::Path {
                 nodes: path.clone(),
@@ -789,9 +875,15 @@ impl Relay {
                 .restore
                 .as_ref()
                 .map(|r| NodeId::new(r.node.clone()));
+            let held: Vec<shoal_control::RouteStage> = self
+                .stage_holders
+                .iter()
+                .filter(|h| !exclude.contains(&h.node) && !self.inner.holder_gone(h))
+                .cloned()
+                .collect();
             // A move that lost work may find it in a checkpoint: then the cap is checked once
             // the next node says what it restored.
-            let may_restore = wasted && holder.is_some();
+            let may_restore = wasted && (holder.is_some() || !held.is_empty());
             if (self.charged > self.inner.cfg.max_failovers && !may_restore)
                 || self.moves >= self.inner.cfg.max_moves
             {
@@ -814,6 +906,7 @@ impl Relay {
                     &resumed,
                     &mut exclude,
                     holder.as_ref(),
+                    &held,
                     &self.cancel,
                 )
                 .await;

@@ -1445,6 +1445,96 @@ async fn a_middle_pipeline_stage_killed_mid_stream_costs_no_token() {
     assert_eq!(cluster.coordinator.backend().failovers(), 1);
 }
 
+/// With checkpoints on, every stage of a pipeline checkpoints its own layers to the stage of
+/// the same layers on the other pipeline. When the busy pipeline's middle stage dies, each
+/// stage of the other pipeline imports its checkpoint from its own store and the head prefills
+/// none of the context again: the client sees exactly the fault-free answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_resumes_from_its_stages_checkpoints_when_a_middle_stage_dies() {
+    let backend = ClusterBackendConfig {
+        pipeline_codec: Preference::Exact,
+        checkpoint_every: 16,
+        ..ClusterBackendConfig::default()
+    };
+    let placement = PlacementMode::Shard { max_stages: 3 };
+    // Nine layers: room for three on each agent splits both pipelines 3/3/3.
+    let weights = Weights::Synth(shoal_synth::SynthSpec {
+        n_layers: 9,
+        ..slow_model()
+    });
+    let cluster = TestCluster::start_limited(weights, 6, placement, Some(3), false, backend).await;
+    let view = cluster.coordinator.membership().view();
+    let chains = view.plan.chains(&ModelId::new(MODEL));
+    let ranges = |i: usize| {
+        chains[i]
+            .stages
+            .iter()
+            .map(|a| a.layers)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(chains.len(), 2, "{chains:?}");
+    assert_eq!(ranges(0).len(), 3, "{chains:?}");
+    assert_eq!(
+        ranges(0),
+        ranges(1),
+        "both pipelines split the layers alike"
+    );
+    drop(view);
+    // A context whose checkpoints fit the stores of agents this small (an eighth of their
+    // memory).
+    let (body, reference, prompt_tokens) = long_context(&cluster, 5, 80, 12).await;
+    assert!(
+        prompt_tokens > 200 && reference.deltas.len() >= 60,
+        "{reference:?}"
+    );
+    let names: Vec<String> = (1..=6).map(|i| format!("agent-{i}")).collect();
+    let stored: u64 = names
+        .iter()
+        .map(|n| cluster.checkpoint_counter(n, |c| &c.stored_tokens))
+        .sum();
+    // Three stages checkpointed the whole fault-free run, but for their last few positions.
+    let each: Vec<(u64, u64)> = names
+        .iter()
+        .map(|n| {
+            (
+                cluster.checkpoint_counter(n, |c| &c.pushed_tokens),
+                cluster.checkpoint_counter(n, |c| &c.push_failures),
+            )
+        })
+        .collect();
+    assert!(
+        stored + 3 * 16 >= 3 * prompt_tokens,
+        "{stored} stored, pushed by agent {each:?}, prompt {prompt_tokens}"
+    );
+
+    let mut killed = None;
+    let seen = stream_chat(&cluster, body, |n| {
+        if n == 30 {
+            killed = Some(cluster.kill_busy_stage(1));
+        }
+    })
+    .await;
+    assert!(killed.is_some());
+    assert_eq!(seen, reference);
+    assert_eq!(cluster.coordinator.backend().failovers(), 1);
+    let killed = killed.unwrap();
+    let live = || names.iter().filter(|n| **n != killed);
+    let restores: u64 = live()
+        .map(|n| cluster.checkpoint_counter(n, |c| &c.restores))
+        .sum();
+    let misses: u64 = live()
+        .map(|n| cluster.checkpoint_counter(n, |c| &c.restore_misses))
+        .sum();
+    // The head and both later stages restored.
+    assert_eq!((restores, misses), (3, 0));
+    let (gateway_restores, restored) = cluster.coordinator.backend().restores();
+    assert_eq!(gateway_restores, 1);
+    assert!(
+        restored >= prompt_tokens,
+        "{restored} positions restored of a {prompt_tokens}-token prompt"
+    );
+}
+
 /// On two pipelines of three stages, every agent behind its own proxies, streams a long
 /// greedy answer and cuts the busy pipeline's middle stage after 20 tokens, leaving its
 /// connections open and silent (no reset). Checks that the client got exactly the fault-free

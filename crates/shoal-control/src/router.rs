@@ -331,6 +331,45 @@ impl Router {
     }
 }
 
+impl Router {
+    /// A node to keep the checkpoints of a pipeline stage running `layers` of `model` on a
+    /// route through `route` (its nodes): an alive node running a ready stage of the model
+    /// (so it has the model's file), not in `exclude`. Preferred in order: one running the
+    /// same layers (a failover can resume that stage on it without a transfer), one off the
+    /// route (it does not go down with it), the least loaded.
+    pub fn stage_checkpoint_peer(
+        &self,
+        model: &ModelId,
+        layers: LayerRange,
+        route: &[NodeId],
+        exclude: &[NodeId],
+    ) -> Option<RouteStage> {
+        let view = Arc::clone(&self.view.borrow());
+        let in_flight = lock(&self.in_flight);
+        view.plan
+            .chains(model)
+            .iter()
+            .flat_map(|c| c.stages.iter())
+            .filter_map(|a| {
+                let node = view.nodes.get(&a.node)?;
+                let usable = node.state == NodeState::Alive
+                    && node.is_ready(&a.model, a.layers)
+                    && !exclude.contains(&a.node);
+                let load = node
+                    .load
+                    .in_flight()
+                    .saturating_add(in_flight.get(&a.node).copied().unwrap_or(0));
+                usable.then_some(((a.layers != layers, route.contains(&a.node), load), node))
+            })
+            .min_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)))
+            .map(|(_, node)| RouteStage {
+                node: node.id.clone(),
+                data_addr: node.data_addr.clone(),
+                layers,
+            })
+    }
+}
+
 /// `chain` as a candidate when it is complete, every stage is ready on an alive node and none
 /// is excluded.
 fn candidate<'a>(
@@ -710,6 +749,47 @@ mod tests {
         drop(g);
         assert_eq!(r.in_flight(&NodeId::new("a")), 0);
         assert_eq!(r.in_flight(&NodeId::new("b")), 0);
+    }
+
+    #[test]
+    fn a_stage_checkpoint_peer_runs_the_same_layers_else_is_off_the_route() {
+        // Pipelines a [0, 2) -> b [2, 4) and d [0, 2) -> e [2, 4); c runs the whole model.
+        let (_tx, r) = view_plan(
+            vec![
+                stage_node("a", 5.0, 0, &[range(0, 2)]),
+                stage_node("b", 5.0, 0, &[range(2, 4)]),
+                stage_node("c", 50.0, 0, &[full()]),
+                stage_node("d", 5.0, 0, &[range(0, 2)]),
+                stage_node("e", 5.0, 4, &[range(2, 4)]),
+            ],
+            vec![
+                assign("a", range(0, 2), 0),
+                assign("b", range(2, 4), 0),
+                assign("c", full(), 1),
+                assign("d", range(0, 2), 2),
+                assign("e", range(2, 4), 2),
+            ],
+        );
+        let ids = |v: &[&str]| v.iter().map(|n| NodeId::new(*n)).collect::<Vec<_>>();
+        let route = ids(&["a", "b"]);
+        let peer = |layers, exclude: &[&str]| {
+            r.stage_checkpoint_peer(&m(), layers, &route, &ids(exclude))
+                .map(|p| (p.node.to_string(), p.layers))
+        };
+        // The other pipeline's stage of the same layers, even loaded.
+        assert_eq!(peer(range(2, 4), &["b"]), Some(("e".into(), range(2, 4))));
+        assert_eq!(peer(range(0, 2), &["a"]), Some(("d".into(), range(0, 2))));
+        // Without it: the least loaded node off the route (d idle, c idle: by id).
+        assert_eq!(
+            peer(range(2, 4), &["b", "e"]),
+            Some(("c".into(), range(2, 4)))
+        );
+        // Only the route is left: a node on it.
+        assert_eq!(
+            peer(range(2, 4), &["b", "c", "d", "e"]),
+            Some(("a".into(), range(2, 4)))
+        );
+        assert_eq!(peer(range(2, 4), &["a", "b", "c", "d", "e"]), None);
     }
 
     #[test]

@@ -97,6 +97,59 @@ impl CheckpointSink {
             restarts: Arc::new(AtomicU32::new(0)),
         }
     }
+
+    /// Offers the positions of `seq` cached since `cursor` (their tokens are `history`'s at
+    /// the same positions) once there are `every` of them and the sink has room; returns the
+    /// positions sent. `Err` when this sink takes no more checkpoints of the sequence: it
+    /// was closed (`None`), or the cache could not be copied (why).
+    pub fn offer(
+        &self,
+        rt: &dyn ShardRuntime,
+        seq: SeqId,
+        cursor: &mut CheckpointCursor,
+        history: &[u32],
+    ) -> Result<u32, Option<String>> {
+        if self.tx.capacity() == 0 {
+            return Ok(0);
+        }
+        let Some(cached) = rt.seq_len(seq) else {
+            return Ok(0);
+        };
+        let restarts = self.restarts.load(Ordering::Acquire);
+        if restarts != cursor.restarts || cursor.checkpointed > cached {
+            // A new holder, or a cache rewound below what was sent: start again from 0.
+            cursor.restarts = restarts;
+            cursor.checkpointed = 0;
+        }
+        if cached < cursor.checkpointed.saturating_add(self.every.max(1)) {
+            return Ok(0);
+        }
+        let Some(tokens) = history.get(cursor.checkpointed as usize..cached as usize) else {
+            return Ok(0);
+        };
+        let snap = rt
+            .export_kv(seq, cursor.checkpointed, tokens)
+            .map_err(|e| Some(e.to_string()))?;
+        match self.tx.try_send(snap) {
+            Ok(()) => {
+                let sent = cached - cursor.checkpointed;
+                cursor.checkpointed = cached;
+                Ok(sent)
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(0),
+            // Nobody takes checkpoints of this sequence any more.
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
+        }
+    }
+}
+
+/// How far a sequence's checkpoints into a [`CheckpointSink`] got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckpointCursor {
+    /// Positions of the KV cache already sent.
+    checkpointed: u32,
+    /// The sink's `restarts` when `checkpointed` was last set.
+    restarts: u32,
 }
 
 /// A value the engine carries for its [`Downstream`] without looking at it.
@@ -136,13 +189,31 @@ pub struct HeadStep {
 /// Where a pipeline head sends its work: the later stages of the model, reached through the
 /// network. Called from the engine's compute thread; must not block for long.
 pub trait Downstream: Send + 'static {
-    /// A sequence starts: `req` carries its sampling, its resume tokens and its route. Returns
-    /// how many stages follow the head on that route.
-    fn open(&mut self, seq: SeqId, req: &EngineRequest) -> Result<usize, EngineError>;
+    /// A sequence starts: `req` carries its sampling, its resume tokens and its route.
+    /// `restorable` is the leading part of its tokens whose KV entries the head can import
+    /// from a checkpoint (empty: none); the later stages import what their own checkpoints
+    /// hold of it, and the head starts its prefill after the part every stage holds. May
+    /// wait that long (a bounded fetch) when the route restores checkpoints.
+    fn open(
+        &mut self,
+        seq: SeqId,
+        req: &EngineRequest,
+        restorable: &[u32],
+    ) -> Result<Opened, EngineError>;
     /// Sends one step down.
     fn step(&mut self, step: HeadStep) -> Result<(), EngineError>;
     /// A sequence ended: its caches can be freed on every stage.
     fn release(&mut self, seq: SeqId);
+}
+
+/// A sequence opened on a pipeline's later stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Opened {
+    /// How many stages follow the head on its route.
+    pub depth: usize,
+    /// Leading positions every later stage imported from a checkpoint (at most the
+    /// `restorable` tokens given).
+    pub restored: u32,
 }
 
 /// What comes back from a pipeline's later stages.
@@ -599,10 +670,8 @@ struct Active {
     decoder: StreamDecoder<Arc<Tokenizer>>,
     /// The prompt, then every generated token.
     history: Vec<u32>,
-    /// Positions of the KV cache already checkpointed.
-    checkpointed: u32,
-    /// The sink's `restarts` when `checkpointed` was last set.
-    checkpoint_restarts: u32,
+    /// How far its checkpoints got.
+    checkpointed: CheckpointCursor,
     generated: u32,
     eog: Vec<u32>,
     done: Option<(FinishReason, String)>,
@@ -770,23 +839,14 @@ impl Worker {
             };
             self.next_seq += 1;
             let seq = SeqId(self.next_seq);
-            let depth = match self.down.as_mut().map(|d| d.open(seq, &sub.req)) {
-                None => 0,
-                Some(Ok(depth)) => depth,
-                Some(Err(e)) => {
-                    let _ = sub.events.try_send(EngineEvent::Failed(e));
-                    continue;
-                }
-            };
             let prompt_tokens = sub.req.prompt.len() as u32;
             let mut a = Active {
                 seq,
-                depth,
+                depth: 0,
                 group: None,
                 stops: StopMatcher::new(&sub.req.options.stop),
                 history: sub.req.prompt.clone(),
-                checkpointed: 0,
-                checkpoint_restarts: 0,
+                checkpointed: CheckpointCursor::default(),
                 sub,
                 phase: Phase::Prefill(0),
                 sampler,
@@ -796,10 +856,26 @@ impl Worker {
                 done: None,
             };
             replay(&mut a, context);
-            let restored = if self.down.is_none() {
-                self.restore(&mut a)
-            } else {
-                0
+            let snap = usable_checkpoint(&mut a);
+            let mut usable = snap.as_ref().map_or(0, KvSnapshot::len);
+            if let Some(down) = self.down.as_mut() {
+                match down.open(seq, &a.sub.req, &a.history[..usable]) {
+                    Ok(o) => {
+                        a.depth = o.depth;
+                        usable = usable.min(o.restored as usize);
+                    }
+                    Err(e) => {
+                        let _ = a.sub.events.try_send(EngineEvent::Failed(e));
+                        continue;
+                    }
+                }
+            }
+            let restored = match snap {
+                Some(mut snap) if usable > 0 => {
+                    snap.truncate(usable);
+                    self.restore(&mut a, &snap)
+                }
+                _ => 0,
             };
             let _ = a.sub.events.try_send(EngineEvent::Started {
                 prompt_tokens,
@@ -809,24 +885,11 @@ impl Worker {
         }
     }
 
-    /// Imports the part of a resumed generation's checkpoint that matches its tokens, so its
+    /// Imports `snap` (the part of a resumed generation's checkpoint it may use), so its
     /// prefill starts after it; returns the positions imported.
-    fn restore(&mut self, a: &mut Active) -> u32 {
-        let Some(mut snap) = a.sub.req.restore.take() else {
-            return 0;
-        };
-        if a.done.is_some() {
-            return 0;
-        }
-        // The last token is computed again: its logits give the next draw.
-        let usable = snap
-            .matching_prefix(&a.history)
-            .min(a.history.len().saturating_sub(1));
-        snap.truncate(usable);
-        if snap.is_empty() {
-            return 0;
-        }
-        match self.rt.import_kv(a.seq, &snap) {
+    fn restore(&mut self, a: &mut Active, snap: &KvSnapshot) -> u32 {
+        let usable = snap.len();
+        match self.rt.import_kv(a.seq, snap) {
             Ok(()) => {
                 a.phase = Phase::Prefill(usable);
                 self.stats
@@ -859,38 +922,19 @@ impl Worker {
             let Some(sink) = &a.sub.req.checkpoint else {
                 continue;
             };
-            if a.done.is_some() || sink.tx.capacity() == 0 {
+            if a.done.is_some() {
                 continue;
             }
-            let Some(cached) = self.rt.seq_len(a.seq) else {
-                continue;
-            };
-            let restarts = sink.restarts.load(Ordering::Acquire);
-            if restarts != a.checkpoint_restarts {
-                a.checkpoint_restarts = restarts;
-                a.checkpointed = 0;
-            }
-            if cached < a.checkpointed.saturating_add(sink.every.max(1)) {
-                continue;
-            }
-            let (from, to) = (a.checkpointed as usize, cached as usize);
-            let Some(tokens) = a.history.get(from..to) else {
-                continue;
-            };
-            match self.rt.export_kv(a.seq, a.checkpointed, tokens) {
-                Ok(snap) => match sink.tx.try_send(snap) {
-                    Ok(()) => {
-                        a.checkpointed = cached;
-                        self.stats
-                            .checkpointed_tokens
-                            .fetch_add((to - from) as u64, Ordering::Relaxed);
+            match sink.offer(self.rt.as_ref(), a.seq, &mut a.checkpointed, &a.history) {
+                Ok(sent) => {
+                    self.stats
+                        .checkpointed_tokens
+                        .fetch_add(u64::from(sent), Ordering::Relaxed);
+                }
+                Err(why) => {
+                    if let Some(why) = why {
+                        tracing::warn!(request = %a.sub.req.id, error = %why, "checkpoint failed");
                     }
-                    Err(mpsc::error::TrySendError::Full(_)) => {}
-                    // Nobody takes checkpoints of this sequence any more.
-                    Err(mpsc::error::TrySendError::Closed(_)) => a.sub.req.checkpoint = None,
-                },
-                Err(e) => {
-                    tracing::warn!(request = %a.sub.req.id, error = %e, "checkpoint failed");
                     a.sub.req.checkpoint = None;
                 }
             }
@@ -1132,6 +1176,21 @@ fn group_returned(groups: &mut HashMap<u64, usize>, g: u64) {
 /// without emitting them, so the held-back bytes and the stop matcher's window are what they
 /// were on the node that produced them. A resumed generation that had in fact ended (every
 /// token delivered but not the final event) finishes here the way it finished there.
+/// The part of a resumed generation's checkpoint that holds exactly its leading tokens, short
+/// of the last one (computed again: its logits give the next draw); `None` when nothing of it
+/// is usable.
+fn usable_checkpoint(a: &mut Active) -> Option<KvSnapshot> {
+    let mut snap = a.sub.req.restore.take()?;
+    if a.done.is_some() {
+        return None;
+    }
+    let usable = snap
+        .matching_prefix(&a.history)
+        .min(a.history.len().saturating_sub(1));
+    snap.truncate(usable);
+    (!snap.is_empty()).then_some(snap)
+}
+
 fn replay(a: &mut Active, context: usize) {
     let resume = std::mem::take(&mut a.sub.req.resume);
     for &t in &resume {

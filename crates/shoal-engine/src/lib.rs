@@ -13,7 +13,7 @@
 mod engine;
 
 pub use engine::{
-    BATCH_BUCKETS, BatchHistogram, BatchSnapshot, CheckpointSink, Downstream, Engine, EngineConfig,
-    EngineError, EngineEvent, EngineRequest, EngineStats, HeadSlice, HeadStep, RouteTag, TailEvent,
-    TailSender, Usage,
+    BATCH_BUCKETS, BatchHistogram, BatchSnapshot, CheckpointCursor, CheckpointSink, Downstream,
+    Engine, EngineConfig, EngineError, EngineEvent, EngineRequest, EngineStats, HeadSlice,
+    HeadStep, Opened, RouteTag, TailEvent, TailSender, Usage,
 };

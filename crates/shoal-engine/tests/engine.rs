@@ -4,7 +4,7 @@
 
 use shoal_engine::{
     CheckpointSink, Downstream, Engine, EngineConfig, EngineError, EngineEvent, EngineRequest,
-    HeadStep, TailEvent, TailSender,
+    HeadStep, Opened, TailEvent, TailSender,
 };
 use shoal_model::{
     FinishReason, GenerateOptions, Model, Sampler, SamplingParams, SeqStep, ShardInput,
@@ -697,8 +697,16 @@ impl LocalTail {
 }
 
 impl Downstream for LocalTail {
-    fn open(&mut self, _seq: SeqId, _req: &EngineRequest) -> Result<usize, EngineError> {
-        Ok(1)
+    fn open(
+        &mut self,
+        _seq: SeqId,
+        _req: &EngineRequest,
+        _restorable: &[u32],
+    ) -> Result<Opened, EngineError> {
+        Ok(Opened {
+            depth: 1,
+            restored: 0,
+        })
     }
 
     fn step(&mut self, step: HeadStep) -> Result<(), EngineError> {

@@ -18,10 +18,12 @@
 //!   Anything that goes wrong costs only the saving: the generation is prefilled as without
 //!   a checkpoint.
 
+use crate::core::NodeCore;
 use crate::stage::LinkSettings;
 use shoal_engine::CheckpointSink;
 use shoal_model::KvSnapshot;
 use shoal_net::{ConnectOptions, Role};
+use shoal_pipeline::wire::range_to_wire;
 use shoal_proto::v1;
 use shoal_types::{LayerRange, ModelId, NodeId, RequestId};
 use std::collections::HashMap;
@@ -129,9 +131,13 @@ struct Stored {
     touched: Instant,
 }
 
-/// The checkpoints peers pushed to this node, by request id.
+/// What a checkpoint is stored under: the request id and the layers it covers (a whole
+/// model's, or one pipeline stage's: a holder may keep several stages of one generation).
+type Key = (String, LayerRange);
+
+/// The checkpoints peers pushed to this node, by request id and layer range.
 pub(crate) struct CheckpointStore {
-    entries: Mutex<HashMap<String, Stored>>,
+    entries: Mutex<HashMap<Key, Stored>>,
     budget: usize,
     ttl: Duration,
 }
@@ -156,8 +162,29 @@ impl CheckpointStore {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Stored>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Stored>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The key of the fresh checkpoint of `request_id` over `layers` (any range when `None`)
+    /// made with `model_sha256`.
+    fn find(
+        &self,
+        entries: &HashMap<Key, Stored>,
+        request_id: &str,
+        layers: Option<LayerRange>,
+        model_sha256: &str,
+        now: Instant,
+    ) -> Option<Key> {
+        entries
+            .iter()
+            .find(|((id, l), s)| {
+                id == request_id
+                    && layers.is_none_or(|want| want == *l)
+                    && s.model_sha256 == model_sha256
+                    && now.duration_since(s.touched) < self.ttl
+            })
+            .map(|(k, _)| k.clone())
     }
 
     /// Bytes of entries held.
@@ -171,8 +198,8 @@ impl CheckpointStore {
         self.lock().len()
     }
 
-    /// Adds `chunk` to the checkpoint of `request_id`: a chunk at position 0 starts it over,
-    /// any other must continue it. Returns the positions now held.
+    /// Adds `chunk` to the checkpoint of `request_id` over the chunk's layers: a chunk at
+    /// position 0 starts it over, any other must continue it. Returns the positions now held.
     pub fn append(
         &self,
         request_id: &str,
@@ -188,7 +215,8 @@ impl CheckpointStore {
         // then leaves the longer checkpoint whole. When any token differs, what is stored
         // from the chunk's start on is replaced.
         let mut chunk = chunk;
-        match entries.get_mut(request_id) {
+        let key: Key = (request_id.to_owned(), chunk.layers);
+        match entries.get_mut(&key) {
             Some(s)
                 if s.model_sha256 == model_sha256
                     && s.snap.layers == chunk.layers
@@ -208,12 +236,12 @@ impl CheckpointStore {
                 }
             }
             _ if chunk.start == 0 => {
-                entries.remove(request_id);
+                entries.remove(&key);
             }
             _ => {}
         }
         let add = chunk.bytes();
-        match entries.get(request_id) {
+        match entries.get(&key) {
             None if chunk.start != 0 => {
                 return Err(StoreError::Invalid(format!(
                     "no checkpoint of {request_id} to continue at position {}",
@@ -232,7 +260,7 @@ impl CheckpointStore {
         while held + add > self.budget {
             let victim = entries
                 .iter()
-                .filter(|(k, _)| k.as_str() != request_id)
+                .filter(|(k, _)| **k != key)
                 .min_by_key(|(_, s)| s.touched)
                 .map(|(k, _)| k.clone());
             let Some(victim) = victim else {
@@ -242,10 +270,10 @@ impl CheckpointStore {
             };
             if let Some(gone) = entries.remove(&victim) {
                 held -= gone.snap.bytes();
-                tracing::debug!(request = %victim, "checkpoint evicted for room");
+                tracing::debug!(request = %victim.0, layers = %victim.1, "checkpoint evicted for room");
             }
         }
-        let entry = match entries.entry(request_id.to_owned()) {
+        let entry = match entries.entry(key) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => v.insert(Stored {
                 model_sha256: model_sha256.to_owned(),
@@ -261,35 +289,44 @@ impl CheckpointStore {
         Ok(entry.snap.len())
     }
 
-    /// A copy of the checkpoint of `request_id` made with the model file `model_sha256`.
-    pub fn get(&self, request_id: &str, model_sha256: &str) -> Option<KvSnapshot> {
+    /// A copy of the checkpoint of `request_id` over `layers` (any range when `None`) made
+    /// with the model file `model_sha256`.
+    pub fn get(
+        &self,
+        request_id: &str,
+        layers: Option<LayerRange>,
+        model_sha256: &str,
+    ) -> Option<KvSnapshot> {
         let now = Instant::now();
         let mut entries = self.lock();
-        let s = entries.get_mut(request_id)?;
-        if now.duration_since(s.touched) >= self.ttl || s.model_sha256 != model_sha256 {
-            return None;
-        }
+        let key = self.find(&entries, request_id, layers, model_sha256, now)?;
+        let s = entries.get_mut(&key)?;
         s.touched = now;
         Some(s.snap.clone())
     }
 
-    /// Takes the checkpoint of `request_id` out of the store (a generation resuming here
-    /// needs it once; its new checkpoints go to another peer).
-    pub fn take(&self, request_id: &str, model_sha256: &str) -> Option<KvSnapshot> {
+    /// Takes the checkpoint of `request_id` over `layers` (any range when `None`) out of the
+    /// store (a generation resuming here needs it once; its new checkpoints go to another
+    /// peer).
+    pub fn take(
+        &self,
+        request_id: &str,
+        layers: Option<LayerRange>,
+        model_sha256: &str,
+    ) -> Option<KvSnapshot> {
         let now = Instant::now();
         let mut entries = self.lock();
-        let fresh = entries.get(request_id).is_some_and(|s| {
-            now.duration_since(s.touched) < self.ttl && s.model_sha256 == model_sha256
-        });
-        if !fresh {
-            return None;
-        }
-        entries.remove(request_id).map(|s| s.snap)
+        let key = self.find(&entries, request_id, layers, model_sha256, now)?;
+        entries.remove(&key).map(|s| s.snap)
     }
 
-    /// Forgets the checkpoint of `request_id`.
-    pub fn remove(&self, request_id: &str) -> bool {
-        self.lock().remove(request_id).is_some()
+    /// Forgets the checkpoint of `request_id` over `layers` (every one of the request's when
+    /// `None`).
+    pub fn remove(&self, request_id: &str, layers: Option<LayerRange>) -> bool {
+        let mut entries = self.lock();
+        let before = entries.len();
+        entries.retain(|(id, l), _| id != request_id || layers.is_some_and(|want| want != *l));
+        entries.len() < before
     }
 }
 
@@ -313,10 +350,7 @@ pub(crate) fn chunk_at(
         request_id: request_id.to_owned(),
         model_id: model.as_str().to_owned(),
         model_sha256: model_sha256.to_owned(),
-        layers: Some(v1::LayerRange {
-            start: part.layers.start(),
-            end: part.layers.end(),
-        }),
+        layers: Some(range_to_wire(part.layers)),
         kv_dim: part.kv_dim as u32,
         start: part.start,
         kv: part.kv_bytes(),
@@ -355,6 +389,18 @@ pub(crate) fn from_chunk(c: &v1::KvChunk) -> Result<KvSnapshot, StoreError> {
         .and_then(|r| LayerRange::new(r.start, r.end).map_err(|e| bad(e.to_string())))?;
     KvSnapshot::from_kv_bytes(layers, c.kv_dim as usize, c.start, c.tokens.clone(), &c.kv)
         .map_err(|e| bad(e.to_string()))
+}
+
+/// The layer range a fetch or a drop names (`None`: any); an invalid one is refused.
+pub(crate) fn range_from_wire(
+    layers: Option<v1::LayerRange>,
+) -> Result<Option<LayerRange>, tonic::Status> {
+    layers
+        .map(|r| {
+            LayerRange::new(r.start, r.end)
+                .map_err(|e| tonic::Status::invalid_argument(format!("layers: {e}")))
+        })
+        .transpose()
 }
 
 fn node_client(settings: &LinkSettings, addr: &str) -> Result<shoal_net::ShoalNodeClient, String> {
@@ -449,7 +495,9 @@ pub(crate) struct Pusher {
     pub peer: Option<CheckpointSource>,
     pub links: LinkSettings,
     pub counters: Arc<CheckpointCounters>,
-    pub retargets: Arc<Retargets>,
+    /// Where the gateway can name it a new holder; `None`: it keeps its first (a pipeline
+    /// stage's).
+    pub retargets: Option<Arc<Retargets>>,
 }
 
 /// First pause after a failed push.
@@ -490,9 +538,13 @@ impl Pusher {
         let (done_tx, done_rx) = oneshot::channel();
         let sink = CheckpointSink::new(self.every, tx);
         let restarts = sink.restarts.clone();
-        let (target, registration) = self
-            .retargets
-            .register(self.request_id.as_str(), self.peer.clone());
+        let (target, registration) = match &self.retargets {
+            Some(r) => {
+                let (rx, reg) = r.register(self.request_id.as_str(), self.peer.clone());
+                (rx, Some(reg))
+            }
+            None => (watch::channel(self.peer.clone()).1, None),
+        };
         let task = async move {
             let _registration = registration;
             self.run(rx, done_rx, target, restarts).await;
@@ -516,6 +568,7 @@ impl Pusher {
         let mut pause = RETRY_FIRST;
         let mut sink_open = true;
         let mut targets_open = true;
+        let mut layers = None;
         let finished = loop {
             let ready = holder.is_some() && sink_open && retry_at.is_none();
             let snap = tokio::select! {
@@ -555,6 +608,7 @@ impl Pusher {
                 continue;
             }
             from_zero = false;
+            layers = Some(snap.layers);
             let Some(h) = holder.as_mut() else { continue };
             let (tokens, bytes) = (snap.len() as u64, snap.bytes() as u64);
             let chunks = to_chunks(id, &self.model, &self.model_sha256, &snap);
@@ -604,17 +658,65 @@ impl Pusher {
         if finished && let Some(h) = holder.as_mut() {
             let req = v1::DropCheckpointRequest {
                 request_id: id.to_owned(),
+                layers: layers.map(range_to_wire),
             };
             let _ = tokio::time::timeout(FETCH_TIMEOUT, h.client.drop_checkpoint(req)).await;
         }
     }
 }
 
-/// The checkpoint of `request_id` from the holder at `addr`, or why not.
+/// The checkpoint of `request_id` over `layers` (any range when `None`) made with the model
+/// file `model_sha256` for a generation (or a pipeline stage of one) resuming on this node:
+/// from this node's own store when it is the `source`, else fetched from it. `None` (the
+/// positions are computed again) when there is none to be had.
+pub(crate) async fn restore(
+    core: &NodeCore,
+    links: &LinkSettings,
+    source: &CheckpointSource,
+    request_id: &str,
+    layers: Option<LayerRange>,
+    model_sha256: &str,
+) -> Option<KvSnapshot> {
+    let counters = &core.checkpoint_counters;
+    let got = if source.node == core.node_id {
+        core.checkpoints
+            .take(request_id, layers, model_sha256)
+            .ok_or_else(|| "not in this node's store".to_owned())
+    } else {
+        fetch(links, &source.addr, request_id, layers, model_sha256).await
+    };
+    match got {
+        Ok(snap) => {
+            counters.restores.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                request = %request_id,
+                holder = %source.node,
+                layers = %snap.layers,
+                positions = snap.len(),
+                "resuming from a checkpoint"
+            );
+            Some(snap)
+        }
+        Err(why) => {
+            counters.restore_misses.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                request = %request_id,
+                holder = %source.node,
+                error = %why,
+                "no checkpoint to resume from; computing everything"
+            );
+            None
+        }
+    }
+}
+
+/// The checkpoint of `request_id` over `layers` (any range when `None`) from the holder
+/// at `addr`, or why not.
 pub(crate) async fn fetch(
     links: &LinkSettings,
     addr: &str,
     request_id: &str,
+    layers: Option<LayerRange>,
     model_sha256: &str,
 ) -> Result<KvSnapshot, String> {
     let mut client = node_client(links, addr)?;
@@ -622,6 +724,7 @@ pub(crate) async fn fetch(
         let req = v1::FetchCheckpointRequest {
             request_id: request_id.to_owned(),
             model_sha256: model_sha256.to_owned(),
+            layers: layers.map(range_to_wire),
         };
         let mut stream = client
             .fetch_checkpoint(req)
@@ -634,6 +737,12 @@ pub(crate) async fn fetch(
                 return Err("the holder sent another checkpoint".to_owned());
             }
             let part = from_chunk(&chunk).map_err(|e| e.to_string())?;
+            if layers.is_some_and(|want| want != part.layers) {
+                return Err(format!(
+                    "the holder sent a checkpoint of layers {}",
+                    part.layers
+                ));
+            }
             match &mut snap {
                 None if part.start == 0 => snap = Some(part),
                 None => return Err("the checkpoint does not start at position 0".to_owned()),

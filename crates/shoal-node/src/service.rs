@@ -17,7 +17,7 @@ use futures::Stream;
 use shoal_api::metrics::Outcome;
 use shoal_api::{BackendError, SamplingParams as ApiSampling};
 use shoal_engine::EngineEvent;
-use shoal_model::{ChatMessage, FinishReason, KvSnapshot};
+use shoal_model::{ChatMessage, FinishReason};
 use shoal_proto::v1::node_server::Node;
 use shoal_proto::v1::{self, generate_event::Event, generate_request::Prompt};
 use shoal_types::{ErrorClass, ModelId, RequestId};
@@ -68,45 +68,6 @@ impl NodeService {
         }
     }
 
-    /// The checkpoint a resumed generation names, from this node's store or its holder;
-    /// `None` (the generation is prefilled in full) when there is none to be had.
-    async fn restore(&self, req: &NodeRequest) -> Option<KvSnapshot> {
-        let source = req.restore.as_ref()?;
-        let counters = &self.core.checkpoint_counters;
-        let sha = self.core.shards.whole_sha256(req.model.as_str())?;
-        let id = req.request_id.as_str();
-        let got = if source.node == self.core.node_id {
-            self.core
-                .checkpoints
-                .take(id, &sha)
-                .ok_or_else(|| "not in this node's store".to_owned())
-        } else {
-            checkpoint::fetch(&self.links, &source.addr, id, &sha).await
-        };
-        match got {
-            Ok(snap) => {
-                counters.restores.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    request = %id,
-                    holder = %source.node,
-                    positions = snap.len(),
-                    "resuming from a checkpoint"
-                );
-                Some(snap)
-            }
-            Err(why) => {
-                counters.restore_misses.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    request = %id,
-                    holder = %source.node,
-                    error = %why,
-                    "no checkpoint to resume from; prefilling everything"
-                );
-                None
-            }
-        }
-    }
-
     async fn start(
         &self,
         msg: v1::GenerateRequest,
@@ -125,11 +86,23 @@ impl NodeService {
         };
         let mut ereq = backend.prepare(&req)?;
         let mut pusher = None;
-        if req.downstream.is_empty() {
-            ereq.restore = self.restore(&req).await;
-            if let Some(plan) = req.checkpoint.clone()
-                && let Some(model_sha256) = self.core.shards.whole_sha256(req.model.as_str())
-            {
+        // The checkpoints of a whole model, or of a pipeline head's layers.
+        let head = !req.downstream.is_empty();
+        if let Some((model_sha256, layers)) = self.core.shards.first_shard(req.model.as_str(), head)
+        {
+            if let Some(source) = &req.restore {
+                let id = req.request_id.as_str();
+                ereq.restore = checkpoint::restore(
+                    &self.core,
+                    &self.links,
+                    source,
+                    id,
+                    Some(layers),
+                    &model_sha256,
+                )
+                .await;
+            }
+            if let Some(plan) = req.checkpoint.clone() {
                 let (sink, task, done) = Pusher {
                     request_id: req.request_id.clone(),
                     model: req.model.clone(),
@@ -139,7 +112,7 @@ impl NodeService {
                     peer: plan.peer.filter(|p| p.node != self.core.node_id),
                     links: self.links.clone(),
                     counters: self.core.checkpoint_counters.clone(),
-                    retargets: self.core.checkpoint_targets.clone(),
+                    retargets: Some(self.core.checkpoint_targets.clone()),
                 }
                 .start();
                 ereq.checkpoint = Some(sink);
@@ -492,10 +465,11 @@ impl Node for NodeService {
         request: Request<v1::FetchCheckpointRequest>,
     ) -> Result<Response<CheckpointStream>, Status> {
         let req = request.into_inner();
+        let layers = checkpoint::range_from_wire(req.layers)?;
         let Some(snap) = self
             .core
             .checkpoints
-            .get(&req.request_id, &req.model_sha256)
+            .get(&req.request_id, layers, &req.model_sha256)
         else {
             return Err(Status::not_found(format!(
                 "no checkpoint of {:?} for that model version",
@@ -522,9 +496,10 @@ impl Node for NodeService {
         &self,
         request: Request<v1::DropCheckpointRequest>,
     ) -> Result<Response<v1::DropCheckpointReply>, Status> {
+        let req = request.into_inner();
         self.core
             .checkpoints
-            .remove(&request.into_inner().request_id);
+            .remove(&req.request_id, checkpoint::range_from_wire(req.layers)?);
         Ok(Response::new(v1::DropCheckpointReply {}))
     }
 

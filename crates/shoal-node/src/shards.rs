@@ -421,13 +421,18 @@ impl ShardTable {
         self.entry_for(model, false)
     }
 
-    /// The sha256 of the file a ready whole-model shard of `model` runs.
-    pub fn whole_sha256(&self, model: &str) -> Option<String> {
+    /// The sha256 of the file and the layers of the ready shard of `model` that starts at
+    /// layer 0: the whole model, or with `head` a pipeline head.
+    pub fn first_shard(&self, model: &str, head: bool) -> Option<(String, LayerRange)> {
         let t = self.read();
         t.shards.iter().find_map(|(key, shard)| {
             let backend = shard.backend.as_ref()?;
             let whole = key.start == 0 && key.end == backend.model().config().n_layers;
-            (key.model == model && whole && shard.state == ShardState::Ready)
+            let layers = LayerRange::new(key.start, key.end).ok()?;
+            (key.model == model
+                && key.start == 0
+                && whole != head
+                && shard.state == ShardState::Ready)
                 .then(|| {
                     if shard.assignment.model_sha256.is_empty() {
                         self.find_file(&shard.assignment)
@@ -438,6 +443,7 @@ impl ShardTable {
                     }
                 })
                 .flatten()
+                .map(|sha| (sha, layers))
         })
     }
 

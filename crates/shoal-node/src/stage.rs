@@ -18,11 +18,17 @@
 //! unique per link without renaming. When a link breaks, every sequence on it fails with class
 //! `unavailable` at the head, whose caller (the gateway) resumes them elsewhere.
 
+use crate::checkpoint::{self, CheckpointSource, Pusher};
 use crate::core::NodeCore;
 use crate::link_metrics::{LinkMetrics, Peer, unix_micros};
 use futures::Stream;
-use shoal_engine::{Downstream, EngineError, EngineRequest, HeadStep, TailEvent, TailSender};
-use shoal_model::{Model, Sampler, SamplingParams, SeqStep, ShardInput, ShardOutput, ShardRuntime};
+use shoal_engine::{
+    CheckpointCursor, CheckpointSink, Downstream, EngineError, EngineRequest, HeadStep, Opened,
+    TailEvent, TailSender,
+};
+use shoal_model::{
+    KvSnapshot, Model, Sampler, SamplingParams, SeqStep, ShardInput, ShardOutput, ShardRuntime,
+};
 use shoal_net::{ConnectOptions, RenewableIdentity, Role, TlsMode};
 use shoal_pipeline::{
     Activations, Codec, Frame, LinkOpen, Preference, SeqOutput, SeqSlice, SequenceOpen, StageFault,
@@ -47,6 +53,9 @@ const LINK_BUFFER: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of one link: links are long-lived and reopened after this.
 const LINK_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// Bound on a resumed sequence's later stages importing their checkpoints (each fetch is
+/// bounded by [`checkpoint::FETCH_TIMEOUT`]); past it the head computes everything.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What a node needs to open links to other stages.
 #[derive(Debug, Clone)]
@@ -90,6 +99,17 @@ enum Job {
         seq: SeqId,
         /// Set on the last stage: how to sample, and how many tokens were drawn before.
         sampling: Option<(SamplingParams, u32)>,
+        /// Where the sequence's KV checkpoints go, if anywhere.
+        checkpoint: Option<CheckpointSink>,
+    },
+    /// Imports the part of `snap` that holds exactly the leading `tokens` into a sequence
+    /// just opened; answers the positions imported.
+    Import {
+        link: u64,
+        seq: SeqId,
+        snap: Box<KvSnapshot>,
+        tokens: Vec<u32>,
+        reply: oneshot::Sender<u32>,
     },
     Step {
         link: u64,
@@ -117,13 +137,18 @@ enum StageOut {
 /// The last stage's per-sequence sampling state.
 struct Tail {
     sampler: Sampler,
-    history: Vec<u32>,
     drawn: u32,
 }
 
 struct SeqState {
     local: SeqId,
     tail: Option<Tail>,
+    /// The sequence's tokens so far (sampling history, and the labels of its checkpoints).
+    history: Vec<u32>,
+    checkpoint: Option<(CheckpointSink, CheckpointCursor)>,
+    /// Imported from a checkpoint: the first step may start before the cached end (the
+    /// head restored less), and the cache is rewound to it.
+    restored: bool,
 }
 
 /// A non-first layer range served as a pipeline stage.
@@ -216,16 +241,13 @@ fn stage_thread(mut rt: Box<dyn ShardRuntime>, rx: std_mpsc::Receiver<Job>) {
                 link,
                 seq,
                 sampling,
+                checkpoint,
             } => {
                 next_local += 1;
                 let tail = match sampling {
                     None => None,
                     Some((params, drawn)) => match Sampler::new(params) {
-                        Ok(sampler) => Some(Tail {
-                            sampler,
-                            history: Vec::new(),
-                            drawn,
-                        }),
+                        Ok(sampler) => Some(Tail { sampler, drawn }),
                         Err(e) => {
                             tracing::warn!(error = %e, "bad sampling parameters on a stage link");
                             continue;
@@ -237,10 +259,26 @@ fn stage_thread(mut rt: Box<dyn ShardRuntime>, rx: std_mpsc::Receiver<Job>) {
                     SeqState {
                         local: SeqId(next_local),
                         tail,
+                        history: Vec::new(),
+                        checkpoint: checkpoint.map(|c| (c, CheckpointCursor::default())),
+                        restored: false,
                     },
                 ) {
                     rt.release(old.local);
                 }
+            }
+            Job::Import {
+                link,
+                seq,
+                snap,
+                tokens,
+                reply,
+            } => {
+                let n = match seqs.get_mut(&(link, seq)) {
+                    Some(st) => import(rt.as_mut(), st, *snap, &tokens),
+                    None => 0,
+                };
+                let _ = reply.send(n);
             }
             Job::Step {
                 link,
@@ -250,6 +288,7 @@ fn stage_thread(mut rt: Box<dyn ShardRuntime>, rx: std_mpsc::Receiver<Job>) {
             } => {
                 let out = run_step(rt.as_mut(), &mut seqs, link, &slices, &hidden, vocab);
                 let _ = reply.send(out);
+                checkpoint(rt.as_ref(), &mut seqs, link, &slices);
             }
             Job::Release { link, seqs: gone } => {
                 for s in gone {
@@ -274,6 +313,55 @@ fn stage_thread(mut rt: Box<dyn ShardRuntime>, rx: std_mpsc::Receiver<Job>) {
     }
 }
 
+/// Imports the part of `snap` holding exactly the leading `tokens` into the sequence `st`
+/// (just opened, empty); returns the positions imported.
+fn import(
+    rt: &mut dyn ShardRuntime,
+    st: &mut SeqState,
+    mut snap: KvSnapshot,
+    tokens: &[u32],
+) -> u32 {
+    let usable = snap.matching_prefix(tokens);
+    snap.truncate(usable);
+    if snap.is_empty() {
+        return 0;
+    }
+    match rt.import_kv(st.local, &snap) {
+        Ok(()) => {
+            st.history = snap.tokens;
+            st.restored = true;
+            usable as u32
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "a stage checkpoint does not fit; computing everything");
+            0
+        }
+    }
+}
+
+/// Offers the new KV positions of a step's sequences to their checkpoint sinks.
+fn checkpoint(
+    rt: &dyn ShardRuntime,
+    seqs: &mut HashMap<(u64, SeqId), SeqState>,
+    link: u64,
+    slices: &[SeqSlice],
+) {
+    for s in slices {
+        let Some(st) = seqs.get_mut(&(link, s.seq)) else {
+            continue;
+        };
+        let Some((sink, cursor)) = st.checkpoint.as_mut() else {
+            continue;
+        };
+        if let Err(why) = sink.offer(rt, st.local, cursor, &st.history) {
+            if let Some(why) = why {
+                tracing::warn!(error = %why, "stage checkpoint failed");
+            }
+            st.checkpoint = None;
+        }
+    }
+}
+
 fn run_step(
     rt: &mut dyn ShardRuntime,
     seqs: &mut HashMap<(u64, SeqId), SeqState>,
@@ -284,7 +372,7 @@ fn run_step(
 ) -> Result<StageOut, StageFault> {
     let mut batch = Vec::with_capacity(slices.len());
     for s in slices {
-        let Some(st) = seqs.get(&(link, s.seq)) else {
+        let Some(st) = seqs.get_mut(&(link, s.seq)) else {
             return Err(fault(
                 Some(s.seq),
                 ErrorClass::InvalidRequest,
@@ -292,6 +380,14 @@ fn run_step(
                 format!("sequence {} was not opened on this link", s.seq.0),
             ));
         };
+        if std::mem::take(&mut st.restored)
+            && rt.seq_len(st.local).is_some_and(|cached| s.pos < cached)
+        {
+            // The head restored less than this stage: what it sends again replaces the rest.
+            rt.truncate(st.local, s.pos);
+            st.history.truncate(s.pos as usize);
+        }
+        st.history.extend_from_slice(&s.tokens);
         batch.push(SeqStep {
             seq: st.local,
             pos: s.pos,
@@ -315,8 +411,10 @@ fn run_step(
             let mut rows = l.chunks_exact(vocab);
             let mut tokens = Vec::new();
             for s in slices {
-                let st = seqs.get_mut(&(link, s.seq));
-                let Some(tail) = st.and_then(|st| st.tail.as_mut()) else {
+                let Some(st) = seqs.get_mut(&(link, s.seq)) else {
+                    continue;
+                };
+                let Some(tail) = st.tail.as_mut() else {
                     if s.sample {
                         return Err(fault(
                             Some(s.seq),
@@ -327,7 +425,6 @@ fn run_step(
                     }
                     continue;
                 };
-                tail.history.extend_from_slice(&s.tokens);
                 if !s.sample {
                     continue;
                 }
@@ -339,9 +436,7 @@ fn run_step(
                         "the stage produced fewer logit rows than requested".into(),
                     ));
                 };
-                let token = tail
-                    .sampler
-                    .sample(row, &tail.history, u64::from(tail.drawn));
+                let token = tail.sampler.sample(row, &st.history, u64::from(tail.drawn));
                 tail.drawn += 1;
                 tokens.push((s.seq, token));
             }
@@ -468,6 +563,19 @@ struct HeadOpen {
     sampling: v1::SamplingParams,
     sampled: u32,
     max_context: u32,
+    /// The leading tokens the head can restore, for the later stages to restore too.
+    restorable: Vec<u32>,
+    /// Receives the positions every later stage restored.
+    restored: Option<std_mpsc::SyncSender<u32>>,
+}
+
+/// Resumed sequences waiting for their later stages to say what they restored.
+type PendingRestores = Arc<Mutex<HashMap<SeqId, std_mpsc::SyncSender<u32>>>>;
+
+fn pending(
+    p: &PendingRestores,
+) -> std::sync::MutexGuard<'_, HashMap<SeqId, std_mpsc::SyncSender<u32>>> {
+    p.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The route a pipeline head's request carries: the stages after the head, and how their
@@ -504,6 +612,7 @@ impl HeadDownstream {
             links: HashMap::new(),
             seq_link: HashMap::new(),
             next_step: 0,
+            restores: PendingRestores::default(),
         };
         runtime.spawn(links.run(rx));
         Self { cmds, max_context }
@@ -518,7 +627,12 @@ impl HeadDownstream {
 }
 
 impl Downstream for HeadDownstream {
-    fn open(&mut self, seq: SeqId, req: &EngineRequest) -> Result<usize, EngineError> {
+    fn open(
+        &mut self,
+        seq: SeqId,
+        req: &EngineRequest,
+        restorable: &[u32],
+    ) -> Result<Opened, EngineError> {
         let route = req
             .route
             .as_ref()
@@ -542,6 +656,15 @@ impl Downstream for HeadDownstream {
             seed: Some(s.seed),
         };
         let later = route.hops.len();
+        // Restoring pays only when every later stage has a checkpoint to import.
+        let restoring =
+            !restorable.is_empty() && route.hops.iter().all(|h| h.checkpoint.restore.is_some());
+        let (restored, answer) = if restoring {
+            let (tx, rx) = std_mpsc::sync_channel(1);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         self.send(HeadCmd::Open(Box::new(HeadOpen {
             seq,
             request: req.id.clone(),
@@ -550,8 +673,19 @@ impl Downstream for HeadDownstream {
             sampling,
             sampled: req.resume.len() as u32,
             max_context: self.max_context,
+            restorable: if restoring {
+                restorable.to_vec()
+            } else {
+                Vec::new()
+            },
+            restored,
         })))?;
-        Ok(later)
+        // Blocks the compute thread while the stages fetch their checkpoints (bounded).
+        let restored = answer.map_or(0, |rx| rx.recv_timeout(RESTORE_TIMEOUT).unwrap_or(0));
+        Ok(Opened {
+            depth: later,
+            restored,
+        })
     }
 
     fn step(&mut self, step: HeadStep) -> Result<(), EngineError> {
@@ -572,6 +706,7 @@ struct HeadLinks {
     links: HashMap<String, Arc<Link>>,
     seq_link: HashMap<SeqId, String>,
     next_step: u64,
+    restores: PendingRestores,
 }
 
 fn link_key(hop: &StageHop, preference: Preference) -> String {
@@ -631,6 +766,7 @@ impl HeadLinks {
                         link.metrics.clone(),
                         self.tail.clone(),
                         first.node.clone(),
+                        self.restores.clone(),
                     ));
                     self.links.insert(key.clone(), link);
                 }
@@ -644,6 +780,9 @@ impl HeadLinks {
         let Some(link) = self.links.get(&key) else {
             return;
         };
+        if let Some(tx) = o.restored {
+            pending(&self.restores).insert(o.seq, tx);
+        }
         let open = Frame::SequenceOpen(SequenceOpen {
             seq: o.seq,
             request: o.request,
@@ -652,10 +791,13 @@ impl HeadLinks {
             sampled: o.sampled,
             return_logits: false,
             max_context: o.max_context,
+            stage: Some(first.clone()),
+            restorable: o.restorable,
         });
         if link.send(open).await {
             self.seq_link.insert(o.seq, key);
         } else {
+            pending(&self.restores).remove(&o.seq);
             let f = fault(
                 None,
                 ErrorClass::Unavailable,
@@ -747,6 +889,7 @@ async fn read_results(
     metrics: Arc<LinkMetrics>,
     tail: TailSender,
     node: NodeId,
+    restores: PendingRestores,
 ) {
     let why = loop {
         let msg = tokio::select! {
@@ -759,8 +902,16 @@ async fn read_results(
         match msg.map(|m| m.map(Frame::try_from)) {
             Ok(Some(Ok(Frame::StepResult(r)))) => {
                 for out in r.outputs {
-                    if let SeqOutput::Token { seq, token } = out {
-                        tail.send(TailEvent::Token { seq, token });
+                    match out {
+                        SeqOutput::Token { seq, token } => {
+                            tail.send(TailEvent::Token { seq, token });
+                        }
+                        SeqOutput::Restored { seq, positions } => {
+                            if let Some(tx) = pending(&restores).remove(&seq) {
+                                let _ = tx.try_send(positions);
+                            }
+                        }
+                        SeqOutput::Logits { .. } => {}
                     }
                 }
             }
@@ -779,6 +930,8 @@ async fn read_results(
         }
     };
     closed.cancel();
+    // Sequences waiting for their stages' restores compute everything (and then fail).
+    pending(&restores).clear();
     tracing::warn!(stage = %node, reason = %why, "stage link lost");
     tail.send(TailEvent::Failed {
         seq: None,
@@ -863,7 +1016,9 @@ impl Stage for StageService {
             up,
             down: None,
             opened: HashSet::new(),
+            pushers: HashMap::new(),
             cancel: self.core.requests.child_token(),
+            core: self.core.clone(),
         };
         tokio::spawn(server.run(inbound));
         Ok(Response::new(Box::pin(futures::stream::unfold(
@@ -901,7 +1056,12 @@ struct LinkServer {
     /// The link to the next stage, once a sequence named it.
     down: Option<Arc<Link>>,
     opened: HashSet<SeqId>,
+    /// The checkpoint pushers of sequences that checkpoint: told `true` when the sequence
+    /// ends normally (its holder drops the checkpoint); dropped when the link breaks (the
+    /// checkpoint stays for the failover).
+    pushers: HashMap<SeqId, oneshot::Sender<bool>>,
     cancel: CancellationToken,
+    core: Arc<NodeCore>,
 }
 
 impl LinkServer {
@@ -933,6 +1093,9 @@ impl LinkServer {
                 Frame::Release(seqs) => {
                     for s in &seqs {
                         self.opened.remove(s);
+                        if let Some(done) = self.pushers.remove(s) {
+                            let _ = done.send(true);
+                        }
                     }
                     self.shard.send(Job::Release {
                         link: self.link,
@@ -1016,12 +1179,35 @@ impl LinkServer {
             .await;
             return true;
         }
+        let plan = o
+            .stage
+            .as_ref()
+            .map(|h| h.checkpoint.clone())
+            .unwrap_or_default();
+        let checkpoint = self.checkpoint_sink(&o, &plan);
         self.shard.send(Job::Open {
             link: self.link,
             seq: o.seq,
             sampling,
+            checkpoint,
         });
         self.opened.insert(o.seq);
+        let restored = self.restore(&o, &plan).await;
+        let mut restorable = o.restorable.clone();
+        restorable.truncate(restored as usize);
+        if !o.restorable.is_empty() && (last || restored == 0) {
+            // The head waits for this: every stage after this one restores nothing more.
+            let answer = StepResult {
+                step: 0,
+                outputs: vec![SeqOutput::Restored {
+                    seq: o.seq,
+                    positions: restored,
+                }],
+            };
+            if !self.up.send(Frame::StepResult(answer)).await {
+                return false;
+            }
+        }
         if !last {
             if self.down.as_ref().is_none_or(|d| d.closed.is_cancelled()) {
                 let hop = &o.downstream[0];
@@ -1042,7 +1228,9 @@ impl LinkServer {
                 }
             }
             let fwd = SequenceOpen {
+                stage: Some(o.downstream[0].clone()),
                 downstream: o.downstream[1..].to_vec(),
+                restorable,
                 ..o
             };
             if let Some(d) = &self.down
@@ -1052,6 +1240,75 @@ impl LinkServer {
             }
         }
         true
+    }
+
+    /// Starts pushing the sequence's checkpoints when its hop names a holder; the sink for
+    /// the compute thread.
+    fn checkpoint_sink(
+        &mut self,
+        o: &SequenceOpen,
+        plan: &shoal_pipeline::HopCheckpoint,
+    ) -> Option<CheckpointSink> {
+        let peer = plan.peer.as_ref().filter(|p| p.node != self.core.node_id)?;
+        if plan.every == 0 {
+            return None;
+        }
+        let (sink, task, done) = Pusher {
+            request_id: o.request.clone(),
+            model: self.shard.model_id.clone(),
+            model_sha256: self.shard.sha256.clone(),
+            every: plan.every,
+            peer: Some(CheckpointSource {
+                node: peer.node.clone(),
+                addr: peer.addr.clone(),
+            }),
+            links: self.settings.clone(),
+            counters: self.core.checkpoint_counters.clone(),
+            retargets: None,
+        }
+        .start();
+        tokio::spawn(task);
+        self.pushers.insert(o.seq, done);
+        Some(sink)
+    }
+
+    /// Imports this stage's checkpoint of a resumed sequence, as far as the stages before it
+    /// restored (`restorable`); returns the positions imported.
+    async fn restore(&self, o: &SequenceOpen, plan: &shoal_pipeline::HopCheckpoint) -> u32 {
+        let Some(holder) = plan.restore.as_ref() else {
+            return 0;
+        };
+        if o.restorable.is_empty() {
+            return 0;
+        }
+        let source = CheckpointSource {
+            node: holder.node.clone(),
+            addr: holder.addr.clone(),
+        };
+        let Some(snap) = checkpoint::restore(
+            &self.core,
+            &self.settings,
+            &source,
+            o.request.as_str(),
+            Some(self.shard.range),
+            &self.shard.sha256,
+        )
+        .await
+        else {
+            return 0;
+        };
+        let (reply, rx) = oneshot::channel();
+        let sent = self.shard.send(Job::Import {
+            link: self.link,
+            seq: o.seq,
+            snap: Box::new(snap),
+            tokens: o.restorable.clone(),
+            reply,
+        });
+        if !sent {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
     }
 
     async fn step(&mut self, step: Step) -> bool {

@@ -70,6 +70,50 @@ pub struct StageHop {
     pub data_addr: String,
     /// The layers it runs.
     pub layers: LayerRange,
+    /// What the stage does with checkpoints of the sequences it runs.
+    pub checkpoint: HopCheckpoint,
+}
+
+impl StageHop {
+    /// A hop with no checkpoints.
+    pub fn new(node: NodeId, data_addr: String, layers: LayerRange) -> Self {
+        Self {
+            node,
+            data_addr,
+            layers,
+            checkpoint: HopCheckpoint::default(),
+        }
+    }
+}
+
+/// A node named by its id and data-plane address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAddr {
+    /// The node.
+    pub node: NodeId,
+    /// Its data-plane address (`host:port`).
+    pub addr: String,
+}
+
+impl NodeAddr {
+    /// The node named by `node` and `addr`, unless either is empty.
+    pub fn from_parts(node: String, addr: String) -> Option<Self> {
+        (!node.is_empty() && !addr.is_empty()).then(|| Self {
+            node: NodeId::new(node),
+            addr,
+        })
+    }
+}
+
+/// A stage's checkpoints of one sequence's KV cache over its layers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HopCheckpoint {
+    /// New positions gathered before each checkpoint; 0: no checkpoints.
+    pub every: u32,
+    /// The node the checkpoints go to.
+    pub peer: Option<NodeAddr>,
+    /// (A resumed generation.) The node holding a checkpoint of these layers to import.
+    pub restore: Option<NodeAddr>,
 }
 
 /// The first frame upstream → downstream: what the link is for.
@@ -134,6 +178,12 @@ pub struct SequenceOpen {
     pub return_logits: bool,
     /// Longest context the sequence may reach.
     pub max_context: u32,
+    /// The receiver's own hop, with its checkpoint plan and restore source.
+    pub stage: Option<StageHop>,
+    /// (A resumed generation.) The leading tokens whose KV entries every stage before the
+    /// receiver imported: the receiver imports the longest prefix of them its checkpoint
+    /// holds. Empty: nothing to restore.
+    pub restorable: Vec<u32>,
 }
 
 /// One sequence's part in a step.
@@ -269,13 +319,22 @@ pub enum SeqOutput {
         /// The logits, one row of the vocabulary's width.
         logits: Activations,
     },
+    /// The answer to a sequence opened with `restorable`: the KV positions every stage holds.
+    Restored {
+        /// The sequence.
+        seq: SeqId,
+        /// Positions imported from checkpoints on every stage.
+        positions: u32,
+    },
 }
 
 impl SeqOutput {
     /// The sequence it belongs to.
     pub fn seq(&self) -> SeqId {
         match self {
-            SeqOutput::Token { seq, .. } | SeqOutput::Logits { seq, .. } => *seq,
+            SeqOutput::Token { seq, .. }
+            | SeqOutput::Logits { seq, .. }
+            | SeqOutput::Restored { seq, .. } => *seq,
         }
     }
 }

@@ -21,8 +21,8 @@ pub mod wire;
 
 pub use codec::{Codec, CodecError, Preference, Q8_BLOCK, Q8_BLOCK_BYTES, negotiate};
 pub use frame::{
-    Activations, Frame, LinkAccept, LinkOpen, MAX_SEQS_PER_STEP, SeqOutput, SeqSlice, SequenceOpen,
-    StageFault, StageHop, Step, StepProblem, StepResult,
+    Activations, Frame, HopCheckpoint, LinkAccept, LinkOpen, MAX_SEQS_PER_STEP, NodeAddr,
+    SeqOutput, SeqSlice, SequenceOpen, StageFault, StageHop, Step, StepProblem, StepResult,
 };
 pub use wire::{
     FrameError, codec_from_wire, codec_to_wire, preference_from_wire, preference_to_wire,

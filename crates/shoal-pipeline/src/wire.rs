@@ -8,8 +8,8 @@
 
 use crate::codec::{Codec, CodecError, Preference};
 use crate::frame::{
-    Activations, Frame, LinkAccept, LinkOpen, SeqOutput, SeqSlice, SequenceOpen, StageFault,
-    StageHop, Step, StepProblem, StepResult,
+    Activations, Frame, HopCheckpoint, LinkAccept, LinkOpen, NodeAddr, SeqOutput, SeqSlice,
+    SequenceOpen, StageFault, StageHop, Step, StepProblem, StepResult,
 };
 use shoal_proto::v1;
 use shoal_proto::v1::stage_frame::Frame as WireFrame;
@@ -24,6 +24,8 @@ pub const MAX_HOPS: usize = 64;
 pub const MAX_CODECS: usize = 16;
 /// Most sequences one release may list.
 pub const MAX_RELEASE: usize = 4096;
+/// Most restorable tokens a sequence open may list (a context window of 1 Mi tokens).
+pub const MAX_RESTORABLE: usize = 1 << 20;
 
 /// Why a wire frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -144,14 +146,16 @@ pub fn preference_from_wire(value: i32) -> Preference {
     }
 }
 
-fn range_to_wire(r: LayerRange) -> v1::LayerRange {
+/// A layer range on the wire.
+pub fn range_to_wire(r: LayerRange) -> v1::LayerRange {
     v1::LayerRange {
         start: r.start(),
         end: r.end(),
     }
 }
 
-fn range_from_wire(
+/// A layer range from the wire (`field` names it in the error).
+pub fn range_from_wire(
     field: &'static str,
     r: Option<v1::LayerRange>,
 ) -> Result<LayerRange, FrameError> {
@@ -215,6 +219,11 @@ impl From<StageHop> for v1::StageHop {
             node_id: h.node.to_string(),
             data_addr: h.data_addr,
             layers: Some(range_to_wire(h.layers)),
+            checkpoint_every: h.checkpoint.every,
+            checkpoint_node: node_of(h.checkpoint.peer.as_ref()),
+            checkpoint_addr: addr_of(h.checkpoint.peer.as_ref()),
+            restore_node: node_of(h.checkpoint.restore.as_ref()),
+            restore_addr: addr_of(h.checkpoint.restore.as_ref()),
         }
     }
 }
@@ -226,8 +235,27 @@ impl TryFrom<v1::StageHop> for StageHop {
             node: NodeId::new(text("downstream.node_id", h.node_id, true)?),
             data_addr: text("downstream.data_addr", h.data_addr, true)?,
             layers: range_from_wire("downstream.layers", h.layers)?,
+            checkpoint: HopCheckpoint {
+                every: h.checkpoint_every,
+                peer: NodeAddr::from_parts(
+                    text("downstream.checkpoint_node", h.checkpoint_node, false)?,
+                    text("downstream.checkpoint_addr", h.checkpoint_addr, false)?,
+                ),
+                restore: NodeAddr::from_parts(
+                    text("downstream.restore_node", h.restore_node, false)?,
+                    text("downstream.restore_addr", h.restore_addr, false)?,
+                ),
+            },
         })
     }
+}
+
+fn node_of(a: Option<&NodeAddr>) -> String {
+    a.map(|a| a.node.to_string()).unwrap_or_default()
+}
+
+fn addr_of(a: Option<&NodeAddr>) -> String {
+    a.map(|a| a.addr.clone()).unwrap_or_default()
 }
 
 impl From<Frame> for v1::StageFrame {
@@ -260,6 +288,8 @@ impl From<Frame> for v1::StageFrame {
                 sampled: s.sampled,
                 return_logits: s.return_logits,
                 max_context: s.max_context,
+                stage: s.stage.map(Into::into),
+                restorable: s.restorable,
             }),
             Frame::Step(s) => WireFrame::Step(v1::StageStep {
                 step: s.step,
@@ -290,6 +320,10 @@ impl From<Frame> for v1::StageFrame {
                         SeqOutput::Logits { seq, logits } => v1::StageSeqOutput {
                             seq: seq.0,
                             output: Some(WireOutput::Logits(logits.into())),
+                        },
+                        SeqOutput::Restored { seq, positions } => v1::StageSeqOutput {
+                            seq: seq.0,
+                            output: Some(WireOutput::Restored(positions)),
                         },
                     })
                     .collect(),
@@ -348,6 +382,8 @@ impl TryFrom<v1::StageFrame> for Frame {
                 sampled: s.sampled,
                 return_logits: s.return_logits,
                 max_context: s.max_context,
+                stage: s.stage.map(StageHop::try_from).transpose()?,
+                restorable: bounded("sequence_open.restorable", s.restorable, MAX_RESTORABLE)?,
             }),
             WireFrame::Step(s) => {
                 let step = Step {
@@ -406,6 +442,7 @@ fn output_from_wire(o: v1::StageSeqOutput) -> Result<SeqOutput, FrameError> {
         field: "step_result.outputs.output",
     })? {
         WireOutput::Token(token) => Ok(SeqOutput::Token { seq, token }),
+        WireOutput::Restored(positions) => Ok(SeqOutput::Restored { seq, positions }),
         WireOutput::Logits(l) => {
             let logits = activations_from_wire("step_result.outputs.logits", Some(l))?;
             match logits.rows() {

@@ -7,8 +7,9 @@ use prost::Message as _;
 use shoal_pipeline::frame::StepProblem;
 use shoal_pipeline::wire::{MAX_HOPS, MAX_TEXT};
 use shoal_pipeline::{
-    Activations, Codec, CodecError, Frame, FrameError, LinkAccept, LinkOpen, Preference, SeqOutput,
-    SeqSlice, SequenceOpen, StageFault, StageHop, Step, StepResult,
+    Activations, Codec, CodecError, Frame, FrameError, HopCheckpoint, LinkAccept, LinkOpen,
+    NodeAddr, Preference, SeqOutput, SeqSlice, SequenceOpen, StageFault, StageHop, Step,
+    StepResult,
 };
 use shoal_proto::v1;
 use shoal_types::{ErrorClass, LayerRange, ModelId, NodeId, RequestId, SeqId};
@@ -65,6 +66,14 @@ fn every_kind_of_frame() -> Vec<Frame> {
                 node: NodeId::new("pi-3"),
                 data_addr: "10.0.0.3:7001".into(),
                 layers: range(20, 30),
+                checkpoint: HopCheckpoint {
+                    every: 64,
+                    peer: Some(NodeAddr {
+                        node: NodeId::new("pi-5"),
+                        addr: "10.0.0.5:7001".into(),
+                    }),
+                    restore: None,
+                },
             }],
             sampling: v1::SamplingParams {
                 temperature: Some(0.7),
@@ -74,6 +83,18 @@ fn every_kind_of_frame() -> Vec<Frame> {
             sampled: 3,
             return_logits: false,
             max_context: 2048,
+            stage: Some(StageHop {
+                checkpoint: HopCheckpoint {
+                    every: 64,
+                    peer: None,
+                    restore: Some(NodeAddr {
+                        node: NodeId::new("pi-4"),
+                        addr: "10.0.0.4:7001".into(),
+                    }),
+                },
+                ..StageHop::new(NodeId::new("pi-2"), "10.0.0.2:7001".into(), range(10, 20))
+            }),
+            restorable: vec![1, 2, 3],
         }),
         // A micro-batch: a prompt chunk of one sequence beside decode rows of two others.
         Frame::Step(Step {
@@ -96,6 +117,10 @@ fn every_kind_of_frame() -> Vec<Frame> {
                 SeqOutput::Logits {
                     seq: SeqId(9),
                     logits: hidden(Codec::F32, 1, 100),
+                },
+                SeqOutput::Restored {
+                    seq: SeqId(41),
+                    positions: 3,
                 },
             ],
         }),
@@ -346,6 +371,7 @@ fn malformed_control_frames_are_refused() {
         node_id: "b".into(),
         data_addr: "b:1".into(),
         layers: Some(v1::LayerRange { start: 2, end: 4 }),
+        ..Default::default()
     };
     assert!(Frame::try_from(seq_open(vec![hop.clone()])).is_ok());
     assert_eq!(
