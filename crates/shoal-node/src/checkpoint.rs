@@ -793,26 +793,47 @@ mod tests {
         ));
         assert!(store.append("r1", "other", snap(15, 5, 3)).is_err());
         assert!(store.append("r2", "sha", snap(4, 5, 3)).is_err());
-        let got = store.get("r1", "sha").unwrap();
+        let got = store.get("r1", None, "sha").unwrap();
         assert_eq!(got.len(), 15);
         assert_eq!(got.slice(10, 5), snap(10, 5, 2));
-        assert!(store.get("r1", "other").is_none());
-        assert!(store.take("r1", "other").is_none());
-        assert_eq!(store.take("r1", "sha"), Some(got));
-        assert!(store.get("r1", "sha").is_none());
+        assert!(store.get("r1", None, "other").is_none());
+        assert!(store.take("r1", None, "other").is_none());
+        assert_eq!(store.take("r1", None, "sha"), Some(got));
+        assert!(store.get("r1", None, "sha").is_none());
         // A push from zero of the same tokens keeps what is stored and adds what it has
         // beyond; one whose tokens differ replaces it from where it starts.
         store.append("r1", "sha", snap(0, 10, 1)).unwrap();
         assert_eq!(store.append("r1", "sha", snap(0, 3, 9)).unwrap(), 10);
-        assert_eq!(store.get("r1", "sha").unwrap(), snap(0, 10, 1));
+        assert_eq!(store.get("r1", None, "sha").unwrap(), snap(0, 10, 1));
         assert_eq!(store.append("r1", "sha", snap(0, 12, 1)).unwrap(), 12);
-        assert_eq!(store.get("r1", "sha").unwrap(), snap(0, 12, 1));
+        assert_eq!(store.get("r1", None, "sha").unwrap(), snap(0, 12, 1));
         let mut other = snap(0, 4, 5);
         other.tokens[2] += 100;
         assert_eq!(store.append("r1", "sha", other.clone()).unwrap(), 4);
-        assert_eq!(store.get("r1", "sha").unwrap(), other);
-        assert!(store.remove("r1"));
-        assert!(store.get("r1", "sha").is_none());
+        assert_eq!(store.get("r1", None, "sha").unwrap(), other);
+        assert!(store.remove("r1", None));
+        assert!(store.get("r1", None, "sha").is_none());
+    }
+
+    #[test]
+    fn checkpoints_of_one_request_over_other_layers_are_kept_apart() {
+        let store = CheckpointStore::new(1 << 20, Duration::from_secs(60));
+        let whole = snap(0, 10, 1);
+        let mut stage = snap(0, 6, 2);
+        stage.layers = LayerRange::new(2, 4).unwrap();
+        store.append("r1", "sha", whole.clone()).unwrap();
+        // A checkpoint of other layers starts at 0 without touching the first.
+        assert_eq!(store.append("r1", "sha", stage.clone()).unwrap(), 6);
+        assert_eq!(store.get("r1", Some(whole.layers), "sha"), Some(whole.clone()));
+        assert_eq!(store.get("r1", Some(stage.layers), "sha"), Some(stage.clone()));
+        assert!(store.get("r1", Some(LayerRange::new(0, 1).unwrap()), "sha").is_none());
+        // Dropping one range keeps the other; dropping the request drops all.
+        assert!(store.remove("r1", Some(stage.layers)));
+        assert_eq!(store.take("r1", None, "sha"), Some(whole.clone()));
+        store.append("r1", "sha", whole).unwrap();
+        store.append("r1", "sha", stage).unwrap();
+        assert!(store.remove("r1", None));
+        assert_eq!(store.len(), 0);
     }
 
     #[test]
@@ -824,10 +845,10 @@ mod tests {
         store.append("b", "sha", snap(0, 10, 1)).unwrap();
         std::thread::sleep(Duration::from_millis(2));
         // Using `a` makes `b` the older one.
-        assert!(store.get("a", "sha").is_some());
+        assert!(store.get("a", None, "sha").is_some());
         store.append("c", "sha", snap(0, 10, 1)).unwrap();
-        assert!(store.get("b", "sha").is_none());
-        assert!(store.get("a", "sha").is_some() && store.get("c", "sha").is_some());
+        assert!(store.get("b", None, "sha").is_none());
+        assert!(store.get("a", None, "sha").is_some() && store.get("c", None, "sha").is_some());
         assert!(store.bytes() <= 2 * one);
         // One checkpoint larger than the whole budget is refused.
         assert!(matches!(
@@ -866,7 +887,7 @@ mod tests {
         let store = CheckpointStore::new(1 << 20, Duration::from_millis(1));
         store.append("a", "sha", snap(0, 10, 1)).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        assert!(store.get("a", "sha").is_none());
+        assert!(store.get("a", None, "sha").is_none());
         store.append("b", "sha", snap(0, 10, 1)).unwrap();
         assert_eq!(store.len(), 1);
     }

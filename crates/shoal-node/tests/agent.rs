@@ -840,6 +840,7 @@ async fn checkpoints_from_peers_are_checked_and_a_resume_imports_one() {
     let fetch = v1::FetchCheckpointRequest {
         request_id: "r1".into(),
         model_sha256: sha.clone(),
+        layers: None,
     };
     let err = within(
         "fetching nothing",
@@ -881,6 +882,21 @@ async fn checkpoints_from_peers_are_checked_and_a_resume_imports_one() {
         tokens.extend(c.tokens);
     }
     assert_eq!(tokens, prompt);
+    // Checkpoints are kept by layer range: one of other layers is not this one, and a range
+    // that is no range is refused.
+    let layers = |start, end| v1::FetchCheckpointRequest {
+        layers: Some(v1::LayerRange { start, end }),
+        ..fetch.clone()
+    };
+    for (start, end, code) in [(0, 1, Code::NotFound), (2, 1, Code::InvalidArgument)] {
+        let err = within(
+            "fetching other layers",
+            peer.clone().fetch_checkpoint(layers(start, end)),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+    }
 
     // A generation resumed here with this node as the holder imports the checkpoint.
     let plain = generate_all(
@@ -931,6 +947,7 @@ async fn checkpoints_from_peers_are_checked_and_a_resume_imports_one() {
         "dropping",
         peer.drop_checkpoint(v1::DropCheckpointRequest {
             request_id: "r1".into(),
+            layers: None,
         }),
     )
     .await
