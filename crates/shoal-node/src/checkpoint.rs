@@ -824,9 +824,19 @@ mod tests {
         store.append("r1", "sha", whole.clone()).unwrap();
         // A checkpoint of other layers starts at 0 without touching the first.
         assert_eq!(store.append("r1", "sha", stage.clone()).unwrap(), 6);
-        assert_eq!(store.get("r1", Some(whole.layers), "sha"), Some(whole.clone()));
-        assert_eq!(store.get("r1", Some(stage.layers), "sha"), Some(stage.clone()));
-        assert!(store.get("r1", Some(LayerRange::new(0, 1).unwrap()), "sha").is_none());
+        assert_eq!(
+            store.get("r1", Some(whole.layers), "sha"),
+            Some(whole.clone())
+        );
+        assert_eq!(
+            store.get("r1", Some(stage.layers), "sha"),
+            Some(stage.clone())
+        );
+        assert!(
+            store
+                .get("r1", Some(LayerRange::new(0, 1).unwrap()), "sha")
+                .is_none()
+        );
         // Dropping one range keeps the other; dropping the request drops all.
         assert!(store.remove("r1", Some(stage.layers)));
         assert_eq!(store.take("r1", None, "sha"), Some(whole.clone()));

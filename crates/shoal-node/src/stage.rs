@@ -791,7 +791,7 @@ impl HeadLinks {
             sampled: o.sampled,
             return_logits: false,
             max_context: o.max_context,
-            stage: Some(first.clone()),
+            stage: Some(Box::new(first.clone())),
             restorable: o.restorable,
         });
         if link.send(open).await {
@@ -1228,7 +1228,7 @@ impl LinkServer {
                 }
             }
             let fwd = SequenceOpen {
-                stage: Some(o.downstream[0].clone()),
+                stage: Some(Box::new(o.downstream[0].clone())),
                 downstream: o.downstream[1..].to_vec(),
                 restorable,
                 ..o

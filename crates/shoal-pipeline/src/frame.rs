@@ -179,7 +179,7 @@ pub struct SequenceOpen {
     /// Longest context the sequence may reach.
     pub max_context: u32,
     /// The receiver's own hop, with its checkpoint plan and restore source.
-    pub stage: Option<StageHop>,
+    pub stage: Option<Box<StageHop>>,
     /// (A resumed generation.) The leading tokens whose KV entries every stage before the
     /// receiver imported: the receiver imports the longest prefix of them its checkpoint
     /// holds. Empty: nothing to restore.

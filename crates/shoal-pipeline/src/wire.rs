@@ -288,7 +288,7 @@ impl From<Frame> for v1::StageFrame {
                 sampled: s.sampled,
                 return_logits: s.return_logits,
                 max_context: s.max_context,
-                stage: s.stage.map(Into::into),
+                stage: s.stage.map(|h| (*h).into()),
                 restorable: s.restorable,
             }),
             Frame::Step(s) => WireFrame::Step(v1::StageStep {
@@ -382,7 +382,7 @@ impl TryFrom<v1::StageFrame> for Frame {
                 sampled: s.sampled,
                 return_logits: s.return_logits,
                 max_context: s.max_context,
-                stage: s.stage.map(StageHop::try_from).transpose()?,
+                stage: s.stage.map(StageHop::try_from).transpose()?.map(Box::new),
                 restorable: bounded("sequence_open.restorable", s.restorable, MAX_RESTORABLE)?,
             }),
             WireFrame::Step(s) => {

@@ -83,7 +83,7 @@ fn every_kind_of_frame() -> Vec<Frame> {
             sampled: 3,
             return_logits: false,
             max_context: 2048,
-            stage: Some(StageHop {
+            stage: Some(Box::new(StageHop {
                 checkpoint: HopCheckpoint {
                     every: 64,
                     peer: None,
@@ -93,7 +93,7 @@ fn every_kind_of_frame() -> Vec<Frame> {
                     }),
                 },
                 ..StageHop::new(NodeId::new("pi-2"), "10.0.0.2:7001".into(), range(10, 20))
-            }),
+            })),
             restorable: vec![1, 2, 3],
         }),
         // A micro-batch: a prompt chunk of one sequence beside decode rows of two others.
