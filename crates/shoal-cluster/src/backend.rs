@@ -30,7 +30,9 @@
 //! generation was just lost on). When its holder dies, or none was ready when it started, the
 //! gateway names a new one (`Node.RetargetCheckpoint`), and the checkpoint starts again there.
 //! A failover prefers the holder and names it in `restore`, so the new node imports the
-//! checkpoint instead of prefilling the context.
+//! checkpoint instead of prefilling the context. On a pipeline each stage checkpoints its own
+//! layers to a holder of its own, and on a failover every stage of the new route that runs
+//! the same layers as a live holder imports from it (see `stage_hops`).
 
 use crate::metrics::{
     CHECKPOINT_RESTORED_POSITIONS_TOTAL, CHECKPOINT_RESTORES_TOTAL, FAILOVERS_TOTAL,
@@ -126,9 +128,10 @@ pub struct ClusterBackendConfig {
     /// How pipeline links choose their activation codec (f16 by default; `Exact` for
     /// bit-identical hidden states).
     pub pipeline_codec: shoal_pipeline::Preference,
-    /// When not 0, a generation on a whole-model replica checkpoints its KV cache to another
-    /// ready replica every this many positions, and a failover resumes on that replica from
-    /// the checkpoint instead of prefilling the whole context again.
+    /// When not 0, a generation checkpoints its KV cache every this many positions (on a
+    /// whole-model replica to another ready replica; on a pipeline, each stage its own
+    /// layers), and a failover resumes from the checkpoint instead of prefilling the whole
+    /// context again.
     pub checkpoint_every: u32,
 }
 
