@@ -25,7 +25,7 @@ use shoal_model::KvSnapshot;
 use shoal_net::{ConnectOptions, Role};
 use shoal_pipeline::wire::range_to_wire;
 use shoal_proto::v1;
-use shoal_types::{LayerRange, ModelId, NodeId, RequestId};
+use shoal_types::{LayerRange, ModelId, RequestId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -55,14 +55,8 @@ pub struct CheckpointPlan {
 }
 
 /// A node holding (or to hold) a generation's checkpoint: from the wire's `CheckpointSource`,
-/// or the peer of a `CheckpointPlan`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckpointSource {
-    /// The node holding it.
-    pub node: NodeId,
-    /// Its data-plane address.
-    pub addr: String,
-}
+/// the peer of a `CheckpointPlan`, or a pipeline hop's holder.
+pub type CheckpointSource = shoal_pipeline::NodeAddr;
 
 impl CheckpointPlan {
     /// The plan a wire request carries, if a usable one.
@@ -75,20 +69,10 @@ impl CheckpointPlan {
     }
 }
 
-impl CheckpointSource {
-    /// The source a wire request carries, if a usable one.
-    pub(crate) fn from_wire(s: Option<v1::CheckpointSource>) -> Option<Self> {
-        let s = s?;
-        Self::from_parts(s.node, s.addr)
-    }
-
-    /// The node named by `node` and `addr`, unless either is empty.
-    pub(crate) fn from_parts(node: String, addr: String) -> Option<Self> {
-        (!node.is_empty() && !addr.is_empty()).then(|| Self {
-            node: NodeId::new(node),
-            addr,
-        })
-    }
+/// The checkpoint source a wire request carries, if a usable one.
+pub(crate) fn source_from_wire(s: Option<v1::CheckpointSource>) -> Option<CheckpointSource> {
+    let s = s?;
+    CheckpointSource::from_parts(s.node, s.addr)
 }
 
 /// Counters of the checkpoint traffic of one node.
@@ -871,7 +855,7 @@ mod tests {
     fn a_generation_can_be_retargeted_while_it_is_registered() {
         let retargets = Arc::new(Retargets::default());
         let holder = |n: &str| CheckpointSource {
-            node: NodeId::new(n),
+            node: shoal_types::NodeId::new(n),
             addr: format!("{n}:1"),
         };
         let (mut first, first_reg) = retargets.register("r", None);

@@ -236,7 +236,7 @@ pub(crate) fn node_request(
             .map_err(|e| invalid("invalid_route", format!("bad pipeline stage: {e}")))?,
         codec: shoal_pipeline::preference_from_wire(msg.codec),
         checkpoint: crate::CheckpointPlan::from_wire(msg.checkpoint),
-        restore: crate::CheckpointSource::from_wire(msg.restore),
+        restore: checkpoint::source_from_wire(msg.restore),
     })
 }
 

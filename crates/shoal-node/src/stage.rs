@@ -18,7 +18,7 @@
 //! unique per link without renaming. When a link breaks, every sequence on it fails with class
 //! `unavailable` at the head, whose caller (the gateway) resumes them elsewhere.
 
-use crate::checkpoint::{self, CheckpointSource, Pusher};
+use crate::checkpoint::{self, Pusher};
 use crate::core::NodeCore;
 use crate::link_metrics::{LinkMetrics, Peer, unix_micros};
 use futures::Stream;
@@ -1258,10 +1258,7 @@ impl LinkServer {
             model: self.shard.model_id.clone(),
             model_sha256: self.shard.sha256.clone(),
             every: plan.every,
-            peer: Some(CheckpointSource {
-                node: peer.node.clone(),
-                addr: peer.addr.clone(),
-            }),
+            peer: Some(peer.clone()),
             links: self.settings.clone(),
             counters: self.core.checkpoint_counters.clone(),
             retargets: None,
@@ -1281,14 +1278,10 @@ impl LinkServer {
         if o.restorable.is_empty() {
             return 0;
         }
-        let source = CheckpointSource {
-            node: holder.node.clone(),
-            addr: holder.addr.clone(),
-        };
         let Some(snap) = checkpoint::restore(
             &self.core,
             &self.settings,
-            &source,
+            holder,
             o.request.as_str(),
             Some(self.shard.range),
             &self.shard.sha256,
