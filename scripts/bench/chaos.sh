@@ -37,6 +37,9 @@
 #   request) FIRST_TOKEN_TIMEOUT_MS=60000 (the gateway's bound on a generation's first token)
 #   MAX_FAILOVERS=3 (moves of one generation after a node lost work on it, at most)
 #   MAX_MOVES=16 (moves of one generation at most)
+#   HALVES=both (reference: the fault-free run only, its record kept in KEEP; chaos: the faulty
+#   run only, its outputs compared with REFERENCE=<reference.jsonl of an earlier run with the
+#   same settings>: a long run can be split over two sittings)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 requests=${REQUESTS:-200}
@@ -66,6 +69,13 @@ timeout=${TIMEOUT:-120}
 first_token_timeout_ms=${FIRST_TOKEN_TIMEOUT_MS:-60000}
 max_failovers=${MAX_FAILOVERS:-3}
 max_moves=${MAX_MOVES:-16}
+halves=${HALVES:-both}
+case $halves in
+  both | reference) ;;
+  chaos) [[ -f ${REFERENCE:-} ]] || { echo "HALVES=chaos needs REFERENCE=<reference.jsonl>" >&2; exit 2; } ;;
+  *) echo "HALVES must be both, reference or chaos" >&2; exit 2 ;;
+esac
+[[ $halves != reference || -n ${KEEP:-} ]] || { echo "HALVES=reference needs KEEP=<dir>" >&2; exit 2; }
 agents=${AGENTS:-3}
 replicas=${REPLICAS:-2}
 threads=${THREADS:-1}
@@ -289,9 +299,18 @@ fi
 if [[ $checkpoint_every -gt 0 ]]; then
   echo "   KV checkpoints to the other replica every $checkpoint_every positions"
 fi
-echo "== fault-free run: $requests streamed requests, concurrency $concurrency, max_tokens $max_tokens"
-"${bench[@]}" --record "$work/reference.jsonl" --request-id-prefix ref >"$work/reference.json"
-python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['wall_seconds']:.1f} s, {r['requests_ok']} ok, {r['output_tokens_per_second']:.0f} tok/s\")" "$work/reference.json"
+if [[ $halves == chaos ]]; then
+  echo "== fault-free run: from $REFERENCE"
+  [[ $(realpath "$REFERENCE") == $(realpath -m "$work/reference.jsonl") ]] || cp "$REFERENCE" "$work/reference.jsonl"
+else
+  echo "== fault-free run: $requests streamed requests, concurrency $concurrency, max_tokens $max_tokens"
+  "${bench[@]}" --record "$work/reference.jsonl" --request-id-prefix ref >"$work/reference.json"
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['wall_seconds']:.1f} s, {r['requests_ok']} ok, {r['output_tokens_per_second']:.0f} tok/s\")" "$work/reference.json"
+  if [[ $halves == reference ]]; then
+    echo "files in $work (the chaos half: HALVES=chaos REFERENCE=$work/reference.jsonl with the same settings)"
+    exit 0
+  fi
+fi
 
 echo "== chaos run: the same requests, an agent serving the model faulted ($faults) every ${kill_every} s (seed $seed)"
 "${bench[@]}" --record "$work/chaos.jsonl" --request-id-prefix chaos >"$work/chaos.json" &

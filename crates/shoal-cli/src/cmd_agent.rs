@@ -50,6 +50,10 @@ pub struct AgentArgs {
     /// Memory this node may give to models, in MiB (default: what the OS reports available).
     #[arg(long)]
     pub memory_mib: Option<u64>,
+    /// Room for other nodes' KV-cache checkpoints, in MiB (default: 512, or an eighth of
+    /// --memory-mib when that is smaller). Not counted in the memory given to models.
+    #[arg(long)]
+    pub checkpoint_store_mib: Option<u64>,
     /// Skip the start-up micro-benchmark (the planner then assumes this node is slow).
     #[arg(long)]
     pub no_benchmark: bool,
@@ -221,6 +225,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         },
         default_max_tokens: args.default_max_tokens,
         memory_budget: args.memory_mib.map(|m| m << 20),
+        checkpoint_store: args.checkpoint_store_mib.map(|m| m << 20),
         benchmark: !args.no_benchmark,
         model_keys: args.keys.provider()?,
     };

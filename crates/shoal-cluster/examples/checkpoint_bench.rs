@@ -2,19 +2,23 @@
 //! middle, and resumes on the other replica either by prefilling its whole context again or
 //! from the checkpoint that replica holds.
 //!
-//! A coordinator and two agents (whole-model replicas, one compute thread each) run in this
-//! process, on loopback over mTLS. For each context length, with checkpoints off and then on
-//! (`--every` positions between checkpoints), it streams one seeded completion without a
-//! fault, then the same one while the agent serving it is killed after `--kill-after` tokens.
-//! It prints the stall the client saw at the failover (the longest gap between two tokens
-//! after the kill) beside the same gap in the fault-free run, whether the output was identical, what the
-//! survivor imported, and what checkpointing cost the fault-free run (decode tokens/s, bytes
-//! pushed per token). Figures only: nothing is asserted.
+//! A coordinator and agents with one compute thread each run in this process, on loopback
+//! over mTLS: two whole-model replicas (two agents), or with `--stages N` two pipelines of N
+//! stages (2N agents, each with room for one stage only). For each context length, with
+//! checkpoints off and then on (`--every` positions between checkpoints), it streams one
+//! seeded completion without a fault, then the same one while the agent serving it (for
+//! pipelines, stage `--kill-stage` of the busy pipeline; default the last) is killed after
+//! `--kill-after` tokens. It prints the stall the client saw at the failover (the longest gap
+//! between two tokens after the kill) beside the same gap in the fault-free run, whether the
+//! output was identical, the positions the resumed generation did not compute again and how
+//! many nodes restored a checkpoint, and what checkpointing cost the fault-free run (decode
+//! tokens/s, bytes pushed per position, all stages together). Figures only: nothing is
+//! asserted.
 //!
 //! ```text
 //! cargo run --release -p shoal-cluster --example checkpoint_bench -- \
 //!     [--model PATH] [--contexts 256,512,1024,2048] [--every 64] [--kill-after 16] \
-//!     [--max-tokens 48]
+//!     [--max-tokens 48] [--stages 1] [--kill-stage N]
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -25,9 +29,9 @@ use shoal_cluster::Coordinator;
 use shoal_control::{ModelSpec, PlacementMode};
 use shoal_net::Role;
 use shoal_node::{Agent, AgentConfig, ModelFile};
-use shoal_types::NodeId;
+use shoal_types::{LayerRange, ModelId, NodeId};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +44,10 @@ struct Opts {
     every: u32,
     kill_after: usize,
     max_tokens: u32,
+    /// Stages per replica: 1 for whole-model replicas.
+    stages: usize,
+    /// The stage of the busy replica killed (clamped to its last).
+    kill_stage: usize,
 }
 
 fn parse() -> Opts {
@@ -49,6 +57,8 @@ fn parse() -> Opts {
         every: 64,
         kill_after: 16,
         max_tokens: 48,
+        stages: 1,
+        kill_stage: usize::MAX,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -59,6 +69,8 @@ fn parse() -> Opts {
             "--every" => o.every = v().parse().unwrap(),
             "--kill-after" => o.kill_after = v().parse().unwrap(),
             "--max-tokens" => o.max_tokens = v().parse().unwrap(),
+            "--stages" => o.stages = v().parse::<usize>().unwrap().max(1),
+            "--kill-stage" => o.kill_stage = v().parse().unwrap(),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -72,16 +84,38 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start(model: &ModelFile, spec: &ModelSpec, context: u32, every: u32) -> Cluster {
+    /// Two replicas of `stages` stages each, for contexts of `context` positions.
+    async fn start(
+        model: &ModelFile,
+        spec: &ModelSpec,
+        context: u32,
+        every: u32,
+        stages: usize,
+    ) -> Cluster {
+        let (placement, memory_budget) = if stages == 1 {
+            (PlacementMode::Replicate, None)
+        } else {
+            // Room for one share of the layers and no more: the planner must split the model
+            // over `stages` nodes.
+            let per_node = spec.n_layers.div_ceil(stages as u32);
+            let range = LayerRange::new(0, per_node).unwrap();
+            let budget = spec.need_bytes(range, context) + spec.layer_bytes * 9 / 10;
+            (
+                PlacementMode::Shard {
+                    max_stages: stages as u32,
+                },
+                Some(budget),
+            )
+        };
         let (coordinator, ca) =
-            common::start_coordinator(spec, PlacementMode::Replicate, context, 2000, |backend| {
+            common::start_coordinator(spec, placement, context, 2000, |backend| {
                 backend.checkpoint_every = every;
                 // A 2k-token prefill on one thread takes longer than the default bound.
                 backend.first_token_timeout = Duration::from_secs(300);
             })
             .await;
         let mut agents = Vec::new();
-        for i in 1..=2 {
+        for i in 1..=2 * stages {
             let name = format!("agent-{i}");
             let cfg = AgentConfig {
                 node_id: NodeId::new(&name),
@@ -89,12 +123,14 @@ impl Cluster {
                 tls: common::tls(&ca, Role::Agent, &name),
                 data_listen: "127.0.0.1:0".parse().unwrap(),
                 advertise_addr: None,
-                http_listen: Some("127.0.0.1:0".parse().unwrap()),
+                http_listen: None,
                 models: vec![model.clone()],
                 threads: 1,
                 engine: shoal_engine::EngineConfig::default(),
                 default_max_tokens: 16,
-                memory_budget: None,
+                memory_budget,
+                // Whole checkpoints of the longest context, whatever the memory budget.
+                checkpoint_store: Some(512 << 20),
                 benchmark: false,
                 model_keys: None,
             };
@@ -107,42 +143,42 @@ impl Cluster {
             agents,
             http: reqwest::Client::new(),
         };
-        common::wait_serving(&cluster.coordinator, 2).await;
+        let view = common::wait_serving(&cluster.coordinator, 2 * stages).await;
+        let chains = view.plan.chains(&ModelId::new(MODEL));
+        let shapes: Vec<usize> = chains.iter().map(|c| c.stages.len()).collect();
+        assert!(
+            shapes.len() == 2 && shapes.iter().all(|&n| n == stages),
+            "the planner made replicas of {shapes:?} stages, not two of {stages}"
+        );
         cluster
     }
 
-    /// Kills the agent with a request in flight (no Leave: like a crash, its connections
-    /// close); returns its index.
-    fn kill_busy(&mut self) -> usize {
-        let router = self.coordinator.backend().router();
-        let busy = (0..self.agents.len())
-            .find(|&i| router.in_flight(&NodeId::new(format!("agent-{}", i + 1))) > 0)
-            .expect("an agent with a request in flight");
-        let (agent, cancel) = self.agents[busy].take().unwrap();
+    /// Kills stage `stage` (clamped to the last) of the replica with a request in flight (no
+    /// Leave: like a crash, its connections close); returns its index.
+    fn kill_busy(&mut self, stage: usize) -> usize {
+        let i: usize = {
+            let router = self.coordinator.backend().router();
+            let view = self.coordinator.membership().view();
+            let chains = view.plan.chains(&ModelId::new(MODEL));
+            let busy = chains
+                .iter()
+                .find(|c| c.stages.iter().all(|a| router.in_flight(&a.node) > 0))
+                .expect("a replica with a request in flight");
+            let node = &busy.stages[stage.min(busy.stages.len() - 1)].node;
+            node.as_str().trim_start_matches("agent-").parse().unwrap()
+        };
+        let (agent, cancel) = self.agents[i - 1].take().unwrap();
         cancel.cancel();
         drop(agent);
-        busy
+        i - 1
     }
 
-    /// KV positions agent `i` imported from checkpoints (its `/metrics`).
-    async fn restored_positions(&self, i: usize) -> u64 {
-        let Some((agent, _)) = &self.agents[i] else {
-            return 0;
-        };
-        let url = format!("http://{}/metrics", agent.http_addr().unwrap());
-        let text = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("shoal_node_kv_restored_tokens_total "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+    /// Summed over the live agents: their checkpoint counter `which`.
+    fn counter(&self, which: fn(&shoal_node::CheckpointCounters) -> &AtomicU64) -> u64 {
+        (0..self.agents.len())
+            .filter_map(|i| self.counters(i))
+            .map(|c| which(c).load(Ordering::Relaxed))
+            .sum()
     }
 
     fn counters(&self, i: usize) -> Option<&shoal_node::CheckpointCounters> {
@@ -184,8 +220,17 @@ async fn main() {
     let opts = parse();
     let (model, spec) = common::model_file(MODEL, &opts.model);
     let kv_per_position = spec.kv_bytes_per_token;
+    let replicas = if opts.stages == 1 {
+        "2 whole-model replicas".to_owned()
+    } else {
+        let killed = opts.kill_stage.min(opts.stages - 1);
+        format!(
+            "2 pipelines of {} stages (stage {killed} of the busy one killed)",
+            opts.stages
+        )
+    };
     println!(
-        "checkpoint_bench: {} ({} layers, {kv_per_position} B of KV per position), 2 replicas with 1 compute thread each, {} cores; checkpoints every {} positions; kill after {} tokens of {}",
+        "checkpoint_bench: {} ({} layers, {kv_per_position} B of KV per position), {replicas}, 1 compute thread per agent, {} cores; checkpoints every {} positions; kill after {} tokens of {}",
         opts.model.display(),
         spec.n_layers,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -194,31 +239,30 @@ async fn main() {
         opts.max_tokens,
     );
     println!(
-        "\n{:>7} {:>11} | {:>9} {:>9} {:>10} | {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "\n{:>7} {:>11} | {:>9} {:>9} {:>10} | {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}",
         "prompt",
         "checkpoints",
         "ttft",
         "decode",
-        "pushed/tok",
+        "pushed/pos",
         "stall",
         "no-fault",
         "extra",
         "restored",
+        "by nodes",
         "identical"
     );
     // Per context, without checkpoints: (prompt tokens, prefill tokens/s, decode tokens/s).
     let mut rates = Vec::new();
     for &context in &opts.contexts {
         for every in [0, opts.every] {
-            let mut cluster = Cluster::start(&model, &spec, context + opts.max_tokens, every).await;
+            let mut cluster =
+                Cluster::start(&model, &spec, context + opts.max_tokens, every, opts.stages).await;
             let (http, addr) = (cluster.http.clone(), cluster.coordinator.http_addr());
             // Fault-free: the reference output and what checkpointing costs.
             let reference =
                 common::stream_chat(&http, addr, body(context, opts.max_tokens), |_| {}).await;
-            let pushed: u64 = (0..2)
-                .filter_map(|i| cluster.counters(i))
-                .map(|c| c.pushed_bytes.load(Ordering::Relaxed))
-                .sum();
+            let pushed = cluster.counter(|c| &c.pushed_bytes);
             let positions = reference.prompt_tokens + reference.completion_tokens;
             // The same request again, its node killed after `kill_after` tokens.
             let killed = std::sync::Mutex::new(None);
@@ -226,14 +270,21 @@ async fn main() {
                 let cluster_ref = std::sync::Mutex::new(&mut cluster);
                 common::stream_chat(&http, addr, body(context, opts.max_tokens), |n| {
                     if n == opts.kill_after {
-                        *killed.lock().unwrap() = Some(cluster_ref.lock().unwrap().kill_busy());
+                        let i = cluster_ref.lock().unwrap().kill_busy(opts.kill_stage);
+                        *killed.lock().unwrap() = Some(i);
                     }
                 })
                 .await
             };
-            let killed = killed.into_inner().unwrap().expect("an agent was killed");
-            let survivor = 1 - killed;
-            let restored = cluster.restored_positions(survivor).await;
+            assert!(
+                killed.into_inner().unwrap().is_some(),
+                "the answer ended before {} tokens",
+                opts.kill_after
+            );
+            // Positions the resumed generation imported instead of computing, and the nodes
+            // (stages) that restored a checkpoint.
+            let (_, restored) = cluster.coordinator.backend().restores();
+            let restoring_nodes = cluster.counter(|c| &c.restores);
             // Deltas already on their way when the node died still arrive after the kill: the
             // failover is the longest gap from there on.
             let stall = run.longest_gap_from(opts.kill_after);
@@ -247,7 +298,7 @@ async fn main() {
                 ));
             }
             println!(
-                "{:>7} {:>11} | {:>9} {:>7.1}/s {:>8.0} B | {:>9} {:>9} {:>9} {:>9} {:>9}",
+                "{:>7} {:>11} | {:>9} {:>7.1}/s {:>8.0} B | {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}",
                 reference.prompt_tokens,
                 if every == 0 {
                     "off".to_owned()
@@ -261,6 +312,7 @@ async fn main() {
                 secs(quiet),
                 secs(stall.saturating_sub(quiet)),
                 restored,
+                restoring_nodes,
                 if run.text == reference.text {
                     "yes"
                 } else {
@@ -275,7 +327,7 @@ async fn main() {
     let mbit = |bytes_per_second: f64| bytes_per_second * 8.0 / 1e6;
     for (prompt, prefill, decode) in rates {
         println!(
-            "  {prompt} tokens: prefill {prefill:.0} tok/s, so re-prefilling them takes {:.1} s; fetching the checkpoint at failover beats that on links faster than {:.0} Mbit/s (with the holder as the resume target nothing moves at failover); checkpointing streams {:.0} Mbit/s to the peer during the prefill and {:.1} Mbit/s while decoding at {decode:.0} tok/s",
+            "  {prompt} tokens: prefill {prefill:.0} tok/s, so re-prefilling them takes {:.1} s; fetching the checkpoint at failover beats that on links faster than {:.0} Mbit/s (with the holder as the resume target nothing moves at failover); checkpointing streams {:.0} Mbit/s to the peers during the prefill and {:.1} Mbit/s while decoding at {decode:.0} tok/s (all stages together)",
             prompt as f64 / prefill,
             mbit(prefill * kv_per_position as f64),
             mbit(prefill * kv_per_position as f64),

@@ -162,6 +162,7 @@ impl Cluster {
                 engine: shoal_engine::EngineConfig::default(),
                 default_max_tokens: 16,
                 memory_budget,
+                checkpoint_store: None,
                 benchmark: false,
                 model_keys: None,
             };

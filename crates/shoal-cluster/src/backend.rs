@@ -751,6 +751,7 @@ impl InferenceBackend for ClusterBackend {
                 moves: 0,
                 charged: 0,
                 best_restored: 0,
+                computed: false,
                 holder: None,
                 stage_holders: Vec::new(),
                 tx,
@@ -802,6 +803,9 @@ struct Relay {
     charged: usize,
     /// The most KV positions a resumed leg imported from a checkpoint.
     best_restored: u32,
+    /// Whether a lost leg computed part of the request. Until one did, no checkpoint of the
+    /// generation can exist: a move from a queue names no holder to restore from.
+    computed: bool,
     /// The node holding the latest checkpoint of the generation's KV cache, if any.
     holder: Option<shoal_control::RouteStage>,
     /// (Pipelines.) The nodes holding checkpoints of the generation's stages, each with the
@@ -872,6 +876,7 @@ impl Relay {
             if wasted {
                 self.charged += 1;
             }
+            self.computed |= work.computed;
             let mut exclude = self.exclusions();
             let resumed = self.resumed_request(&exclude);
             let holder = resumed
@@ -881,7 +886,9 @@ impl Relay {
             let held: Vec<shoal_control::RouteStage> = self
                 .stage_holders
                 .iter()
-                .filter(|h| !exclude.contains(&h.node) && !self.inner.holder_gone(h))
+                .filter(|h| {
+                    self.computed && !exclude.contains(&h.node) && !self.inner.holder_gone(h)
+                })
                 .cloned()
                 .collect();
             // A move that lost work may find it in a checkpoint: then the cap is checked once
@@ -989,13 +996,13 @@ impl Relay {
     }
 
     /// The request that continues this generation on another node: the prompt as token ids,
-    /// the tokens delivered so far, and where its checkpoint is when its holder is alive and
-    /// not in `exclude`.
+    /// the tokens delivered so far, and where its checkpoint is when a lost leg computed part
+    /// of the request and the holder is alive and not in `exclude`.
     fn resumed_request(&self, exclude: &[NodeId]) -> v1::GenerateRequest {
         let restore = self
             .holder
             .as_ref()
-            .filter(|h| !exclude.contains(&h.node) && !self.inner.holder_gone(h))
+            .filter(|h| self.computed && !exclude.contains(&h.node) && !self.inner.holder_gone(h))
             .map(|h| v1::CheckpointSource {
                 node: h.node.as_str().to_owned(),
                 addr: h.data_addr.clone(),

@@ -281,6 +281,7 @@ impl TestCluster {
             engine: shoal_engine::EngineConfig::default(),
             default_max_tokens: 16,
             memory_budget: self.memory_budget,
+            checkpoint_store: None,
             benchmark: true,
             model_keys: None,
         }
@@ -1635,6 +1636,8 @@ async fn a_stage_partitioned_away_mid_stream_costs_no_token() {
 async fn requests_waiting_on_a_node_declared_dead_start_on_another() {
     let backend = ClusterBackendConfig {
         start_timeout: Duration::from_secs(600),
+        // Each generation names the other agent as its checkpoint holder.
+        checkpoint_every: 4,
         ..ClusterBackendConfig::default()
     };
     let cluster = TestCluster::start_limited(
@@ -1681,6 +1684,15 @@ async fn requests_waiting_on_a_node_declared_dead_start_on_another() {
     for (status, answer) in answers {
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer["choices"][0]["message"]["content"], reference);
+    }
+    // Nothing of the moved requests was computed, so nothing was checkpointed: their new
+    // legs were sent to no holder to restore from.
+    for name in ["agent-1", "agent-2"] {
+        let restores = (
+            cluster.checkpoint_counter(name, |c| &c.restores),
+            cluster.checkpoint_counter(name, |c| &c.restore_misses),
+        );
+        assert_eq!(restores, (0, 0), "{name}");
     }
     cluster.wait_state("agent-1", NodeState::Dead).await;
 }

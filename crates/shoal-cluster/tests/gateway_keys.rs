@@ -86,6 +86,7 @@ async fn revoking_a_key_on_a_running_coordinator_and_auditing_the_run() {
                 engine: shoal_engine::EngineConfig::default(),
                 default_max_tokens: 8,
                 memory_budget: None,
+                checkpoint_store: None,
                 benchmark: true,
                 model_keys: None,
             },

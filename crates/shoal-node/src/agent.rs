@@ -109,15 +109,16 @@ fn initial_capability(
     cap
 }
 
-/// `host:port` for the HTTP endpoint: the advertised data-plane host with the bound HTTP port.
-/// Bytes of other nodes' checkpoints a node keeps at most: 512 MiB, or an eighth of a
-/// smaller memory budget.
-fn checkpoint_budget(memory_budget: Option<u64>) -> usize {
+/// Bytes of other nodes' checkpoints a node keeps at most: `configured`, else 512 MiB, or an
+/// eighth of a smaller memory budget.
+fn checkpoint_budget(configured: Option<u64>, memory_budget: Option<u64>) -> usize {
     const DEFAULT: u64 = 512 << 20;
-    let bytes = memory_budget.map_or(DEFAULT, |m| (m / 8).min(DEFAULT));
+    let bytes =
+        configured.unwrap_or_else(|| memory_budget.map_or(DEFAULT, |m| (m / 8).min(DEFAULT)));
     usize::try_from(bytes).unwrap_or(usize::MAX)
 }
 
+/// `host:port` for the HTTP endpoint: the advertised data-plane host with the bound HTTP port.
 fn http_advertise(advertise: Option<&str>, bound: SocketAddr) -> String {
     match advertise.and_then(|a| a.rsplit_once(':')) {
         Some((host, _)) => format!("{host}:{}", bound.port()),
@@ -189,7 +190,7 @@ impl Agent {
             metrics.clone(),
             capability,
             cancel.child_token(),
-            checkpoint_budget(cfg.memory_budget),
+            checkpoint_budget(cfg.checkpoint_store, cfg.memory_budget),
         ));
         let stop_accepting = cancel.child_token();
 

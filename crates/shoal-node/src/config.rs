@@ -47,6 +47,9 @@ pub struct AgentConfig {
     pub default_max_tokens: u32,
     /// Reported instead of the measured available memory (imitates a weaker device).
     pub memory_budget: Option<u64>,
+    /// Bytes of other nodes' KV checkpoints this node keeps at most; `None`: 512 MiB, or an
+    /// eighth of `memory_budget` when that is smaller.
+    pub checkpoint_store: Option<u64>,
     /// Whether to run the capability micro-benchmark of every model at start.
     pub benchmark: bool,
     /// Keys for encrypted model files (decrypted into memory only); `None` refuses them.

@@ -478,7 +478,15 @@ impl Node for NodeService {
         };
         // Chunks are made as the stream is read, so the checkpoint is not copied twice.
         let step = checkpoint::chunk_positions(&snap);
-        let model = ModelId::new(String::new());
+        // Only checkpoints of a model version this node has a file of are stored: the chunks
+        // name the model as that file does.
+        let model = self
+            .core
+            .shards
+            .files()
+            .iter()
+            .find(|f| f.sha256.eq_ignore_ascii_case(&req.model_sha256))
+            .map_or_else(|| ModelId::new(String::new()), |f| f.id.clone());
         let chunks = (0..snap.len()).step_by(step).map(move |from| {
             Ok(checkpoint::chunk_at(
                 &req.request_id,

@@ -172,6 +172,7 @@ impl Cluster {
             engine: EngineConfig::default(),
             default_max_tokens: 16,
             memory_budget: None,
+            checkpoint_store: None,
             benchmark: true,
             model_keys: None,
         }
@@ -879,6 +880,8 @@ async fn checkpoints_from_peers_are_checked_and_a_resume_imports_one() {
         .into_inner();
     let mut tokens = Vec::new();
     while let Some(c) = within("a chunk", fetched.message()).await.unwrap() {
+        // Each chunk names the model as the holder's file of that version does.
+        assert_eq!(c.model_id, MODEL);
         tokens.extend(c.tokens);
     }
     assert_eq!(tokens, prompt);

@@ -172,6 +172,7 @@ impl Fixture {
             engine: shoal_engine::EngineConfig::default(),
             default_max_tokens: 16,
             memory_budget: None,
+            checkpoint_store: None,
             benchmark: false,
             model_keys: None,
         }
