@@ -161,7 +161,9 @@ pub fn layer_bytes(model: &Model) -> u64 {
 
 /// Times batch-1 decoding of `model` with `threads` threads: the whole model, and a shard of
 /// its first half returning hidden states. The half gives the seconds per layer; what the whole
-/// takes beyond its layers is the output head.
+/// takes beyond its layers is the output head. The two are stepped in turn, so a load that
+/// comes and goes while they run (other agents of the machine benchmarking at start) weighs on
+/// both alike instead of showing up as a slow or fast head.
 pub fn benchmark_model(
     model: &Model,
     id: &ModelId,
@@ -179,16 +181,19 @@ pub fn benchmark_model(
         context: Some(BENCH_CONTEXT),
     };
     let prompt = bench_prompt(model);
+    // Shards borrow their weights from the mapped file: two at once cost two small KV caches.
     let mut whole = model.whole(pool.clone(), opts.clone()).map_err(err)?;
-    let whole_s = time_decode(&mut whole, &prompt).map_err(err)?;
-    drop(whole);
     let k = if n >= 2 { n / 2 } else { n };
-    let layer_s = if k < n {
+    let (whole_s, layer_s) = if k < n {
         let range = LayerRange::new(0, k).map_err(|e| err(ModelError::from(e)))?;
         let mut part = model.shard(range, pool, opts).map_err(err)?;
-        time_decode(&mut part, &prompt).map_err(err)? / f64::from(k)
+        let mut both: [&mut dyn ShardRuntime; 2] = [&mut whole, &mut part];
+        let times = time_decode(&mut both, &prompt).map_err(err)?;
+        (times[0], times[1] / f64::from(k))
     } else {
-        whole_s / f64::from(n)
+        let mut one: [&mut dyn ShardRuntime; 1] = [&mut whole];
+        let times = time_decode(&mut one, &prompt).map_err(err)?;
+        (times[0], times[0] / f64::from(n))
     };
     let head_s = (whole_s - layer_s * f64::from(n)).max(0.0);
     let per_token = layer_s * f64::from(n) + head_s;
@@ -220,37 +225,60 @@ fn bench_prompt(model: &Model) -> Vec<u32> {
     ids
 }
 
-/// Seconds per batch-1 decode step on `rt` (the median step, so one preempted step does not
-/// skew it), after a prefill of `prompt` and one untimed step.
-fn time_decode(rt: &mut dyn ShardRuntime, prompt: &[u32]) -> Result<f64, ModelError> {
+/// Seconds per batch-1 decode step of each of `runtimes` (the median step, so one preempted
+/// step does not skew it), after a prefill of `prompt` and one untimed step, stepping them in
+/// turn: one step of each per round.
+fn time_decode(
+    runtimes: &mut [&mut dyn ShardRuntime],
+    prompt: &[u32],
+) -> Result<Vec<f64>, ModelError> {
     let seq = SeqId(1);
     let token = prompt[0];
-    let mut step = |pos: u32, tokens: &[u32]| -> Result<(), ModelError> {
-        let batch = [SeqStep {
-            seq,
-            pos,
-            n_tokens: tokens.len() as u32,
-            logits: true,
-        }];
-        rt.forward(&batch, ShardInput::Tokens(tokens)).map(|_| ())
-    };
-    let mut pos = prompt.len() as u32;
-    let result = (|| {
-        step(0, prompt)?;
-        step(pos, &[token])?;
+    let mut times = vec![Vec::with_capacity(BENCH_DECODE_STEPS); runtimes.len()];
+    let result = (|| -> Result<(), ModelError> {
+        let mut pos = prompt.len() as u32;
+        for rt in runtimes.iter_mut() {
+            decode_step(&mut **rt, seq, 0, prompt)?;
+            decode_step(&mut **rt, seq, pos, &[token])?;
+        }
         pos += 1;
-        let mut times = Vec::with_capacity(BENCH_DECODE_STEPS);
         for _ in 0..BENCH_DECODE_STEPS {
-            let start = Instant::now();
-            step(pos, &[token])?;
-            times.push(start.elapsed().as_secs_f64());
+            for (rt, t) in runtimes.iter_mut().zip(&mut times) {
+                let start = Instant::now();
+                decode_step(&mut **rt, seq, pos, &[token])?;
+                t.push(start.elapsed().as_secs_f64());
+            }
             pos += 1;
         }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
+        Ok(())
     })();
-    rt.release(seq);
-    result
+    for rt in runtimes.iter_mut() {
+        rt.release(seq);
+    }
+    result?;
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect())
+}
+
+/// Runs `tokens` of sequence `seq` from position `pos` through `rt`.
+fn decode_step(
+    rt: &mut dyn ShardRuntime,
+    seq: SeqId,
+    pos: u32,
+    tokens: &[u32],
+) -> Result<(), ModelError> {
+    let batch = [SeqStep {
+        seq,
+        pos,
+        n_tokens: tokens.len() as u32,
+        logits: true,
+    }];
+    rt.forward(&batch, ShardInput::Tokens(tokens)).map(|_| ())
 }
 
 /// Memory figures in bytes.
@@ -630,5 +658,29 @@ mod tests {
             cap.cpu_features.contains(&"avx2".to_owned()),
             std::is_x86_feature_detected!("avx2")
         );
+    }
+
+    #[test]
+    fn a_model_benchmark_splits_a_decode_step_into_its_layers_and_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let spec = shoal_synth::SynthSpec::tiny_llama();
+        shoal_synth::write_model(&spec, &path).unwrap();
+        let model = Model::open(&path).unwrap();
+        let s = benchmark_model(&model, &ModelId::new("tiny"), 1).unwrap();
+        assert_eq!(s.model_id, "tiny");
+        assert!(
+            s.layer_decode_seconds > 0.0 && s.layer_decode_seconds.is_finite(),
+            "{s:?}"
+        );
+        assert!(s.head_seconds >= 0.0 && s.head_seconds.is_finite(), "{s:?}");
+        // The whole step is its layers plus the head.
+        let n = f64::from(model.config().n_layers);
+        let per_token = n * s.layer_decode_seconds + s.head_seconds;
+        assert!(
+            (s.decode_tokens_per_second * per_token - 1.0).abs() < 1e-9,
+            "{s:?}"
+        );
+        assert_eq!(s.layer_bytes, layer_bytes(&model));
     }
 }
