@@ -358,8 +358,9 @@ log_events() { # $1 = event, $2 = log text to match
 log_events dead 'declared dead'
 log_events lost 'node lost in the middle of a generation'
 
-echo "== failovers counted by the gateway"
-curl -fs 127.0.0.1:$http_port/metrics | grep '^shoal_failovers_total' || true
+echo "== failovers counted by the gateway, and what they cost clients (seconds: sum and count)"
+curl -fs 127.0.0.1:$http_port/metrics |
+  grep -E '^shoal_failover(s_total|_[a-z]+_seconds_(sum|count))' || true
 if [[ $checkpoint_every -gt 0 ]]; then
   echo "== failovers resumed from a KV checkpoint, and the positions they did not prefill"
   curl -fs 127.0.0.1:$http_port/metrics | grep '^shoal_checkpoint_' || true

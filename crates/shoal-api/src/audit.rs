@@ -85,6 +85,10 @@ pub struct AuditEntry {
     /// How many times the generation moved to another node in its middle (absent when none).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub failovers: u32,
+    /// What each failover cost the client, in order (absent when none): one entry per token
+    /// that came after one or more moves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resumes: Vec<AuditResume>,
     /// SHA-256 of the prompt; null if the request was refused before it was parsed.
     pub prompt_sha256: Option<String>,
     /// SHA-256 of the completion text sent; null if generation never started.
@@ -110,6 +114,33 @@ pub struct AuditEntry {
     /// SHA-256 over this entry without `hash` (see the module docs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
+}
+
+/// The silence a client saw because its generation moved to another node (see
+/// [`crate::ResumeStall`]), in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditResume {
+    /// Moves before the next token came.
+    pub moves: u32,
+    /// From the client's last token (or the request's start) to the next one.
+    pub stall_ms: u64,
+    /// From the loss being noticed to the next token.
+    pub recovery_ms: u64,
+    /// The new node's prefill of the generation, up to the next token.
+    pub reprefill_ms: u64,
+}
+
+impl From<crate::ResumeStall> for AuditResume {
+    fn from(r: crate::ResumeStall) -> Self {
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            moves: r.moves,
+            stall_ms: ms(r.stall),
+            recovery_ms: ms(r.recovery),
+            reprefill_ms: ms(r.reprefill),
+        }
+    }
 }
 
 // serde's `skip_serializing_if` passes a reference.
@@ -299,6 +330,7 @@ pub(crate) struct AuditRecord {
     pub model: Option<String>,
     pub nodes: Vec<String>,
     pub failovers: u32,
+    pub resumes: Vec<AuditResume>,
     pub prompt_sha256: Option<String>,
     pub response_sha256: Option<String>,
     pub prompt: Option<String>,
@@ -579,6 +611,7 @@ impl Writer {
                     model: record.model,
                     nodes: record.nodes,
                     failovers: record.failovers,
+                    resumes: record.resumes,
                     prompt_sha256: record.prompt_sha256,
                     response_sha256: record.response_sha256,
                     prompt: record.prompt,

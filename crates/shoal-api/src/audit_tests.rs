@@ -11,6 +11,7 @@ fn record(i: u32) -> AuditRecord {
         model: Some("m".into()),
         nodes: vec!["agent-1".into()],
         failovers: 0,
+        resumes: Vec::new(),
         prompt_sha256: Some("ab".repeat(32)),
         response_sha256: Some("cd".repeat(32)),
         prompt: None,

@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use shoal_types::{ErrorClass, ModelId, RequestId};
 use tokio::sync::mpsc;
@@ -28,7 +29,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// exactly one terminal event ([`GenerateEvent::Finished`] or [`GenerateEvent::Failed`]); then it
 /// drops its sender. The channel must be bounded so a slow client applies back-pressure.
 /// Before the terminal event it may also send [`GenerateEvent::Path`], any number of times
-/// (the last one counts); the gateway only records it in the audit log.
+/// (the last one counts), and [`GenerateEvent::Resumed`] before the first token after each
+/// failover; the gateway only records them in the audit log.
 ///
 /// # Cancellation
 ///
@@ -195,6 +197,27 @@ pub enum GenerateEvent {
         /// How many times the generation has moved to another node so far.
         failovers: u32,
     },
+    /// The generation moved to another node (one or more times in a row) and the next token
+    /// follows: what the client waited for because of it. Recorded in the audit log,
+    /// otherwise ignored.
+    Resumed(ResumeStall),
+}
+
+/// How long a client's stream stood still because its generation moved to another node, and
+/// what part of that the new node spent computing the context again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeStall {
+    /// Moves before the token came (a node that took the generation over may be lost too).
+    pub moves: u32,
+    /// From the last token the client had (or the request's start, when it had none) to the
+    /// first token after the move: the silence the client saw.
+    pub stall: Duration,
+    /// From the loss being noticed to that token.
+    pub recovery: Duration,
+    /// From the start of the new node's prefill of the generation (prompt and tokens already
+    /// sent, less what a checkpoint restored) to that token: the re-prefill. The rest of
+    /// `recovery` is reconnecting and waiting for the node's compute.
+    pub reprefill: Duration,
 }
 
 /// Why a generation ended.

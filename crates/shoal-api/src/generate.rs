@@ -113,7 +113,11 @@ pub(crate) async fn collect(
             tracker.on_event(event);
         }
         let error = match event {
-            Some(GenerateEvent::Started { .. } | GenerateEvent::Path { .. }) => continue,
+            Some(
+                GenerateEvent::Started { .. }
+                | GenerateEvent::Path { .. }
+                | GenerateEvent::Resumed(_),
+            ) => continue,
             Some(GenerateEvent::Token { text: piece, .. }) => {
                 text.push_str(&piece);
                 continue;
@@ -239,7 +243,11 @@ impl ChunkStream {
             self.tracker.on_event(event);
         }
         let error = match event {
-            Some(GenerateEvent::Started { .. } | GenerateEvent::Path { .. }) => return,
+            Some(
+                GenerateEvent::Started { .. }
+                | GenerateEvent::Path { .. }
+                | GenerateEvent::Resumed(_),
+            ) => return,
             Some(GenerateEvent::Token { text, .. }) => {
                 if !text.is_empty() {
                     let chunk = chunk_event(&self.meta, Some(&text), None, false);

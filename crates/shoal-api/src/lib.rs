@@ -54,7 +54,7 @@ mod wire;
 
 pub use backend::{
     BackendError, BoxFuture, ChatMessage, FinishReason, GenerateEvent, GenerateRequest,
-    InferenceBackend, ModelCard, Prompt, Readiness, Role, SamplingParams, Usage,
+    InferenceBackend, ModelCard, Prompt, Readiness, ResumeStall, Role, SamplingParams, Usage,
 };
 pub use config::{ApiConfig, ConfigProblem};
 pub use error::{ApiError, RequestError, http_status_and_type, reason};

@@ -209,7 +209,9 @@ async fn start<B: GenerationBody>(
     tracker.generation_started();
     let first = loop {
         match events.recv().await {
-            Some(path @ GenerateEvent::Path { .. }) => tracker.on_event(&path),
+            Some(noted @ (GenerateEvent::Path { .. } | GenerateEvent::Resumed(_))) => {
+                tracker.on_event(&noted);
+            }
             Some(GenerateEvent::Failed(err)) => return Err(err.into()),
             Some(event) => break event,
             None => {

@@ -13,7 +13,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{AuditRecord, AuditSlot, prompt_digest};
+use crate::audit::{AuditRecord, AuditResume, AuditSlot, prompt_digest};
 use crate::auth::Principal;
 use crate::backend::{GenerateEvent, Prompt, Usage};
 use crate::error::{RequestError, reason};
@@ -52,6 +52,7 @@ struct AuditDraft {
     model: Option<String>,
     nodes: Vec<String>,
     failovers: u32,
+    resumes: Vec<AuditResume>,
     prompt_sha256: Option<String>,
     prompt: Option<String>,
     response_hash: Sha256,
@@ -84,6 +85,7 @@ impl RequestTracker {
             model: None,
             nodes: Vec::new(),
             failovers: 0,
+            resumes: Vec::new(),
             prompt_sha256: None,
             prompt: None,
             response_hash: Sha256::new(),
@@ -132,6 +134,11 @@ impl RequestTracker {
                 if let Some(draft) = &mut self.audit {
                     draft.nodes.clone_from(nodes);
                     draft.failovers = *failovers;
+                }
+            }
+            GenerateEvent::Resumed(stall) => {
+                if let Some(draft) = &mut self.audit {
+                    draft.resumes.push(AuditResume::from(*stall));
                 }
             }
             GenerateEvent::Failed(_) => {}
@@ -203,6 +210,7 @@ impl RequestTracker {
                 model: draft.model,
                 nodes: draft.nodes,
                 failovers: draft.failovers,
+                resumes: draft.resumes,
                 prompt_sha256: draft.prompt_sha256,
                 response: (draft.include_text && self.generating).then_some(draft.response),
                 response_sha256,

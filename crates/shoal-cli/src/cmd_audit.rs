@@ -54,6 +54,7 @@ mod tests {
             model: Some("m".into()),
             nodes: vec!["agent-1".into()],
             failovers: 0,
+            resumes: Vec::new(),
             prompt_sha256: None,
             response_sha256: None,
             prompt: None,

@@ -31,20 +31,28 @@
 //! gateway names a new one (`Node.RetargetCheckpoint`), and the checkpoint starts again there.
 //! A failover prefers the holder and names it in `restore`, so the new node imports the
 //! checkpoint instead of prefilling the context. On a pipeline each stage checkpoints its own
-//! layers to a holder of its own, and on a failover every stage of the new route that runs
-//! the same layers as a live holder imports from it (see `stage_hops`).
+//! layers to a holder of its own (renamed the same way), and on a failover every stage of the
+//! new route that runs the same layers as a live holder imports from it (see `stage_hops`).
+//!
+//! Each silence a move causes the client is measured (its last token, or the request's
+//! start, to the next token; the loss noticed to that token; the new node's prefill up to
+//! it), reported to the gateway as [`GenerateEvent::Resumed`] for the audit log, and
+//! observed in the `shoal_failover_*_seconds` histograms.
 
 use crate::metrics::{
-    CHECKPOINT_RESTORED_POSITIONS_TOTAL, CHECKPOINT_RESTORES_TOTAL, FAILOVERS_TOTAL,
+    CHECKPOINT_RESTORED_POSITIONS_TOTAL, CHECKPOINT_RESTORES_TOTAL, FAILOVER_RECOVERY_SECONDS,
+    FAILOVER_REPREFILL_SECONDS, FAILOVER_STALL_SECONDS, FAILOVERS_TOTAL,
 };
 use crate::wire;
 use futures::StreamExt;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use shoal_api::{
-    BackendError, BoxFuture, GenerateEvent, GenerateRequest, InferenceBackend, ModelCard, Readiness,
+    BackendError, BoxFuture, GenerateEvent, GenerateRequest, InferenceBackend, ModelCard,
+    Readiness, ResumeStall,
 };
 use shoal_control::{ClusterView, NodeState, RouteError, RouteGuard, Router};
 use shoal_net::{ConnectOptions, Role, ShoalNodeClient, TlsMode};
@@ -174,6 +182,8 @@ struct Inner {
     /// Failovers resumed from a checkpoint, and the positions they imported.
     restores: Counter,
     restored_positions: Counter,
+    /// What failovers cost clients (see [`ResumeStall`]).
+    stalls: StallHistograms,
     /// Nodes a generation was lost on lately, by when: the membership may still count them
     /// alive for a lease, and they are no place for a checkpoint.
     suspects: Mutex<HashMap<NodeId, tokio::time::Instant>>,
@@ -200,6 +210,7 @@ impl ClusterBackend {
                 failovers_by_cause: Family::default(),
                 restores: Counter::default(),
                 restored_positions: Counter::default(),
+                stalls: StallHistograms::default(),
                 suspects: Mutex::default(),
             }),
             created,
@@ -242,6 +253,22 @@ impl ClusterBackend {
             base(CHECKPOINT_RESTORED_POSITIONS_TOTAL),
             "KV positions failovers imported from checkpoints instead of prefilling",
             self.inner.restored_positions.clone(),
+        );
+        let stalls = &self.inner.stalls;
+        registry.register(
+            FAILOVER_STALL_SECONDS,
+            "Silence a client saw because its generation moved: from its last token (or the request's start) to the next",
+            stalls.stall.clone(),
+        );
+        registry.register(
+            FAILOVER_RECOVERY_SECONDS,
+            "From a lost node being noticed to the generation's next token on another",
+            stalls.recovery.clone(),
+        );
+        registry.register(
+            FAILOVER_REPREFILL_SECONDS,
+            "The part of a failover's recovery the new node spent prefilling the generation again",
+            stalls.reprefill.clone(),
         );
     }
 
@@ -508,7 +535,6 @@ impl Inner {
         exclude: &[NodeId],
         held: &[shoal_control::RouteStage],
     ) -> Vec<shoal_pipeline::StageHop> {
-        let on_route: Vec<NodeId> = route.stages.iter().map(|s| s.node.clone()).collect();
         let addr = |h: &shoal_control::RouteStage| shoal_pipeline::NodeAddr {
             node: h.node.clone(),
             addr: h.data_addr.clone(),
@@ -520,22 +546,36 @@ impl Inner {
                 let mut hop =
                     shoal_pipeline::StageHop::new(s.node.clone(), s.data_addr.clone(), s.layers);
                 if self.cfg.checkpoint_every > 0 {
-                    let mut exclude = exclude.to_vec();
-                    exclude.push(s.node.clone());
-                    exclude.extend(self.suspects());
                     hop.checkpoint = shoal_pipeline::HopCheckpoint {
                         every: self.cfg.checkpoint_every,
-                        peer: self
-                            .router
-                            .stage_checkpoint_peer(model, s.layers, &on_route, &exclude)
-                            .as_ref()
-                            .map(addr),
+                        peer: self.holder_for(model, route, s, exclude).as_ref().map(addr),
                         restore: held.iter().find(|h| h.layers == s.layers).map(addr),
                     };
                 }
                 hop
             })
             .collect()
+    }
+
+    /// The node to hold the checkpoints of `stage` of `route` (a whole model's one stage, or
+    /// a pipeline's, see [`Router::stage_checkpoint_peer`]): not the stage's node, nor one in
+    /// `exclude`, nor one a generation was just lost on.
+    fn holder_for(
+        &self,
+        model: &ModelId,
+        route: &RouteGuard,
+        stage: &shoal_control::RouteStage,
+        exclude: &[NodeId],
+    ) -> Option<shoal_control::RouteStage> {
+        if !route.is_pipeline() {
+            return self.checkpoint_peer(model, &stage.node, exclude);
+        }
+        let on_route: Vec<NodeId> = route.stages.iter().map(|s| s.node.clone()).collect();
+        let mut exclude = exclude.to_vec();
+        exclude.push(stage.node.clone());
+        exclude.extend(self.suspects());
+        self.router
+            .stage_checkpoint_peer(model, stage.layers, &on_route, &exclude)
     }
 
     /// The ready replica of `model` to hold the checkpoints of a generation running on
@@ -640,6 +680,33 @@ impl Inner {
     }
 }
 
+/// The failover histograms: 50 ms to about 100 s.
+#[derive(Debug, Clone)]
+struct StallHistograms {
+    stall: Histogram,
+    recovery: Histogram,
+    reprefill: Histogram,
+}
+
+impl Default for StallHistograms {
+    fn default() -> Self {
+        let buckets = || Histogram::new(exponential_buckets(0.05, 2.0, 12));
+        Self {
+            stall: buckets(),
+            recovery: buckets(),
+            reprefill: buckets(),
+        }
+    }
+}
+
+impl StallHistograms {
+    fn observe(&self, s: &ResumeStall) {
+        self.stall.observe(s.stall.as_secs_f64());
+        self.recovery.observe(s.recovery.as_secs_f64());
+        self.reprefill.observe(s.reprefill.as_secs_f64());
+    }
+}
+
 /// A generation running on one replica.
 struct Opened {
     /// Holding it keeps the request counted as in flight on its node.
@@ -734,6 +801,7 @@ impl InferenceBackend for ClusterBackend {
     ) -> BoxFuture<'_, Result<mpsc::Receiver<GenerateEvent>, BackendError>> {
         Box::pin(async move {
             let wire_req = wire::generate_request(&req);
+            let accepted = tokio::time::Instant::now();
             let mut failed: Vec<NodeId> = Vec::new();
             let opened = self
                 .inner
@@ -754,6 +822,8 @@ impl InferenceBackend for ClusterBackend {
                 computed: false,
                 holder: None,
                 stage_holders: Vec::new(),
+                last_token: accepted,
+                silence: None,
                 tx,
                 cancel,
             };
@@ -811,6 +881,10 @@ struct Relay {
     /// (Pipelines.) The nodes holding checkpoints of the generation's stages, each with the
     /// layers it holds.
     stage_holders: Vec<shoal_control::RouteStage>,
+    /// When the client got its last token (the request's start until the first).
+    last_token: tokio::time::Instant,
+    /// Since the client's last token: when the first loss was noticed, and the moves made.
+    silence: Option<(tokio::time::Instant, u32)>,
     tx: mpsc::Sender<GenerateEvent>,
     cancel: CancellationToken,
 }
@@ -861,6 +935,7 @@ impl Relay {
                 Leg::Done => return,
                 Leg::Lost(err, cause, work) => (err, cause, work),
             };
+            let noticed = tokio::time::Instant::now();
             let exclusion = self.inner.cfg.lost_node_exclusion;
             let until = match cause {
                 FailoverCause::stalled => None,
@@ -901,6 +976,8 @@ impl Relay {
                 return;
             }
             self.moves += 1;
+            let (_, moves) = self.silence.get_or_insert((noticed, 0));
+            *moves += 1;
             tracing::warn!(
                 request = %self.request.request_id,
                 %node,
@@ -1017,6 +1094,44 @@ impl Relay {
         }
     }
 
+    /// `peer` now holds the checkpoints of its layers of the generation (on a whole model,
+    /// all of them) from a stage of `route`.
+    fn holder_named(&mut self, route: &RouteGuard, peer: shoal_control::RouteStage) {
+        if route.is_pipeline() {
+            self.stage_holders.retain(|h| h.layers != peer.layers);
+            self.stage_holders.push(peer);
+        } else {
+            self.holder = Some(peer);
+        }
+    }
+
+    /// `gone` may have lost the checkpoints it held: no failover restores from it.
+    fn forget_holder(&mut self, gone: &shoal_control::RouteStage) {
+        if self.holder.as_ref().is_some_and(|h| h.node == gone.node) {
+            self.holder = None;
+        }
+        self.stage_holders
+            .retain(|h| !(h.node == gone.node && h.layers == gone.layers));
+    }
+
+    /// What the moves since the client's last token cost it, now that a token came at `now`
+    /// from a node that began prefilling at `prefill_began`; `None` when nothing moved.
+    fn resumed_stall(
+        &mut self,
+        now: tokio::time::Instant,
+        prefill_began: Option<tokio::time::Instant>,
+    ) -> Option<ResumeStall> {
+        let (noticed, moves) = self.silence.take()?;
+        Some(ResumeStall {
+            moves,
+            stall: now.saturating_duration_since(self.last_token),
+            recovery: now.saturating_duration_since(noticed),
+            // A node that sent no `Progress` (an older agent) is taken to have prefilled
+            // nothing: the whole recovery is then counted as overhead.
+            reprefill: prefill_began.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+        })
+    }
+
     /// Copies the events of one replica's stream until the generation ends or the node is
     /// lost.
     async fn leg(&mut self, opened: Opened, prompt_tokens: u32) -> Leg {
@@ -1024,6 +1139,7 @@ impl Relay {
             route,
             mut stream,
             checkpoint,
+            stage_holders,
             ..
         } = opened;
         let node = route.node.clone();
@@ -1039,19 +1155,35 @@ impl Relay {
                 work,
             )
         };
-        // The node this leg's checkpoints go to, renamed when it dies or there is none.
-        let checkpoints = self.inner.cfg.checkpoint_every > 0 && !route.is_pipeline();
-        let mut leg_holder = checkpoint;
-        let mut naming: Option<BoxFuture<'static, Option<shoal_control::RouteStage>>> = None;
-        let mut next_naming = tokio::time::Instant::now();
+        // Where this leg's checkpoints go, by stage of the route (a whole model is one stage),
+        // renamed when a holder dies or a stage has none.
+        let checkpoints = self.inner.cfg.checkpoint_every > 0;
+        let mut leg_holders: Vec<Option<shoal_control::RouteStage>> = if route.is_pipeline() {
+            route
+                .stages
+                .iter()
+                .map(|s| stage_holders.iter().find(|h| h.layers == s.layers).cloned())
+                .collect()
+        } else {
+            vec![checkpoint]
+        };
+        let mut naming: futures::stream::FuturesUnordered<
+            BoxFuture<'static, (usize, Option<shoal_control::RouteStage>)>,
+        > = futures::stream::FuturesUnordered::new();
+        let mut next_naming = vec![tokio::time::Instant::now(); leg_holders.len()];
+        let mut being_named = vec![false; leg_holders.len()];
         let mut view = self.inner.view.clone();
         let mut last_id = self.delivered.last().copied().unwrap_or(0);
         // Until this node's first token it may be prefilling (the prompt and, after a
         // failover, the resumed tokens): a longer silence is allowed.
         let mut got_token = false;
         // The silence is counted from the node's last event: views changing meanwhile (every
-        // heartbeat of every node changes one) must not restart it.
+        // heartbeat of every node changes one) must not restart it. It is counted from when
+        // that event was passed on, not when it came: a client slow to read holds the relay
+        // (and, through flow control, the node) without the node being silent.
         let mut last_event = tokio::time::Instant::now();
+        // When this node began prefilling the generation (its first `Progress`).
+        let mut prefill_began = None;
         loop {
             let quiet = if got_token {
                 self.inner.cfg.stall_timeout
@@ -1062,16 +1194,11 @@ impl Relay {
                 // Dropping the stream cancels the call; the node frees the sequence.
                 () = self.cancel.cancelled() => return Leg::Done,
                 () = self.tx.closed() => return Leg::Done,
-                named = async {
-                    match naming.as_mut() {
-                        Some(call) => call.await,
-                        None => std::future::pending().await,
-                    }
-                }, if naming.is_some() => {
-                    naming = None;
+                Some((stage, named)) = naming.next(), if !naming.is_empty() => {
+                    being_named[stage] = false;
                     if let Some(peer) = named {
-                        leg_holder = Some(peer.clone());
-                        self.holder = Some(peer);
+                        self.holder_named(&route, peer.clone());
+                        leg_holders[stage] = Some(peer);
                     }
                     continue;
                 }
@@ -1087,34 +1214,35 @@ impl Relay {
                         };
                         return lost(FailoverCause::declared_dead, why, work);
                     }
-                    // A holder that died or restarted since it was named holds nothing (its
-                    // store went with it), even once it is back.
-                    if let Some(h) = &leg_holder
-                        && self.inner.holder_gone(h)
-                    {
-                        if self.holder.as_ref().is_some_and(|held| held.node == h.node) {
-                            self.holder = None;
-                        }
-                        leg_holder = None;
-                    }
-                    // A generation whose checkpoints go nowhere (its holder is gone, or none
-                    // was ready when it started) is given a holder.
                     let now = tokio::time::Instant::now();
-                    if checkpoints
-                        && leg_holder.is_none()
-                        && naming.is_none()
-                        && now >= next_naming
-                    {
-                        next_naming = now + RETARGET_INTERVAL;
-                        let exclude = self.exclusions();
-                        let peer = self.inner.checkpoint_peer(&self.model, &node, &exclude);
-                        if let Some(peer) = peer {
-                            naming = Some(Box::pin(self.inner.clone().retarget(
-                                route.data_addr.clone(),
-                                self.request.request_id.clone(),
-                                peer,
-                            )));
+                    for (i, stage) in route.stages.iter().enumerate() {
+                        // A holder that died or restarted since it was named holds nothing
+                        // (its store went with it), even once it is back.
+                        if let Some(h) = leg_holders[i].take_if(|h| self.inner.holder_gone(h)) {
+                            self.forget_holder(&h);
                         }
+                        // A stage whose checkpoints go nowhere (its holder is gone, or none
+                        // was ready when it started) is given a holder.
+                        if !checkpoints
+                            || leg_holders[i].is_some()
+                            || being_named[i]
+                            || now < next_naming[i]
+                        {
+                            continue;
+                        }
+                        next_naming[i] = now + RETARGET_INTERVAL;
+                        let exclude = self.exclusions();
+                        let Some(peer) = self.inner.holder_for(&self.model, &route, stage, &exclude)
+                        else {
+                            continue;
+                        };
+                        being_named[i] = true;
+                        let call = self.inner.clone().retarget(
+                            stage.data_addr.clone(),
+                            self.request.request_id.clone(),
+                            peer,
+                        );
+                        naming.push(Box::pin(async move { (i, call.await) }));
                     }
                     continue;
                 }
@@ -1127,10 +1255,13 @@ impl Relay {
                 }
                 next = stream.next() => next,
             };
-            last_event = tokio::time::Instant::now();
+            let arrived = tokio::time::Instant::now();
             let event = match next {
                 Some(Ok(v1::GenerateEvent { event: Some(e) })) => e,
-                Some(Ok(v1::GenerateEvent { event: None })) => continue,
+                Some(Ok(v1::GenerateEvent { event: None })) => {
+                    last_event = arrived;
+                    continue;
+                }
                 Some(Err(status)) => {
                     let err = wire::status_error(&status);
                     if is_node_failure(err.class) {
@@ -1149,8 +1280,18 @@ impl Relay {
             };
             match event {
                 v1::generate_event::Event::Started(_) => {}
-                v1::generate_event::Event::Progress(_) => work.computed = true,
+                v1::generate_event::Event::Progress(_) => {
+                    work.computed = true;
+                    prefill_began.get_or_insert(arrived);
+                }
                 v1::generate_event::Event::Token(t) => {
+                    if let Some(stall) = self.resumed_stall(arrived, prefill_began) {
+                        self.inner.stalls.observe(&stall);
+                        if self.tx.send(GenerateEvent::Resumed(stall)).await.is_err() {
+                            return Leg::Done;
+                        }
+                    }
+                    self.last_token = arrived;
                     last_id = t.id;
                     got_token = true;
                     work.computed = true;
@@ -1187,6 +1328,7 @@ impl Relay {
                     return Leg::Done;
                 }
             }
+            last_event = tokio::time::Instant::now();
         }
     }
 }

@@ -37,8 +37,17 @@ pub const CHECKPOINT_RESTORES_TOTAL: &str = "shoal_checkpoint_restores_total";
 /// KV positions those failovers imported instead of prefilling (counter).
 pub const CHECKPOINT_RESTORED_POSITIONS_TOTAL: &str = "shoal_checkpoint_restored_positions_total";
 
+/// The silence a client saw because its generation moved: from its last token (or the
+/// request's start) to the first token after the move (histogram); registered by
+/// [`crate::ClusterBackend::register_metrics`], as are the two below.
+pub const FAILOVER_STALL_SECONDS: &str = "shoal_failover_stall_seconds";
+/// From a lost node being noticed to the first token after the move (histogram).
+pub const FAILOVER_RECOVERY_SECONDS: &str = "shoal_failover_recovery_seconds";
+/// The part of that the new node spent prefilling the generation again (histogram).
+pub const FAILOVER_REPREFILL_SECONDS: &str = "shoal_failover_reprefill_seconds";
+
 /// Every metric name the coordinator adds to the gateway's.
-pub const ALL_NAMES: [&str; 8] = [
+pub const ALL_NAMES: [&str; 11] = [
     HEARTBEAT_AGE_SECONDS,
     NODES,
     PLAN_EPOCH,
@@ -47,6 +56,9 @@ pub const ALL_NAMES: [&str; 8] = [
     FAILOVERS_TOTAL,
     CHECKPOINT_RESTORES_TOTAL,
     CHECKPOINT_RESTORED_POSITIONS_TOTAL,
+    FAILOVER_STALL_SECONDS,
+    FAILOVER_RECOVERY_SECONDS,
+    FAILOVER_REPREFILL_SECONDS,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]

@@ -281,7 +281,8 @@ impl TestCluster {
             engine: shoal_engine::EngineConfig::default(),
             default_max_tokens: 16,
             memory_budget: self.memory_budget,
-            checkpoint_store: None,
+            // An eighth of so small a budget would keep only a short context or two.
+            checkpoint_store: self.memory_budget.map(|_| 64 << 20),
             benchmark: true,
             model_keys: None,
         }
@@ -748,6 +749,15 @@ impl TestCluster {
     }
 }
 
+/// Waits until `cond` holds (the test fails after [`WAIT`]).
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let since = Instant::now();
+    while !cond() {
+        assert!(since.elapsed() < WAIT, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Blocks the calling thread until `cond` holds (the test fails after [`WAIT`]).
 fn block_until(what: &str, cond: impl Fn() -> bool) {
     let since = Instant::now();
@@ -858,7 +868,40 @@ async fn a_replica_killed_mid_stream_is_resumed_with_no_token_lost_or_repeated()
         assert_eq!(cluster.coordinator.backend().failovers(), 1);
         // The gateway's /metrics counts the move, under the cause that noticed it.
         assert_eq!(failovers_on_metrics(&cluster).await, 1);
+        // And what it cost the client: one silence, of which the survivor's prefill of the
+        // prompt and the 20 tokens already sent is a part, within the time from the loss.
+        let [stall, recovery, reprefill] = failover_stalls(&cluster).await;
+        assert!(
+            0.0 < reprefill && reprefill <= recovery && recovery <= stall,
+            "stall {stall} s, recovery {recovery} s, re-prefill {reprefill} s"
+        );
     }
+}
+
+/// The one failover's silence, recovery and re-prefill (seconds) on the coordinator's
+/// `/metrics` (each histogram must hold exactly one observation).
+async fn failover_stalls(cluster: &TestCluster) -> [f64; 3] {
+    use shoal_cluster::metrics::{
+        FAILOVER_RECOVERY_SECONDS, FAILOVER_REPREFILL_SECONDS, FAILOVER_STALL_SECONDS,
+    };
+    let metrics = cluster.metrics().await;
+    let value = |name: String| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+            .parse()
+            .unwrap()
+    };
+    [
+        FAILOVER_STALL_SECONDS,
+        FAILOVER_RECOVERY_SECONDS,
+        FAILOVER_REPREFILL_SECONDS,
+    ]
+    .map(|name| {
+        assert_eq!(value(format!("{name}_count")), 1.0, "{name}");
+        value(format!("{name}_sum"))
+    })
 }
 
 /// A generation checkpointed to the other replica as it runs resumes there from the checkpoint
@@ -1368,16 +1411,30 @@ impl TestCluster {
 
     /// The node running stage `stage` of the pipeline that has a request in flight.
     fn busy_stage(&self, stage: usize) -> String {
+        self.pipelines().0[stage].clone()
+    }
+
+    /// The nodes of the pipeline that has a request in flight and of the one that has none,
+    /// in stage order.
+    fn pipelines(&self) -> (Vec<String>, Vec<String>) {
         let router = self.coordinator.backend().router();
         let view = self.coordinator.membership().view();
         let chains = view.plan.chains(&ModelId::new(MODEL));
-        let busy: Vec<Vec<String>> = chains
+        let (busy, idle): (Vec<Vec<String>>, Vec<Vec<String>>) = chains
             .iter()
-            .filter(|c| c.stages.iter().all(|a| router.in_flight(&a.node) > 0))
-            .map(|c| c.stages.iter().map(|a| a.node.to_string()).collect())
-            .collect();
+            .map(|c| {
+                c.stages
+                    .iter()
+                    .map(|a| a.node.to_string())
+                    .collect::<Vec<_>>()
+            })
+            .partition(|c| {
+                c.iter()
+                    .all(|n| router.in_flight(&NodeId::new(n.as_str())) > 0)
+            });
         assert_eq!(busy.len(), 1, "expected one busy pipeline: {busy:?}");
-        busy[0][stage].clone()
+        assert_eq!(idle.len(), 1, "expected one idle pipeline: {idle:?}");
+        (busy[0].clone(), idle[0].clone())
     }
 
     /// Cuts links of the proxied agent `name`; it keeps running.
@@ -1446,12 +1503,9 @@ async fn a_middle_pipeline_stage_killed_mid_stream_costs_no_token() {
     assert_eq!(cluster.coordinator.backend().failovers(), 1);
 }
 
-/// With checkpoints on, every stage of a pipeline checkpoints its own layers to the stage of
-/// the same layers on the other pipeline. When the busy pipeline's middle stage dies, each
-/// stage of the other pipeline imports its checkpoint from its own store and the head prefills
-/// none of the context again: the client sees exactly the fault-free answer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pipeline_resumes_from_its_stages_checkpoints_when_a_middle_stage_dies() {
+/// Six agents with room for three of nine layers of `spec` each: two pipelines of three
+/// stages that split the layers alike, checkpointing every 16 positions.
+async fn two_checkpointed_pipelines(spec: shoal_synth::SynthSpec) -> TestCluster {
     let backend = ClusterBackendConfig {
         pipeline_codec: Preference::Exact,
         checkpoint_every: 16,
@@ -1461,7 +1515,7 @@ async fn a_pipeline_resumes_from_its_stages_checkpoints_when_a_middle_stage_dies
     // Nine layers: room for three on each agent splits both pipelines 3/3/3.
     let weights = Weights::Synth(shoal_synth::SynthSpec {
         n_layers: 9,
-        ..slow_model()
+        ..spec
     });
     let cluster = TestCluster::start_limited(weights, 6, placement, Some(3), false, backend).await;
     let view = cluster.coordinator.membership().view();
@@ -1481,8 +1535,16 @@ async fn a_pipeline_resumes_from_its_stages_checkpoints_when_a_middle_stage_dies
         "both pipelines split the layers alike"
     );
     drop(view);
-    // A context whose checkpoints fit the stores of agents this small (an eighth of their
-    // memory).
+    cluster
+}
+
+/// With checkpoints on, every stage of a pipeline checkpoints its own layers to the stage of
+/// the same layers on the other pipeline. When the busy pipeline's middle stage dies, each
+/// stage of the other pipeline imports its checkpoint from its own store and the head prefills
+/// none of the context again: the client sees exactly the fault-free answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_resumes_from_its_stages_checkpoints_when_a_middle_stage_dies() {
+    let cluster = two_checkpointed_pipelines(slow_model()).await;
     let (body, reference, prompt_tokens) = long_context(&cluster, 5, 80, 12).await;
     assert!(
         prompt_tokens > 200 && reference.deltas.len() >= 60,
@@ -1527,6 +1589,92 @@ async fn a_pipeline_resumes_from_its_stages_checkpoints_when_a_middle_stage_dies
         .map(|n| cluster.checkpoint_counter(n, |c| &c.restore_misses))
         .sum();
     // The head and both later stages restored.
+    assert_eq!((restores, misses), (3, 0));
+    let (gateway_restores, restored) = cluster.coordinator.backend().restores();
+    assert_eq!(gateway_restores, 1);
+    assert!(
+        restored >= prompt_tokens,
+        "{restored} positions restored of a {prompt_tokens}-token prompt"
+    );
+}
+
+/// A pipeline stage whose checkpoint holder dies is given another holder while the generation
+/// runs, and checkpoints its layers there from position 0. When the stage itself dies next
+/// (after the first holder came back, empty, and the other pipeline is whole again), the
+/// generation resumes on the other pipeline: its middle stage imports those layers from the
+/// new holder, the other stages from their own stores, and the client sees exactly the
+/// fault-free answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_stage_whose_checkpoint_holder_dies_gets_another_and_resumes_from_it() {
+    // The slower model, so the generation outlasts a lease, a new holder's refill and a
+    // restart while the client reads on.
+    let cluster = Arc::new(two_checkpointed_pipelines(slower_model()).await);
+    let (body, reference, prompt_tokens) = long_context(&cluster, 6, 600, 12).await;
+    assert!(
+        prompt_tokens > 200 && reference.deltas.len() >= 400,
+        "{reference:?}"
+    );
+    let names: Vec<String> = (1..=6).map(|i| format!("agent-{i}")).collect();
+    let (killed_tx, back, restarter) = restart_when_killed(cluster.clone());
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let faults = tokio::spawn({
+        let cluster = cluster.clone();
+        let names = names.clone();
+        async move {
+            started.await.unwrap();
+            let index = |name: &str| names.iter().position(|n| n == name).unwrap();
+            let stored = |name: &str| cluster.checkpoint_counter(name, |c| &c.stored_tokens);
+            let (busy, other) = cluster.pipelines();
+            // The other pipeline's middle stage runs the same layers: it holds the busy
+            // middle stage's checkpoints.
+            let (middle, holder) = (busy[1].clone(), other[1].clone());
+            let others: Vec<&String> = names
+                .iter()
+                .filter(|n| **n != middle && **n != holder)
+                .collect();
+            let before: u64 = others.iter().map(|n| stored(n)).sum();
+            cluster.kill(index(&holder));
+            killed_tx.send(index(&holder)).unwrap();
+            // Once the holder is declared dead, the gateway names another, and the middle
+            // stage's cache so far (at least the prompt) goes there.
+            wait_until("a new holder for the middle stage", || {
+                cluster.checkpoint_counter(&middle, |c| &c.retargets) == 1
+                    && others.iter().map(|n| stored(n)).sum::<u64>() >= before + prompt_tokens
+            })
+            .await;
+            wait_until("the old holder back and ready", || {
+                back.load(std::sync::atomic::Ordering::SeqCst)
+            })
+            .await;
+            cluster.kill(index(&middle));
+            middle
+        }
+    });
+    let mut started_tx = Some(started_tx);
+    let seen = stream_chat(&cluster, body, |n| {
+        if n == 10
+            && let Some(tx) = started_tx.take()
+        {
+            tx.send(()).unwrap();
+        }
+    })
+    .await;
+    within("the restarter", restarter).await.unwrap();
+    let middle = within("the faults", faults).await.unwrap();
+    assert_eq!(seen, reference);
+    assert_eq!(
+        cluster.coordinator.backend().failovers(),
+        1,
+        "the generation ended before its middle stage was killed"
+    );
+    let live = || names.iter().filter(|n| **n != middle);
+    let restores: u64 = live()
+        .map(|n| cluster.checkpoint_counter(n, |c| &c.restores))
+        .sum();
+    let misses: u64 = live()
+        .map(|n| cluster.checkpoint_counter(n, |c| &c.restore_misses))
+        .sum();
+    // Every stage of the new route restored, the middle one from the holder named late.
     assert_eq!((restores, misses), (3, 0));
     let (gateway_restores, restored) = cluster.coordinator.backend().restores();
     assert_eq!(gateway_restores, 1);

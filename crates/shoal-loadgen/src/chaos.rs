@@ -15,6 +15,10 @@
 //! - **stall**: a request's longest silence (request sent → first chunk, or between two
 //!   chunks), for the failed-over requests, beside the same requests' longest silence in the
 //!   reference run and the difference (the extra latency of the failover);
+//! - **per failover**, from the audit log's `resumes` (the gateway's own measure of each
+//!   silence a move caused): the silence, the part the new node spent prefilling again, the
+//!   silence beyond that re-prefill (what a target of "N s plus re-prefill" bounds), and the
+//!   time from the loss being noticed to the next token;
 //! - **detection**: from each fault (a kill; a freeze: the process stopped, alive but silent;
 //!   a cut: the node partitioned away, running, its connections open but carrying nothing) to
 //!   the coordinator declaring that node dead (its lease expired), to the gateway first
@@ -109,6 +113,22 @@ pub struct AuditPath {
     /// every stage, so the node count alone over-counts its moves).
     #[serde(default)]
     pub failovers: Option<u32>,
+    /// What each failover cost the client (absent in older logs).
+    #[serde(default)]
+    pub resumes: Vec<AuditResume>,
+}
+
+/// An audit entry's record of one silence its moves caused, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct AuditResume {
+    /// Moves before the next token.
+    pub moves: u32,
+    /// The client's last token (or the request's start) → the next token.
+    pub stall_ms: f64,
+    /// The loss noticed → the next token.
+    pub recovery_ms: f64,
+    /// The new node's prefill → the next token.
+    pub reprefill_ms: f64,
 }
 
 /// A request of the faulty run that did not complete.
@@ -195,6 +215,16 @@ pub struct ChaosReport {
     pub extra_stall_ms: Option<LatencySummary>,
     /// Gaps between chunks of the completed requests that did not fail over (ms).
     pub normal_gap_ms: Option<LatencySummary>,
+    /// Silences the gateway recorded as caused by moves (the audit log's `resumes`).
+    pub resumes: u64,
+    /// Each such silence: the client's last token (or the request's start) → the next (ms).
+    pub resume_stall_ms: Option<LatencySummary>,
+    /// Of each, the new node's re-prefill (ms).
+    pub resume_reprefill_ms: Option<LatencySummary>,
+    /// Each silence less its re-prefill (ms).
+    pub resume_beyond_reprefill_ms: Option<LatencySummary>,
+    /// The loss noticed → the next token (ms).
+    pub resume_recovery_ms: Option<LatencySummary>,
     /// Every kill.
     pub kills: Vec<KillOutcome>,
     /// Kill → declared dead (ms).
@@ -402,6 +432,11 @@ impl ChaosReport {
             reference_stall_ms: None,
             extra_stall_ms: None,
             normal_gap_ms: None,
+            resumes: 0,
+            resume_stall_ms: None,
+            resume_reprefill_ms: None,
+            resume_beyond_reprefill_ms: None,
+            resume_recovery_ms: None,
             kills: Vec::new(),
             detection_ms: None,
             gateway_detection_ms: None,
@@ -465,6 +500,17 @@ impl ChaosReport {
         report.reference_stall_ms = summary(reference_stalls);
         report.extra_stall_ms = summary(extra);
         report.normal_gap_ms = summary(normal_gaps);
+        let resumes: Vec<&AuditResume> = audit
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|e| &e.resumes)
+            .collect();
+        report.resumes = resumes.len() as u64;
+        report.resume_stall_ms = summary(resumes.iter().map(|r| r.stall_ms));
+        report.resume_reprefill_ms = summary(resumes.iter().map(|r| r.reprefill_ms));
+        report.resume_beyond_reprefill_ms =
+            summary(resumes.iter().map(|r| r.stall_ms - r.reprefill_ms));
+        report.resume_recovery_ms = summary(resumes.iter().map(|r| r.recovery_ms));
 
         // Each kill pairs with the first death and the first readiness of that node after it
         // (and before its next fault).
@@ -612,6 +658,25 @@ impl ChaosReport {
         );
         let _ = writeln!(out, "  extra          {}", line(&self.extra_stall_ms));
         let _ = writeln!(out, "  normal gaps    {}", line(&self.normal_gap_ms));
+        if self.resumes > 0 {
+            let _ = writeln!(
+                out,
+                "per failover     {} silences caused by moves (the gateway's measure)",
+                self.resumes
+            );
+            let _ = writeln!(out, "  stall          {}", line(&self.resume_stall_ms));
+            let _ = writeln!(out, "  re-prefill     {}", line(&self.resume_reprefill_ms));
+            let _ = writeln!(
+                out,
+                "  beyond it      {}",
+                line(&self.resume_beyond_reprefill_ms)
+            );
+            let _ = writeln!(
+                out,
+                "  noticed → next token {}",
+                line(&self.resume_recovery_ms)
+            );
+        }
         let count = |kind: FaultKind| self.kills.iter().filter(|k| k.event == kind).count();
         let _ = writeln!(
             out,
@@ -711,7 +776,36 @@ mod tests {
             request_id: id.into(),
             nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
             failovers: None,
+            resumes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn each_silence_a_move_caused_is_split_into_re_prefill_and_the_rest() {
+        let reference = vec![ok(0, "ab", T0, &[10.0, 20.0]), ok(1, "cd", T0, &[10.0])];
+        let run = reference.clone();
+        // As the gateway writes it: one entry per silence, absent when nothing moved.
+        let moved: AuditPath = serde_json::from_str(
+            r#"{"request_id":"run-0","nodes":["a","b","c"],"failovers":3,"resumes":[
+                {"moves":1,"stall_ms":900,"recovery_ms":850,"reprefill_ms":400},
+                {"moves":2,"stall_ms":3000,"recovery_ms":2900,"reprefill_ms":1000}]}"#,
+        )
+        .unwrap();
+        let entries = vec![moved, audit("run-1", &["a"])];
+        let r = ChaosReport::build(&reference, &run, Some(&entries), &[]);
+        assert_eq!(r.resumes, 2);
+        let beyond = r.resume_beyond_reprefill_ms.unwrap();
+        assert_eq!((beyond.min, beyond.max), (500.0, 2_000.0));
+        let reprefill = r.resume_reprefill_ms.unwrap();
+        assert_eq!((reprefill.min, reprefill.max), (400.0, 1_000.0));
+        assert_eq!(r.resume_stall_ms.unwrap().max, 3_000.0);
+        assert_eq!(r.resume_recovery_ms.unwrap().min, 850.0);
+        let text = r.render_text();
+        assert!(text.contains("2 silences caused by moves"), "{text}");
+        // No audit log, or one without the field: nothing to say.
+        let r = ChaosReport::build(&reference, &run, None, &[]);
+        assert_eq!((r.resumes, r.resume_stall_ms), (0, None));
+        assert!(!r.render_text().contains("per failover"));
     }
 
     #[test]

@@ -479,9 +479,8 @@ pub(crate) struct Pusher {
     pub peer: Option<CheckpointSource>,
     pub links: LinkSettings,
     pub counters: Arc<CheckpointCounters>,
-    /// Where the gateway can name it a new holder; `None`: it keeps its first (a pipeline
-    /// stage's).
-    pub retargets: Option<Arc<Retargets>>,
+    /// Where the gateway can name it a new holder.
+    pub retargets: Arc<Retargets>,
 }
 
 /// First pause after a failed push.
@@ -522,13 +521,9 @@ impl Pusher {
         let (done_tx, done_rx) = oneshot::channel();
         let sink = CheckpointSink::new(self.every, tx);
         let restarts = sink.restarts.clone();
-        let (target, registration) = match &self.retargets {
-            Some(r) => {
-                let (rx, reg) = r.register(self.request_id.as_str(), self.peer.clone());
-                (rx, Some(reg))
-            }
-            None => (watch::channel(self.peer.clone()).1, None),
-        };
+        let (target, registration) = self
+            .retargets
+            .register(self.request_id.as_str(), self.peer.clone());
         let task = async move {
             let _registration = registration;
             self.run(rx, done_rx, target, restarts).await;

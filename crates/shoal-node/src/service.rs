@@ -112,7 +112,7 @@ impl NodeService {
                     peer: plan.peer.filter(|p| p.node != self.core.node_id),
                     links: self.links.clone(),
                     counters: self.core.checkpoint_counters.clone(),
-                    retargets: Some(self.core.checkpoint_targets.clone()),
+                    retargets: self.core.checkpoint_targets.clone(),
                 }
                 .start();
                 ereq.checkpoint = Some(sink);

@@ -1242,26 +1242,27 @@ impl LinkServer {
         true
     }
 
-    /// Starts pushing the sequence's checkpoints when its hop names a holder; the sink for
-    /// the compute thread.
+    /// Starts pushing the sequence's checkpoints when its hop asks for them; the sink for the
+    /// compute thread. A hop that names no holder (none was ready) gets one later from the
+    /// gateway (`Node.RetargetCheckpoint`), as does one whose holder dies.
     fn checkpoint_sink(
         &mut self,
         o: &SequenceOpen,
         plan: &shoal_pipeline::HopCheckpoint,
     ) -> Option<CheckpointSink> {
-        let peer = plan.peer.as_ref().filter(|p| p.node != self.core.node_id)?;
         if plan.every == 0 {
             return None;
         }
+        let peer = plan.peer.clone().filter(|p| p.node != self.core.node_id);
         let (sink, task, done) = Pusher {
             request_id: o.request.clone(),
             model: self.shard.model_id.clone(),
             model_sha256: self.shard.sha256.clone(),
             every: plan.every,
-            peer: Some(peer.clone()),
+            peer,
             links: self.settings.clone(),
             counters: self.core.checkpoint_counters.clone(),
-            retargets: None,
+            retargets: self.core.checkpoint_targets.clone(),
         }
         .start();
         tokio::spawn(task);

@@ -3,12 +3,13 @@
 //! `shoal_api::audit::verify` accepts it, and continued across a restart.
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
-use shoal_api::audit::{self, AuditConfig, AuditEntry};
+use shoal_api::audit::{self, AuditConfig, AuditEntry, AuditResume};
 use shoal_api::keys::{self, Limits};
-use shoal_api::{ApiConfig, BackendError, FinishReason};
+use shoal_api::{ApiConfig, BackendError, FinishReason, ResumeStall};
 use shoal_types::ErrorClass;
 
 use crate::support::*;
@@ -55,6 +56,13 @@ async fn a_gateway_run_leaves_a_verifiable_chain_that_continues_after_a_restart(
         Step::Path(&["agent-3"]),
         Step::Token("par"),
         Step::MovedPath(&["agent-3", "agent-4"], 1),
+        Step::Resumed(ResumeStall {
+            moves: 1,
+            stall: Duration::from_millis(1_250),
+            recovery: Duration::from_millis(1_200),
+            reprefill: Duration::from_millis(300),
+        }),
+        Step::Token("is"),
         Step::Fail(BackendError::new(
             ErrorClass::Unavailable,
             "node_lost",
@@ -107,7 +115,8 @@ async fn a_gateway_run_leaves_a_verifiable_chain_that_continues_after_a_restart(
     assert_eq!(served.failovers, 0);
     // An entry with no move says nothing of moves (older entries hash the same).
     let first_line = std::fs::read_to_string(&log).unwrap();
-    assert!(!first_line.lines().next().unwrap().contains("failovers"));
+    let first_line = first_line.lines().next().unwrap();
+    assert!(!first_line.contains("failovers") && !first_line.contains("resumes"));
     assert_eq!(served.outcome, "ok");
     assert_eq!(served.reason, None);
     assert_eq!(
@@ -137,13 +146,22 @@ async fn a_gateway_run_leaves_a_verifiable_chain_that_continues_after_a_restart(
     let failed = &got[2];
     assert_eq!(failed.nodes, ["agent-3", "agent-4"]);
     assert_eq!(failed.failovers, 1);
+    assert_eq!(
+        failed.resumes,
+        [AuditResume {
+            moves: 1,
+            stall_ms: 1_250,
+            recovery_ms: 1_200,
+            reprefill_ms: 300,
+        }]
+    );
     assert_eq!(failed.outcome, "unavailable");
     assert_eq!(failed.reason.as_deref(), Some("node_lost"));
     assert_eq!(
         failed.response_sha256.as_deref(),
-        Some(sha256("par").as_str())
+        Some(sha256("paris").as_str())
     );
-    assert_eq!(failed.completion_tokens, 1);
+    assert_eq!(failed.completion_tokens, 2);
 
     // A restarted gateway continues the chain.
     let (server, _state) =

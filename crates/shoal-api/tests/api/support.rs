@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use shoal_api::{
     ApiConfig, ApiState, BackendError, BoxFuture, FinishReason, GenerateEvent, GenerateRequest,
-    InferenceBackend, ModelCard, Readiness, Usage,
+    InferenceBackend, ModelCard, Readiness, ResumeStall, Usage,
 };
 use shoal_types::{ModelId, RequestId};
 use tokio::sync::mpsc;
@@ -51,6 +51,8 @@ pub enum Step {
     Path(&'static [&'static str]),
     /// Report the nodes of every path so far, after this many moves to another node.
     MovedPath(&'static [&'static str], u32),
+    /// Report what a failover cost before the next token.
+    Resumed(ResumeStall),
 }
 
 /// What one `generate` call does.
@@ -230,6 +232,7 @@ async fn play(
                 nodes: nodes.iter().map(|n| n.to_string()).collect(),
                 failovers,
             },
+            Step::Resumed(stall) => GenerateEvent::Resumed(stall),
             Step::WaitForCancel => {
                 let _ = started_tx.send(request_id.clone()).await;
                 cancel.cancelled().await;
