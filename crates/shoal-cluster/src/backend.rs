@@ -29,7 +29,8 @@
 //! replica checkpoints its KV cache to a second ready replica (the least loaded; not a node a
 //! generation was just lost on). When its holder dies, or none was ready when it started, the
 //! gateway names a new one (`Node.RetargetCheckpoint`), and the checkpoint starts again there.
-//! A failover prefers the holder and names it in `restore`, so the new node imports the
+//! A failover prefers the holder (unless another replica is expected to serve it in half the
+//! time) and names it in `restore`, so the new node imports the
 //! checkpoint instead of prefilling the context. On a pipeline each stage checkpoints its own
 //! layers to a holder of its own (renamed the same way), and on a failover every stage of the
 //! new route that runs the same layers as a live holder imports from it (see `stage_hops`).
@@ -41,7 +42,7 @@
 
 use crate::metrics::{
     CHECKPOINT_RESTORED_POSITIONS_TOTAL, CHECKPOINT_RESTORES_TOTAL, FAILOVER_RECOVERY_SECONDS,
-    FAILOVER_REPREFILL_SECONDS, FAILOVER_STALL_SECONDS, FAILOVERS_TOTAL,
+    FAILOVER_REPREFILL_SECONDS, FAILOVER_STALL_SECONDS, FAILOVERS_TOTAL, REQUESTS_REBALANCED_TOTAL,
 };
 use crate::wire;
 use futures::StreamExt;
@@ -74,6 +75,8 @@ const EVENT_BUFFER: usize = 64;
 const RETARGET_TIMEOUT: Duration = Duration::from_secs(2);
 /// Least time between two attempts to name a generation a checkpoint holder.
 const RETARGET_INTERVAL: Duration = Duration::from_secs(1);
+/// Least time between two looks for a replica that would serve a queued generation sooner.
+const REBALANCE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How the gateway noticed that a node serving a generation was lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -184,6 +187,8 @@ struct Inner {
     restored_positions: Counter,
     /// What failovers cost clients (see [`ResumeStall`]).
     stalls: StallHistograms,
+    /// Generations moved from a node's queue to a replica expected to serve them sooner.
+    rebalanced: Counter,
     /// Nodes a generation was lost on lately, by when: the membership may still count them
     /// alive for a lease, and they are no place for a checkpoint.
     suspects: Mutex<HashMap<NodeId, tokio::time::Instant>>,
@@ -211,6 +216,7 @@ impl ClusterBackend {
                 restores: Counter::default(),
                 restored_positions: Counter::default(),
                 stalls: StallHistograms::default(),
+                rebalanced: Counter::default(),
                 suspects: Mutex::default(),
             }),
             created,
@@ -254,6 +260,11 @@ impl ClusterBackend {
             "KV positions failovers imported from checkpoints instead of prefilling",
             self.inner.restored_positions.clone(),
         );
+        registry.register(
+            base(REQUESTS_REBALANCED_TOTAL),
+            "Generations moved from a node's queue, before any compute, to a replica expected to serve them in under half the time",
+            self.inner.rebalanced.clone(),
+        );
         let stalls = &self.inner.stalls;
         registry.register(
             FAILOVER_STALL_SECONDS,
@@ -270,6 +281,12 @@ impl ClusterBackend {
             "The part of a failover's recovery the new node spent prefilling the generation again",
             stalls.reprefill.clone(),
         );
+    }
+
+    /// Generations moved from a node's queue to a replica expected to serve them sooner,
+    /// since start.
+    pub fn rebalanced(&self) -> u64 {
+        self.inner.rebalanced.get()
     }
 
     /// Failovers resumed from a checkpoint since start, and the positions they imported.
@@ -316,7 +333,7 @@ impl Inner {
 
     /// Starts `req` on a replica of `model` with no node in `failed`, trying up to
     /// `max_attempts` replicas; nodes that could not start it are added to `failed`.
-    /// `prefer` names a node to try first when it can take the request (the holder of its
+    /// `prefer` names a node to favour when it can take the request (the holder of its
     /// checkpoint).
     ///
     /// `held` names the live holders of the generation's pipeline-stage checkpoints: a stage
@@ -817,6 +834,7 @@ impl InferenceBackend for ClusterBackend {
                 prompt_ids: opened.started.prompt_ids.clone(),
                 delivered: Vec::new(),
                 moves: 0,
+                rebalances: 0,
                 charged: 0,
                 best_restored: 0,
                 computed: false,
@@ -840,6 +858,9 @@ enum Leg {
     Done,
     /// The node failed in the middle: continue elsewhere.
     Lost(BackendError, FailoverCause, LegWork),
+    /// The generation was still waiting in the node's queue, and another replica is expected
+    /// to serve it much sooner: start it there (nothing is lost).
+    Queued,
 }
 
 /// What one replica did for a generation before it was lost.
@@ -869,6 +890,9 @@ struct Relay {
     delivered: Vec<u32>,
     /// Moves to another replica so far.
     moves: usize,
+    /// Of them, moves of a generation still waiting in a node's queue to a replica expected
+    /// to serve it sooner (not failovers).
+    rebalances: usize,
     /// Moves after legs that lost work (see the module's documentation).
     charged: usize,
     /// The most KV positions a resumed leg imported from a checkpoint.
@@ -926,7 +950,7 @@ impl Relay {
             }
             let event = GenerateEvent::Path {
                 nodes: path.clone(),
-                failovers: u32::try_from(self.moves).unwrap_or(u32::MAX),
+                failovers: u32::try_from(self.moves - self.rebalances).unwrap_or(u32::MAX),
             };
             if self.tx.send(event).await.is_err() {
                 return;
@@ -934,6 +958,13 @@ impl Relay {
             let (err, cause, work) = match self.leg(opened, prompt_tokens).await {
                 Leg::Done => return,
                 Leg::Lost(err, cause, work) => (err, cause, work),
+                Leg::Queued => match self.rebalance(&node).await {
+                    Some(next) => {
+                        opened = next;
+                        continue;
+                    }
+                    None => return,
+                },
             };
             let noticed = tokio::time::Instant::now();
             let exclusion = self.inner.cfg.lost_node_exclusion;
@@ -1049,6 +1080,45 @@ impl Relay {
                     let _ = self.tx.send(GenerateEvent::Failed(e)).await;
                     return;
                 }
+            }
+        }
+    }
+
+    /// Starts the generation, which was still waiting in `from`'s queue, on a replica
+    /// expected to serve it sooner; back on `from` when none can take it after all. `None`
+    /// when the generation ended (cancelled, or failed: the client was told).
+    async fn rebalance(&mut self, from: &NodeId) -> Option<Opened> {
+        self.moves += 1;
+        self.rebalances += 1;
+        self.inner.rebalanced.inc();
+        tracing::info!(
+            request = %self.request.request_id,
+            %from,
+            "generation still queued; moving it to a replica expected to serve it sooner"
+        );
+        let mut exclude = self.exclusions();
+        let req = self.resumed_request(&exclude);
+        exclude.push(from.clone());
+        let mut started = self
+            .inner
+            .start(&self.model, &req, &mut exclude, None, &[], &self.cancel)
+            .await;
+        if started
+            .as_ref()
+            .is_err_and(|e| e.class != ErrorClass::Cancelled)
+        {
+            let mut exclude = self.exclusions();
+            started = self
+                .inner
+                .start(&self.model, &req, &mut exclude, None, &[], &self.cancel)
+                .await;
+        }
+        match started {
+            Ok(next) => Some(next),
+            Err(e) if e.class == ErrorClass::Cancelled => None,
+            Err(e) => {
+                let _ = self.tx.send(GenerateEvent::Failed(e)).await;
+                None
             }
         }
     }
@@ -1184,6 +1254,8 @@ impl Relay {
         let mut last_event = tokio::time::Instant::now();
         // When this node began prefilling the generation (its first `Progress`).
         let mut prefill_began = None;
+        // Not before the node's load shows in a heartbeat or two.
+        let mut next_rebalance = tokio::time::Instant::now() + REBALANCE_INTERVAL;
         loop {
             let quiet = if got_token {
                 self.inner.cfg.stall_timeout
@@ -1215,6 +1287,20 @@ impl Relay {
                         return lost(FailoverCause::declared_dead, why, work);
                     }
                     let now = tokio::time::Instant::now();
+                    // A generation still waiting in this node's queue moves to a replica
+                    // expected to serve it in under half the time (one that just became
+                    // ready, or much less loaded): it loses nothing.
+                    if !work.computed
+                        && !route.is_pipeline()
+                        && now >= next_rebalance
+                        && self.moves < self.inner.cfg.max_moves
+                    {
+                        next_rebalance = now + REBALANCE_INTERVAL;
+                        let exclude = self.exclusions();
+                        if self.inner.router.better_elsewhere(&self.model, &node, &exclude) {
+                            return Leg::Queued;
+                        }
+                    }
                     for (i, stage) in route.stages.iter().enumerate() {
                         // A holder that died or restarted since it was named holds nothing
                         // (its store went with it), even once it is back.

@@ -46,8 +46,13 @@ pub const FAILOVER_RECOVERY_SECONDS: &str = "shoal_failover_recovery_seconds";
 /// The part of that the new node spent prefilling the generation again (histogram).
 pub const FAILOVER_REPREFILL_SECONDS: &str = "shoal_failover_reprefill_seconds";
 
+/// Generations moved from a node's queue, before any compute, to a replica expected to serve
+/// them in under half the time (counter); registered by
+/// [`crate::ClusterBackend::register_metrics`].
+pub const REQUESTS_REBALANCED_TOTAL: &str = "shoal_requests_rebalanced_total";
+
 /// Every metric name the coordinator adds to the gateway's.
-pub const ALL_NAMES: [&str; 11] = [
+pub const ALL_NAMES: [&str; 12] = [
     HEARTBEAT_AGE_SECONDS,
     NODES,
     PLAN_EPOCH,
@@ -59,6 +64,7 @@ pub const ALL_NAMES: [&str; 11] = [
     FAILOVER_STALL_SECONDS,
     FAILOVER_RECOVERY_SECONDS,
     FAILOVER_REPREFILL_SECONDS,
+    REQUESTS_REBALANCED_TOTAL,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]

@@ -1153,6 +1153,45 @@ async fn failovers_by_cause(cluster: &TestCluster) -> HashMap<String, u64> {
     counts
 }
 
+/// Generations still waiting in a node's queue move to a replica that becomes ready (here a
+/// node coming back; a node joining is the same) once it is expected to serve them in under
+/// half the time: the queue is shared out, every answer is the one a quiet cluster gives, and
+/// none of it counts as a failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_generations_move_to_a_replica_that_becomes_ready() {
+    let cluster = slower_cluster(2, ClusterBackendConfig::default()).await;
+    let (mut bodies, mut references) = (Vec::new(), Vec::new());
+    for seed in 0..3 {
+        let (body, reference, prompt_tokens) = long_context(&cluster, 20 + seed, 16, 40).await;
+        assert!(prompt_tokens >= 700, "{prompt_tokens} prompt tokens");
+        bodies.push(body);
+        references.push(reference);
+    }
+    cluster.kill(1);
+    cluster.wait_state("agent-2", NodeState::Dead).await;
+    // Each prompt takes seconds to prefill on one thread: two of the three wait in agent-1's
+    // queue while agent-2 comes back.
+    let requests = futures::future::join_all(
+        bodies
+            .iter()
+            .map(|b| stream_chat(&cluster, b.clone(), |_| {})),
+    );
+    let comeback = async {
+        let router = cluster.coordinator.backend().router();
+        wait_until("three requests on agent-1", || {
+            router.in_flight(&NodeId::new("agent-1")) == 3
+        })
+        .await;
+        cluster.restart(1).await;
+        cluster.wait_ready(2).await;
+    };
+    let (seen, ()) = futures::future::join(requests, within("agent-2 back", comeback)).await;
+    assert_eq!(seen, references);
+    let backend = cluster.coordinator.backend();
+    assert!(backend.rebalanced() >= 1, "no queued generation moved");
+    assert_eq!(backend.failovers(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_a_node_under_load_fails_no_request() {
     let cluster = TestCluster::start_with(slow_model(), 2).await;

@@ -212,9 +212,10 @@ impl Router {
         self.pick_preferring(model, exclude, None)
     }
 
-    /// Like [`Router::pick_excluding`], choosing the whole-model replica on `prefer` when it
-    /// is a candidate (a node that holds the request's checkpoint resumes it without a
-    /// transfer), whatever its load.
+    /// Like [`Router::pick_excluding`], choosing the whole-model replica on `prefer` (a node
+    /// that holds the request's checkpoint resumes it without a transfer) unless another is
+    /// expected to serve it in less than half the time: a checkpoint's transfer is worth
+    /// avoiding, but not at the price of queueing behind several other generations.
     pub fn pick_preferring(
         &self,
         model: &ModelId,
@@ -234,36 +235,22 @@ impl Router {
             .iter()
             .filter_map(|c| candidate(&view, c, spec.n_layers, exclude, &in_flight))
             .collect();
-        // A stage whose node has not measured this model is assumed as slow per layer as the
-        // slowest measured stage: it still gets work when the others are busy, never ahead of
-        // a known speed.
-        let fallback_per_layer = candidates
-            .iter()
-            .flat_map(|c| c.stages.iter())
-            .filter_map(|s| s.seconds.map(|t| t / f64::from(s.layers.len())))
-            .max_by(f64::total_cmp)
-            .unwrap_or(1.0 / f64::from(spec.n_layers.max(1)));
-        let seconds = |s: &StageCandidate<'_>| {
-            s.seconds
-                .unwrap_or(fallback_per_layer * f64::from(s.layers.len()))
-        };
-        // Work is a small integer count, exact in f64.
-        let expected = |c: &Candidate<'_>| {
-            c.stages
-                .iter()
-                .map(|s| s.work as f64 * seconds(s))
-                .sum::<f64>()
-        };
-        let per_token = |c: &Candidate<'_>| c.stages.iter().map(seconds).sum::<f64>();
+        let latency = Latency::of(&candidates, spec.n_layers);
+        let expected = |c: &Candidate<'_>| latency.expected(c);
+        let per_token = |c: &Candidate<'_>| latency.per_token(c);
         let measured = |c: &Candidate<'_>| c.stages.iter().all(|s| s.seconds.is_some());
-        fn head<'c>(c: &Candidate<'c>) -> Option<&'c NodeId> {
-            c.stages.first().map(|s| &s.node.id)
-        }
         let preferred = |c: &Candidate<'_>| c.stages.len() == 1 && head(c) == prefer;
+        let score = |c: &Candidate<'_>| {
+            if preferred(c) {
+                expected(c) / 2.0
+            } else {
+                expected(c)
+            }
+        };
         let best = candidates.iter().min_by(|a, b| {
-            preferred(b)
-                .cmp(&preferred(a))
-                .then_with(|| expected(a).total_cmp(&expected(b)))
+            score(a)
+                .total_cmp(&score(b))
+                .then_with(|| preferred(b).cmp(&preferred(a)))
                 .then_with(|| per_token(a).total_cmp(&per_token(b)))
                 .then_with(|| measured(b).cmp(&measured(a)))
                 .then_with(|| head(a).cmp(&head(b)))
@@ -307,6 +294,39 @@ impl Router {
 }
 
 impl Router {
+    /// Whether a request for `model` still waiting in the queue of the whole-model replica
+    /// on `node` (and counted there, by the node's load and this router's guard) would be
+    /// served sooner elsewhere: another ready whole-model replica, none in `exclude`, is
+    /// expected to serve it in under half the time. The margin keeps requests from moving
+    /// back and forth between replicas of about the same load.
+    pub fn better_elsewhere(&self, model: &ModelId, node: &NodeId, exclude: &[NodeId]) -> bool {
+        let view = Arc::clone(&self.view.borrow());
+        let Some(spec) = view.models.get(model) else {
+            return false;
+        };
+        let in_flight = lock(&self.in_flight);
+        let candidates: Vec<Candidate<'_>> = view
+            .plan
+            .chains(model)
+            .iter()
+            .filter_map(|c| candidate(&view, c, spec.n_layers, exclude, &in_flight))
+            .filter(|c| c.stages.len() == 1)
+            .collect();
+        let latency = Latency::of(&candidates, spec.n_layers);
+        let Some(here) = candidates.iter().find(|c| head(c) == Some(node)) else {
+            return false;
+        };
+        // A candidate's work counts the request as one more; here it is counted already.
+        let stay: f64 = here
+            .stages
+            .iter()
+            .map(|s| s.work.saturating_sub(1) as f64 * latency.seconds(s))
+            .sum();
+        candidates
+            .iter()
+            .any(|c| head(c) != Some(node) && 2.0 * latency.expected(c) < stay)
+    }
+
     /// A node to keep checkpoints of a generation of `model` that runs elsewhere: an alive
     /// node, not in `exclude`, with a whole replica of the model ready (a failover can then
     /// resume on it without a transfer), the least loaded first.
@@ -367,6 +387,48 @@ impl Router {
                 data_addr: node.data_addr.clone(),
                 layers,
             })
+    }
+}
+
+/// The first stage's node of a candidate.
+fn head<'c>(c: &Candidate<'c>) -> Option<&'c NodeId> {
+    c.stages.first().map(|s| &s.node.id)
+}
+
+/// Expected latencies of candidates (see the module docs).
+struct Latency {
+    /// A stage whose node has not measured this model is assumed as slow per layer as the
+    /// slowest measured stage: it still gets work when the others are busy, never ahead of a
+    /// known speed.
+    fallback_per_layer: f64,
+}
+
+impl Latency {
+    fn of(candidates: &[Candidate<'_>], n_layers: u32) -> Self {
+        let fallback_per_layer = candidates
+            .iter()
+            .flat_map(|c| c.stages.iter())
+            .filter_map(|s| s.seconds.map(|t| t / f64::from(s.layers.len())))
+            .max_by(f64::total_cmp)
+            .unwrap_or(1.0 / f64::from(n_layers.max(1)));
+        Self { fallback_per_layer }
+    }
+
+    fn seconds(&self, s: &StageCandidate<'_>) -> f64 {
+        s.seconds
+            .unwrap_or(self.fallback_per_layer * f64::from(s.layers.len()))
+    }
+
+    /// Work is a small integer count, exact in f64.
+    fn expected(&self, c: &Candidate<'_>) -> f64 {
+        c.stages
+            .iter()
+            .map(|s| s.work as f64 * self.seconds(s))
+            .sum()
+    }
+
+    fn per_token(&self, c: &Candidate<'_>) -> f64 {
+        c.stages.iter().map(|s| self.seconds(s)).sum()
     }
 }
 
@@ -576,10 +638,37 @@ mod tests {
     }
 
     #[test]
-    fn a_preferred_replica_wins_over_a_faster_idle_one_unless_excluded() {
-        let (_tx, r) = view(vec![node("a", Some(10.0), 5), node("b", Some(40.0), 0)]);
-        let a = NodeId::new("a");
+    fn a_queued_request_is_better_elsewhere_only_by_a_wide_margin() {
+        // a holds three requests, this one among them, b none, both at 20 tok/s: staying is
+        // expected to take (3 + 1 - 1) / 20 = 0.15 s, b 1 / 20 = 0.05 s, under half of it.
+        let (_tx, r) = view(vec![node("a", Some(20.0), 3), node("b", Some(20.0), 0)]);
+        let (a, b) = (NodeId::new("a"), NodeId::new("b"));
+        assert!(r.better_elsewhere(&m(), &a, &[]));
+        assert!(!r.better_elsewhere(&m(), &b, &[]));
+        assert!(!r.better_elsewhere(&m(), &a, std::slice::from_ref(&b)));
+        // Two: 0.1 s against 0.05 s, not under half: it stays.
+        let (_tx, r) = view(vec![node("a", Some(20.0), 2), node("b", Some(20.0), 0)]);
+        assert!(!r.better_elsewhere(&m(), &a, &[]));
+        // A node that is no candidate (unknown, excluded) stays where it is.
+        assert!(!r.better_elsewhere(&m(), &NodeId::new("zz"), &[]));
+        assert!(!r.better_elsewhere(&m(), &a, std::slice::from_ref(&a)));
+    }
+
+    #[test]
+    fn a_preferred_replica_wins_unless_another_is_expected_in_half_the_time() {
+        // Equally fast and busy: the preferred one, whatever the order of ids.
+        let (_tx, r) = view(vec![node("a", Some(20.0), 1), node("b", Some(20.0), 1)]);
+        let (a, b) = (NodeId::new("a"), NodeId::new("b"));
+        assert_eq!(r.pick_preferring(&m(), &[], Some(&b)).unwrap().node, b);
+        // One generation more than an idle replica as fast: (1 + 1) / 20 s is twice 1 / 20 s,
+        // still the preferred one.
+        let (_tx, r) = view(vec![node("a", Some(20.0), 1), node("b", Some(20.0), 0)]);
         assert_eq!(r.pick_preferring(&m(), &[], Some(&a)).unwrap().node, a);
+        // Two more: the idle one, and the checkpoint is fetched.
+        let (_tx, r) = view(vec![node("a", Some(20.0), 2), node("b", Some(20.0), 0)]);
+        assert_eq!(r.pick_preferring(&m(), &[], Some(&a)).unwrap().node, b);
+        let (_tx, r) = view(vec![node("a", Some(10.0), 5), node("b", Some(40.0), 0)]);
+        assert_eq!(r.pick_preferring(&m(), &[], Some(&a)).unwrap().node, b);
         assert_eq!(
             r.pick_preferring(&m(), std::slice::from_ref(&a), Some(&a))
                 .unwrap()

@@ -17,8 +17,10 @@
 //!   reference run and the difference (the extra latency of the failover);
 //! - **per failover**, from the audit log's `resumes` (the gateway's own measure of each
 //!   silence a move caused): the silence, the part the new node spent prefilling again, the
-//!   silence beyond that re-prefill (what a target of "N s plus re-prefill" bounds), and the
-//!   time from the loss being noticed to the next token;
+//!   silence beyond that re-prefill, and the time from the loss being noticed to the next
+//!   token, whole and beyond the re-prefill. The silence starts at the client's last token,
+//!   which may be well before the fault (the node was busy with another request's prefill);
+//!   the time from the fault is the gateway's detection (below) plus the recovery;
 //! - **detection**: from each fault (a kill; a freeze: the process stopped, alive but silent;
 //!   a cut: the node partitioned away, running, its connections open but carrying nothing) to
 //!   the coordinator declaring that node dead (its lease expired), to the gateway first
@@ -225,6 +227,10 @@ pub struct ChaosReport {
     pub resume_beyond_reprefill_ms: Option<LatencySummary>,
     /// The loss noticed → the next token (ms).
     pub resume_recovery_ms: Option<LatencySummary>,
+    /// Each of those less the re-prefill: reconnecting and waiting for the new node's compute
+    /// (ms). With the time the gateway took to notice a fault, what a failover adds beyond
+    /// computing the context again.
+    pub resume_recovery_beyond_reprefill_ms: Option<LatencySummary>,
     /// Every kill.
     pub kills: Vec<KillOutcome>,
     /// Kill → declared dead (ms).
@@ -437,6 +443,7 @@ impl ChaosReport {
             resume_reprefill_ms: None,
             resume_beyond_reprefill_ms: None,
             resume_recovery_ms: None,
+            resume_recovery_beyond_reprefill_ms: None,
             kills: Vec::new(),
             detection_ms: None,
             gateway_detection_ms: None,
@@ -511,6 +518,8 @@ impl ChaosReport {
         report.resume_beyond_reprefill_ms =
             summary(resumes.iter().map(|r| r.stall_ms - r.reprefill_ms));
         report.resume_recovery_ms = summary(resumes.iter().map(|r| r.recovery_ms));
+        report.resume_recovery_beyond_reprefill_ms =
+            summary(resumes.iter().map(|r| r.recovery_ms - r.reprefill_ms));
 
         // Each kill pairs with the first death and the first readiness of that node after it
         // (and before its next fault).
@@ -676,6 +685,11 @@ impl ChaosReport {
                 "  noticed → next token {}",
                 line(&self.resume_recovery_ms)
             );
+            let _ = writeln!(
+                out,
+                "    beyond re-prefill  {}",
+                line(&self.resume_recovery_beyond_reprefill_ms)
+            );
         }
         let count = |kind: FaultKind| self.kills.iter().filter(|k| k.event == kind).count();
         let _ = writeln!(
@@ -800,6 +814,8 @@ mod tests {
         assert_eq!((reprefill.min, reprefill.max), (400.0, 1_000.0));
         assert_eq!(r.resume_stall_ms.unwrap().max, 3_000.0);
         assert_eq!(r.resume_recovery_ms.unwrap().min, 850.0);
+        let waited = r.resume_recovery_beyond_reprefill_ms.unwrap();
+        assert_eq!((waited.min, waited.max), (450.0, 1_900.0));
         let text = r.render_text();
         assert!(text.contains("2 silences caused by moves"), "{text}");
         // No audit log, or one without the field: nothing to say.
