@@ -77,6 +77,10 @@ const RETARGET_TIMEOUT: Duration = Duration::from_secs(2);
 const RETARGET_INTERVAL: Duration = Duration::from_secs(1);
 /// Least time between two looks for a replica that would serve a queued generation sooner.
 const REBALANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// Moves of one generation from a queue to a replica expected to serve it sooner, at most:
+/// once it has moved, it waits its turn (under churn, replicas come and go faster than a
+/// queue drains, and a generation chasing each would lose its place every time).
+const MAX_REBALANCES: usize = 1;
 
 /// How the gateway noticed that a node serving a generation was lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -332,9 +336,8 @@ impl Inner {
     }
 
     /// Starts `req` on a replica of `model` with no node in `failed`, trying up to
-    /// `max_attempts` replicas; nodes that could not start it are added to `failed`.
-    /// `prefer` names a node to favour when it can take the request (the holder of its
-    /// checkpoint).
+    /// `max_attempts` replicas (`target` says which first); nodes that could not start it are
+    /// added to `failed`.
     ///
     /// `held` names the live holders of the generation's pipeline-stage checkpoints: a stage
     /// of the new route running the same layers as one of them imports from it.
@@ -343,15 +346,22 @@ impl Inner {
         model: &ModelId,
         req: &v1::GenerateRequest,
         failed: &mut Vec<NodeId>,
-        prefer: Option<&NodeId>,
+        target: Target<'_>,
         held: &[shoal_control::RouteStage],
         cancel: &CancellationToken,
     ) -> Result<Opened, BackendError> {
+        let (prefer, mut reserved) = match target {
+            Target::Pick(prefer) => (prefer, None),
+            Target::Reserved(route) => (None, Some(route)),
+        };
         let mut last_error = None;
         for _ in 0..self.cfg.max_attempts.max(1) {
-            let route = match self.router.pick_preferring(model, failed, prefer) {
-                Ok(r) => r,
-                Err(e) => return Err(last_error.unwrap_or_else(|| route_error(&e))),
+            let route = match reserved.take() {
+                Some(route) => route,
+                None => match self.router.pick_preferring(model, failed, prefer) {
+                    Ok(r) => r,
+                    Err(e) => return Err(last_error.unwrap_or_else(|| route_error(&e))),
+                },
             };
             // A whole-model replica checkpoints to another one, when asked to; when none is
             // ready, the relay names one later.
@@ -724,6 +734,15 @@ impl StallHistograms {
     }
 }
 
+/// Which replica a generation is started on first.
+enum Target<'a> {
+    /// The router's choice, favouring the whole-model replica on this node (the holder of the
+    /// generation's checkpoint) when given.
+    Pick(Option<&'a NodeId>),
+    /// A replica already chosen and counted in flight (a queued generation moving to it).
+    Reserved(RouteGuard),
+}
+
 /// A generation running on one replica.
 struct Opened {
     /// Holding it keeps the request counted as in flight on its node.
@@ -822,7 +841,14 @@ impl InferenceBackend for ClusterBackend {
             let mut failed: Vec<NodeId> = Vec::new();
             let opened = self
                 .inner
-                .start(&req.model, &wire_req, &mut failed, None, &[], &cancel)
+                .start(
+                    &req.model,
+                    &wire_req,
+                    &mut failed,
+                    Target::Pick(None),
+                    &[],
+                    &cancel,
+                )
                 .await?;
             let (tx, rx) = mpsc::channel(EVENT_BUFFER);
             let until = Some(tokio::time::Instant::now() + self.inner.cfg.lost_node_exclusion);
@@ -858,9 +884,10 @@ enum Leg {
     Done,
     /// The node failed in the middle: continue elsewhere.
     Lost(BackendError, FailoverCause, LegWork),
-    /// The generation was still waiting in the node's queue, and another replica is expected
-    /// to serve it much sooner: start it there (nothing is lost).
-    Queued,
+    /// The generation was still waiting in the node's queue, and another replica (this one,
+    /// counted in flight already) is expected to serve it much sooner: start it there
+    /// (nothing is lost).
+    Queued(RouteGuard),
 }
 
 /// What one replica did for a generation before it was lost.
@@ -958,7 +985,7 @@ impl Relay {
             let (err, cause, work) = match self.leg(opened, prompt_tokens).await {
                 Leg::Done => return,
                 Leg::Lost(err, cause, work) => (err, cause, work),
-                Leg::Queued => match self.rebalance(&node).await {
+                Leg::Queued(to) => match self.rebalance(&node, to).await {
                     Some(next) => {
                         opened = next;
                         continue;
@@ -1023,7 +1050,7 @@ impl Relay {
                     &self.model,
                     &resumed,
                     &mut exclude,
-                    holder.as_ref(),
+                    Target::Pick(holder.as_ref()),
                     &held,
                     &self.cancel,
                 )
@@ -1084,33 +1111,37 @@ impl Relay {
         }
     }
 
-    /// Starts the generation, which was still waiting in `from`'s queue, on a replica
-    /// expected to serve it sooner; back on `from` when none can take it after all. `None`
-    /// when the generation ended (cancelled, or failed: the client was told).
-    async fn rebalance(&mut self, from: &NodeId) -> Option<Opened> {
+    /// Starts the generation, which was still waiting in `from`'s queue, on `to`, a replica
+    /// expected to serve it sooner (or another, or back on `from`, when `to` cannot take it
+    /// after all). `None` when the generation ended (cancelled, or failed: the client was
+    /// told).
+    async fn rebalance(&mut self, from: &NodeId, to: RouteGuard) -> Option<Opened> {
         self.moves += 1;
         self.rebalances += 1;
         self.inner.rebalanced.inc();
         tracing::info!(
             request = %self.request.request_id,
             %from,
+            to = %to.node,
             "generation still queued; moving it to a replica expected to serve it sooner"
         );
         let mut exclude = self.exclusions();
         let req = self.resumed_request(&exclude);
         exclude.push(from.clone());
+        let target = Target::Reserved(to);
         let mut started = self
             .inner
-            .start(&self.model, &req, &mut exclude, None, &[], &self.cancel)
+            .start(&self.model, &req, &mut exclude, target, &[], &self.cancel)
             .await;
         if started
             .as_ref()
             .is_err_and(|e| e.class != ErrorClass::Cancelled)
         {
             let mut exclude = self.exclusions();
+            let target = Target::Pick(None);
             started = self
                 .inner
-                .start(&self.model, &req, &mut exclude, None, &[], &self.cancel)
+                .start(&self.model, &req, &mut exclude, target, &[], &self.cancel)
                 .await;
         }
         match started {
@@ -1287,18 +1318,20 @@ impl Relay {
                         return lost(FailoverCause::declared_dead, why, work);
                     }
                     let now = tokio::time::Instant::now();
-                    // A generation still waiting in this node's queue moves to a replica
-                    // expected to serve it in under half the time (one that just became
-                    // ready, or much less loaded): it loses nothing.
+                    // A generation still waiting in this node's queue moves (once) to a
+                    // replica expected to serve it in under half the time (one that just
+                    // became ready, or much less loaded): it loses nothing.
                     if !work.computed
                         && !route.is_pipeline()
                         && now >= next_rebalance
+                        && self.rebalances < MAX_REBALANCES
                         && self.moves < self.inner.cfg.max_moves
                     {
                         next_rebalance = now + REBALANCE_INTERVAL;
                         let exclude = self.exclusions();
-                        if self.inner.router.better_elsewhere(&self.model, &node, &exclude) {
-                            return Leg::Queued;
+                        let sooner = self.inner.router.pick_sooner(&self.model, &node, &exclude);
+                        if let Some(to) = sooner {
+                            return Leg::Queued(to);
                         }
                     }
                     for (i, stage) in route.stages.iter().enumerate() {

@@ -43,17 +43,31 @@ pub(crate) fn generate_request(req: &GenerateRequest) -> v1::GenerateRequest {
     }
 }
 
-/// A gRPC status as a gateway error: class and reason from the headers when the peer set
-/// them, else from the code.
+/// A node's gRPC status as a gateway error: class and reason from the headers when the peer
+/// set them, else from the code. A cancelled call is the node's failure (its connection went
+/// down under the call, or it cancelled its generations while stopping): the gateway's own
+/// cancellation never reaches here, as it stops reading first. It is `Unavailable`, so
+/// another replica takes the generation over.
 pub(crate) fn status_error(s: &tonic::Status) -> BackendError {
     let (class, reason) = shoal_net::class_of(s);
+    if class == ErrorClass::Cancelled {
+        return BackendError::new(
+            ErrorClass::Unavailable,
+            "node_cancelled",
+            s.message().to_owned(),
+        );
+    }
     let reason = reason.unwrap_or_else(|| default_reason(class).to_owned());
     BackendError::new(class, reason, s.message().to_owned())
 }
 
-/// An error event of a stream as a gateway error.
+/// An error event of a node's stream as a gateway error (a cancelled generation is the
+/// node's failure, as in [`status_error`]).
 pub(crate) fn event_error(e: &v1::Error) -> BackendError {
     let class = shoal_proto::class_from_wire(e.class);
+    if class == ErrorClass::Cancelled {
+        return BackendError::new(ErrorClass::Unavailable, "node_cancelled", e.message.clone());
+    }
     let reason = if e.reason.is_empty() {
         default_reason(class).to_owned()
     } else {
@@ -141,6 +155,11 @@ mod tests {
         let bare = tonic::Status::unavailable("connection refused");
         let e = status_error(&bare);
         assert_eq!(e.class, ErrorClass::Unavailable);
+        // A call cancelled under the gateway (a connection torn down) is the node's failure.
+        let cut = tonic::Status::cancelled("operation was canceled");
+        let e = status_error(&cut);
+        assert_eq!(e.class, ErrorClass::Unavailable);
+        assert_eq!(e.reason, "node_cancelled");
         let ev = event_error(&v1::Error {
             class: v1::ErrorClass::InvalidRequest as i32,
             reason: String::new(),

@@ -262,7 +262,22 @@ impl Router {
                 assigned,
             });
         };
-        let stages: Vec<RouteStage> = best
+        self.guard(best, view.plan.epoch, &mut in_flight)
+            .ok_or_else(|| RouteError::NoReadyReplica {
+                model: model.clone(),
+                assigned,
+            })
+    }
+
+    /// `chosen` as a route, counted in flight on each of its nodes (`None` for a candidate
+    /// with no stage, which a complete chain never is).
+    fn guard(
+        &self,
+        chosen: &Candidate<'_>,
+        plan_epoch: u64,
+        in_flight: &mut HashMap<NodeId, u64>,
+    ) -> Option<RouteGuard> {
+        let stages: Vec<RouteStage> = chosen
             .stages
             .iter()
             .map(|s| RouteStage {
@@ -271,40 +286,38 @@ impl Router {
                 layers: s.layers,
             })
             .collect();
-        let Some(first) = stages.first().cloned() else {
-            // Unreachable: a complete chain has a stage. Kept as an error, not a panic.
-            return Err(RouteError::NoReadyReplica {
-                model: model.clone(),
-                assigned,
-            });
-        };
+        let first = stages.first().cloned()?;
         for s in &stages {
             *in_flight.entry(s.node.clone()).or_insert(0) += 1;
         }
-        Ok(RouteGuard {
+        Some(RouteGuard {
             node: first.node,
             data_addr: first.data_addr,
             layers: first.layers,
             stages,
-            pipeline: best.id,
-            plan_epoch: view.plan.epoch,
+            pipeline: chosen.id,
+            plan_epoch,
             in_flight: Arc::clone(&self.in_flight),
         })
     }
 }
 
 impl Router {
-    /// Whether a request for `model` still waiting in the queue of the whole-model replica
-    /// on `node` (and counted there, by the node's load and this router's guard) would be
-    /// served sooner elsewhere: another ready whole-model replica, none in `exclude`, is
-    /// expected to serve it in under half the time. The margin keeps requests from moving
-    /// back and forth between replicas of about the same load.
-    pub fn better_elsewhere(&self, model: &ModelId, node: &NodeId, exclude: &[NodeId]) -> bool {
+    /// For a request for `model` still waiting in the queue of the whole-model replica on
+    /// `node` (and counted there, by the node's load and this router's guard): the ready
+    /// whole-model replica, none in `exclude`, expected to serve it soonest, when that is in
+    /// under half the time `node` is expected to take. The route is counted in flight at once,
+    /// so requests deciding together do not all pick the same one; the margin keeps them from
+    /// moving back and forth between replicas of about the same load.
+    pub fn pick_sooner(
+        &self,
+        model: &ModelId,
+        node: &NodeId,
+        exclude: &[NodeId],
+    ) -> Option<RouteGuard> {
         let view = Arc::clone(&self.view.borrow());
-        let Some(spec) = view.models.get(model) else {
-            return false;
-        };
-        let in_flight = lock(&self.in_flight);
+        let spec = view.models.get(model)?;
+        let mut in_flight = lock(&self.in_flight);
         let candidates: Vec<Candidate<'_>> = view
             .plan
             .chains(model)
@@ -313,18 +326,26 @@ impl Router {
             .filter(|c| c.stages.len() == 1)
             .collect();
         let latency = Latency::of(&candidates, spec.n_layers);
-        let Some(here) = candidates.iter().find(|c| head(c) == Some(node)) else {
-            return false;
-        };
+        let here = candidates.iter().find(|c| head(c) == Some(node))?;
         // A candidate's work counts the request as one more; here it is counted already.
         let stay: f64 = here
             .stages
             .iter()
             .map(|s| s.work.saturating_sub(1) as f64 * latency.seconds(s))
             .sum();
-        candidates
+        let best = candidates
             .iter()
-            .any(|c| head(c) != Some(node) && 2.0 * latency.expected(c) < stay)
+            .filter(|c| head(c) != Some(node))
+            .min_by(|a, b| {
+                latency
+                    .expected(a)
+                    .total_cmp(&latency.expected(b))
+                    .then_with(|| head(a).cmp(&head(b)))
+            })?;
+        if 2.0 * latency.expected(best) >= stay {
+            return None;
+        }
+        self.guard(best, view.plan.epoch, &mut in_flight)
     }
 
     /// A node to keep checkpoints of a generation of `model` that runs elsewhere: an alive
@@ -643,15 +664,22 @@ mod tests {
         // expected to take (3 + 1 - 1) / 20 = 0.15 s, b 1 / 20 = 0.05 s, under half of it.
         let (_tx, r) = view(vec![node("a", Some(20.0), 3), node("b", Some(20.0), 0)]);
         let (a, b) = (NodeId::new("a"), NodeId::new("b"));
-        assert!(r.better_elsewhere(&m(), &a, &[]));
-        assert!(!r.better_elsewhere(&m(), &b, &[]));
-        assert!(!r.better_elsewhere(&m(), &a, std::slice::from_ref(&b)));
+        assert!(r.pick_sooner(&m(), &b, &[]).is_none());
+        assert!(r.pick_sooner(&m(), &a, std::slice::from_ref(&b)).is_none());
+        let moved = r.pick_sooner(&m(), &a, &[]).unwrap();
+        assert_eq!(moved.node, b);
+        // The move is counted on b at once: a second request deciding with it stays, as
+        // (0 + 1 + 1) / 20 s is not under half of 0.15 s.
+        assert_eq!(r.in_flight(&b), 1);
+        assert!(r.pick_sooner(&m(), &a, &[]).is_none());
+        drop(moved);
+        assert_eq!(r.in_flight(&b), 0);
         // Two: 0.1 s against 0.05 s, not under half: it stays.
         let (_tx, r) = view(vec![node("a", Some(20.0), 2), node("b", Some(20.0), 0)]);
-        assert!(!r.better_elsewhere(&m(), &a, &[]));
+        assert!(r.pick_sooner(&m(), &a, &[]).is_none());
         // A node that is no candidate (unknown, excluded) stays where it is.
-        assert!(!r.better_elsewhere(&m(), &NodeId::new("zz"), &[]));
-        assert!(!r.better_elsewhere(&m(), &a, std::slice::from_ref(&a)));
+        assert!(r.pick_sooner(&m(), &NodeId::new("zz"), &[]).is_none());
+        assert!(r.pick_sooner(&m(), &a, std::slice::from_ref(&a)).is_none());
     }
 
     #[test]
