@@ -360,7 +360,7 @@ log_events lost 'node lost in the middle of a generation'
 
 echo "== failovers counted by the gateway, and what they cost clients (seconds: sum and count)"
 curl -fs 127.0.0.1:$http_port/metrics |
-  grep -E '^shoal_failover(s_total|_[a-z]+_seconds_(sum|count))' || true
+  grep -E '^shoal_(failover(s_total|_[a-z]+_seconds_(sum|count))|requests_rebalanced_total)' || true
 if [[ $checkpoint_every -gt 0 ]]; then
   echo "== failovers resumed from a KV checkpoint, and the positions they did not prefill"
   curl -fs 127.0.0.1:$http_port/metrics | grep '^shoal_checkpoint_' || true

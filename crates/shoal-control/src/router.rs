@@ -659,7 +659,7 @@ mod tests {
     }
 
     #[test]
-    fn a_queued_request_is_better_elsewhere_only_by_a_wide_margin() {
+    fn a_queued_request_moves_only_to_a_replica_expected_in_under_half_the_time() {
         // a holds three requests, this one among them, b none, both at 20 tok/s: staying is
         // expected to take (3 + 1 - 1) / 20 = 0.15 s, b 1 / 20 = 0.05 s, under half of it.
         let (_tx, r) = view(vec![node("a", Some(20.0), 3), node("b", Some(20.0), 0)]);
