@@ -12,6 +12,9 @@ Workload (must stay identical to the Rust benchmark):
     load has put the file in the page cache;
   * prefill_N_tps: N prompt tokens in one llama_decode on a fresh context
     (n_batch = n_ubatch = 512, logits for the last token only), N / wall time of the call;
+  * prefill_2k_tps: a long context: 2048 prompt tokens on a fresh context in 16 llama_decode
+    calls of 128 tokens (as a serving engine schedules a long prompt beside other work),
+    logits for the last token only; 2048 / wall time of the 16 calls;
   * decode_b1_tps: 16-token prompt (untimed), then 128 single-token decode steps feeding
     back the argmax; 128 / wall time of the steps (argmax in numpy included);
   * decode_b8_tps: 8 sequences (seq ids 0..7) with their 16-token prompts decoded in one
@@ -51,6 +54,8 @@ B8_SEQS = 8
 B8_PROMPT = 16
 B8_STEPS = 64
 PREFILL_SIZES = (128, 512)
+LONG_PROMPT = 2048
+LONG_CHUNK = 128
 
 
 def prompt_token(i: int) -> int:
@@ -143,6 +148,20 @@ class Bench:
         finally:
             L.llama_free(ctx)
         return n / dt
+
+    def prefill_long(self) -> float:
+        ctx = self.context(1)
+        try:
+            dt = 0.0
+            for start in range(0, LONG_PROMPT, LONG_CHUNK):
+                end = min(start + LONG_CHUNK, LONG_PROMPT)
+                self._fill([(prompt_token(i), i, 0, i == LONG_PROMPT - 1) for i in range(start, end)])
+                t0 = time.perf_counter()
+                self._decode(ctx)
+                dt += time.perf_counter() - t0
+        finally:
+            L.llama_free(ctx)
+        return LONG_PROMPT / dt
 
     def decode_b1(self) -> float:
         ctx = self.context(1)
@@ -252,6 +271,7 @@ def main() -> int:
         figures: dict[str, Callable[[], float]] = {
             "prefill_128_tps": lambda: bench.prefill(128),
             "prefill_512_tps": lambda: bench.prefill(512),
+            "prefill_2k_tps": bench.prefill_long,
             "decode_b1_tps": bench.decode_b1,
             "decode_b8_tps": bench.decode_b8,
         }

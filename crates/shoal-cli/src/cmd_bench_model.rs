@@ -48,6 +48,9 @@ pub struct Figures {
     load_ms: f64,
     prefill_128_tps: f64,
     prefill_512_tps: f64,
+    /// 2,048 tokens in 128-token steps on a fresh sequence: a long context, where attention
+    /// over the growing cache weighs as much as the weights.
+    prefill_2k_tps: f64,
     decode_b1_tps: f64,
     decode_b8_tps: f64,
     peak_rss_mib: f64,
@@ -61,6 +64,10 @@ fn prompt(n: usize, first: usize) -> Vec<u32> {
         .map(|i| (100 + (i * 7919) % 30000) as u32)
         .collect()
 }
+
+/// The long-context prefill: prompt tokens, and tokens per step (the engine's default).
+const LONG_PROMPT: usize = 2048;
+const LONG_CHUNK: usize = 128;
 
 fn best_of(repeats: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
     let mut best = 0.0f64;
@@ -120,6 +127,26 @@ fn measure(path: &std::path::Path, threads: usize, repeats: usize) -> Result<Fig
     prefill(&mut rt, 16)?;
     let prefill_128_tps = best_of(repeats, || prefill(&mut rt, 128))?;
     let prefill_512_tps = best_of(repeats, || prefill(&mut rt, 512))?;
+    let prefill_2k_tps = best_of(repeats, || {
+        let seq = next_seq();
+        let p = prompt(LONG_PROMPT, 0);
+        let t0 = Instant::now();
+        for (i, chunk) in p.chunks(LONG_CHUNK).enumerate() {
+            let pos = i * LONG_CHUNK;
+            rt.forward(
+                &[SeqStep {
+                    seq,
+                    pos: pos as u32,
+                    n_tokens: chunk.len() as u32,
+                    logits: pos + chunk.len() == LONG_PROMPT,
+                }],
+                ShardInput::Tokens(chunk),
+            )?;
+        }
+        let tps = LONG_PROMPT as f64 / t0.elapsed().as_secs_f64();
+        rt.release(seq);
+        Ok(tps)
+    })?;
 
     let mut decode = |rt: &mut dyn ShardRuntime, n_seqs: usize, steps: usize| -> Result<f64> {
         let seqs: Vec<SeqId> = (0..n_seqs).map(|_| next_seq()).collect();
@@ -173,6 +200,7 @@ fn measure(path: &std::path::Path, threads: usize, repeats: usize) -> Result<Fig
         load_ms,
         prefill_128_tps,
         prefill_512_tps,
+        prefill_2k_tps,
         decode_b1_tps,
         decode_b8_tps,
         peak_rss_mib: peak_rss_mib(),
@@ -210,12 +238,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         std::fs::metadata(&path)?.len() as f64 / (1 << 20) as f64
     );
     println!(
-        "{:<8} {:>7} {:>9} {:>12} {:>12} {:>12} {:>12} {:>10}",
+        "{:<8} {:>7} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}",
         "engine",
         "threads",
         "load ms",
         "prefill128",
         "prefill512",
+        "prefill2k",
         "decode b1",
         "decode b8",
         "peak MiB"
@@ -251,12 +280,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         print_row(&reference);
         let r = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
         println!(
-            "{:<8} {:>7} {:>9.2} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10.2}",
+            "{:<8} {:>7} {:>9.2} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10.2}",
             "ratio",
             threads,
             r(shoal.load_ms, reference.load_ms),
             r(shoal.prefill_128_tps, reference.prefill_128_tps),
             r(shoal.prefill_512_tps, reference.prefill_512_tps),
+            r(shoal.prefill_2k_tps, reference.prefill_2k_tps),
             r(shoal.decode_b1_tps, reference.decode_b1_tps),
             r(shoal.decode_b8_tps, reference.decode_b8_tps),
             r(shoal.peak_rss_mib, reference.peak_rss_mib),
@@ -270,12 +300,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 fn print_row(f: &Figures) {
     println!(
-        "{:<8} {:>7} {:>9.1} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>10.1}",
+        "{:<8} {:>7} {:>9.1} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>10.1}",
         f.engine,
         f.threads,
         f.load_ms,
         f.prefill_128_tps,
         f.prefill_512_tps,
+        f.prefill_2k_tps,
         f.decode_b1_tps,
         f.decode_b8_tps,
         f.peak_rss_mib

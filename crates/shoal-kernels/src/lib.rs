@@ -15,6 +15,7 @@
 //! - Malformed input (wrong sizes, unsupported types) is an error value, never a panic.
 
 mod acts;
+mod attn;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod error;
@@ -27,6 +28,7 @@ mod shared;
 mod vec;
 
 pub use acts::{ActFormat, QuantizedActs};
+pub use attn::{AttnScratch, KvHead, attend, attend_with};
 pub use error::KernelError;
 pub use isa::Isa;
 pub use matmul::{WeightMatrix, matmul, matmul_with};

@@ -7,7 +7,6 @@ use crate::ModelError;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::kv::SeqKv;
 use crate::weights::{LayerWeights, Matrix, ShardWeights};
-use half::f16;
 use shoal_gguf::{GgmlType, GgufFile};
 use shoal_kernels::{QuantizedActs, ThreadPool};
 use shoal_types::{LayerRange, SeqId};
@@ -91,10 +90,15 @@ pub struct ShardOptions {
 /// Per-thread attention scratch, locked only by its own thread.
 #[derive(Debug, Default)]
 struct AttnScratch {
-    scores: Vec<f32>,
-    q16: Vec<f16>,
-    w16: Vec<f16>,
+    kernel: shoal_kernels::AttnScratch,
+    /// One task's queries: for each row, its heads sharing the task's KV head.
+    queries: Vec<f32>,
+    /// Positions each query sees.
+    lens: Vec<usize>,
+    /// Results of this thread's tasks, one after the other.
     out: Vec<f32>,
+    /// Why a task failed.
+    error: Option<shoal_kernels::KernelError>,
 }
 
 /// Reusable activation buffers, grown to the largest batch seen.
@@ -113,6 +117,8 @@ struct Scratch {
     rope: Vec<(f32, f32)>,
     /// For each row: (index of its step in the batch, position).
     rows: Vec<(usize, usize)>,
+    /// Attention tasks: (first row, row after the last, KV head).
+    attn_tasks: Vec<(usize, usize, usize)>,
     acts: QuantizedActs,
     attn: Vec<Mutex<AttnScratch>>,
 }
@@ -631,9 +637,15 @@ fn layer_forward(
     Ok(())
 }
 
-/// Causal attention for every (row, head) pair, spread over the pool. Scores use f16 keys
-/// against the query rounded to f16, softmax weights are rounded to f16 before weighting the
-/// f16 values: the precision the reference implementation computes with.
+/// Rows of one sequence attended together: their keys and values are read once for all of
+/// them (times the query heads sharing a KV head).
+const ATTN_ROWS: usize = 16;
+
+/// Causal attention for every row and head, spread over the pool: one task per KV head and run
+/// of up to [`ATTN_ROWS`] rows of a sequence. Scores use f16 keys against the query rounded to
+/// f16, softmax weights are rounded to f16 before weighting the f16 values: the precision the
+/// reference implementation computes with. A row's result does not depend on the rows it
+/// shares a step with.
 fn attention(
     ctx: Ctx<'_>,
     li: usize,
@@ -650,65 +662,82 @@ fn attention(
     if let Some(st) = batch.iter().find(|st| !seqs.contains_key(&st.seq)) {
         return Err(ModelError::BadBatch(format!("{} has no cache", st.seq)));
     }
-    let tasks = n * cfg.n_heads;
+    let rows = &s.rows[..n];
+    let tasks = &mut s.attn_tasks;
+    tasks.clear();
+    let mut r0 = 0;
+    while r0 < n {
+        let mut r1 = r0 + 1;
+        while r1 < n && r1 - r0 < ATTN_ROWS && rows[r1].0 == rows[r0].0 {
+            r1 += 1;
+        }
+        tasks.extend((0..cfg.n_kv_heads).map(|kvh| (r0, r1, kvh)));
+        r0 = r1;
+    }
+    let tasks = &s.attn_tasks;
     let q = &s.q[..n * h];
-    let rows = &s.rows;
-    let attn = &s.attn;
     pool.run(|t, nt| {
-        let Ok(mut guard) = attn[t].lock() else {
+        let Ok(mut guard) = s.attn[t].lock() else {
             return;
         };
-        let sc = &mut *guard;
-        sc.out.clear();
-        let mut task = t;
-        while task < tasks {
-            let (r, head) = (task / cfg.n_heads, task % cfg.n_heads);
-            let (bi, pos) = rows[r];
-            let Some(kv) = seqs.get(&batch[bi].seq) else {
+        let AttnScratch {
+            kernel,
+            queries,
+            lens,
+            out,
+            error,
+        } = &mut *guard;
+        out.clear();
+        *error = None;
+        for &(r0, r1, kvh) in tasks.iter().skip(t).step_by(nt) {
+            let Some(kv) = seqs.get(&batch[rows[r0].0].seq) else {
                 return;
             };
             let layer = &kv.layers[li];
-            let kvh = head / group;
-            let len = pos + 1;
-            sc.q16.resize(hd, f16::ZERO);
-            shoal_kernels::f32_to_f16(&q[r * h + head * hd..r * h + (head + 1) * hd], &mut sc.q16);
-            sc.scores.resize(len, 0.0);
-            let mut max = f32::NEG_INFINITY;
-            for (p, score) in sc.scores.iter_mut().enumerate() {
-                let key = &layer.k[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-                *score = shoal_kernels::dot_f16(key, &sc.q16) * scale;
-                max = max.max(*score);
+            queries.clear();
+            lens.clear();
+            for &(_, pos) in &rows[r0..r1] {
+                lens.extend(std::iter::repeat_n(pos + 1, group));
             }
-            let mut sum = 0.0f64;
-            for score in sc.scores.iter_mut() {
-                *score = (*score - max).exp();
-                sum += f64::from(*score);
+            for r in r0..r1 {
+                let heads = r * h + kvh * group * hd;
+                queries.extend_from_slice(&q[heads..heads + group * hd]);
             }
-            let inv = (1.0 / sum) as f32;
-            sc.w16.resize(len, f16::ZERO);
-            for (w, &score) in sc.w16.iter_mut().zip(sc.scores.iter()) {
-                *w = f16::from_f32(score * inv);
+            let start = out.len();
+            out.resize(start + queries.len(), 0.0);
+            let head = shoal_kernels::KvHead {
+                keys: &layer.k[kvh * hd..],
+                values: &layer.v[kvh * hd..],
+                stride: kvd,
+                dim: hd,
+            };
+            if let Err(e) =
+                shoal_kernels::attend(head, queries, lens, scale, &mut out[start..], kernel)
+            {
+                *error = Some(e);
+                return;
             }
-            let start = sc.out.len();
-            sc.out.resize(start + hd, 0.0);
-            let out = &mut sc.out[start..];
-            for (p, &w) in sc.w16.iter().enumerate() {
-                let val = &layer.v[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-                shoal_kernels::axpy_f16(out, w.to_f32(), val);
-            }
-            task += nt;
         }
     });
     // Scatter each thread's outputs back into place: thread t did tasks t, t+nt, t+2nt, ...
     let nt = pool.n_threads();
     let att = grow(&mut s.att, n * h);
     for (t, m) in s.attn.iter().enumerate() {
-        let guard = m
+        let mut guard = m
             .lock()
             .map_err(|_| ModelError::BadBatch("attention worker panicked".into()))?;
-        for (k, chunk) in guard.out.chunks_exact(hd).enumerate() {
-            let task = t + k * nt;
-            att[task * hd..(task + 1) * hd].copy_from_slice(chunk);
+        if let Some(e) = guard.error.take() {
+            return Err(e.into());
+        }
+        let mut done = guard.out.chunks_exact(group * hd);
+        for &(r0, r1, kvh) in s.attn_tasks.iter().skip(t).step_by(nt) {
+            for r in r0..r1 {
+                let heads = r * h + kvh * group * hd;
+                let Some(chunk) = done.next() else {
+                    return Err(ModelError::BadBatch("an attention task did not run".into()));
+                };
+                att[heads..heads + group * hd].copy_from_slice(chunk);
+            }
         }
     }
     Ok(())

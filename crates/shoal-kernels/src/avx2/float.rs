@@ -13,14 +13,14 @@ use crate::quant::bf16_bits_to_f32;
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn ld8_f32(p: *const f32, i: usize) -> __m256 {
+pub(super) unsafe fn ld8_f32(p: *const f32, i: usize) -> __m256 {
     // SAFETY: see the note above.
     unsafe { _mm256_loadu_ps(p.add(i)) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn ld8_f16(p: *const u16, i: usize) -> __m256 {
+pub(super) unsafe fn ld8_f16(p: *const u16, i: usize) -> __m256 {
     // SAFETY: see the note above.
     unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.add(i).cast())) }
 }
@@ -34,13 +34,13 @@ unsafe fn ld8_bf16(p: *const u16, i: usize) -> __m256 {
 }
 
 #[inline]
-unsafe fn ld1_f32(p: *const f32, i: usize) -> f32 {
+pub(super) unsafe fn ld1_f32(p: *const f32, i: usize) -> f32 {
     // SAFETY: see the note above.
     unsafe { p.add(i).read_unaligned() }
 }
 
 #[inline]
-unsafe fn ld1_f16(p: *const u16, i: usize) -> f32 {
+pub(super) unsafe fn ld1_f16(p: *const u16, i: usize) -> f32 {
     // SAFETY: see the note above.
     f16::from_bits(unsafe { p.add(i).read_unaligned() }).to_f32()
 }
@@ -58,7 +58,7 @@ macro_rules! dot_kernel {
         /// # Safety
         /// AVX2/FMA/F16C present; `a` and `b` readable for `n` elements.
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name(a: *const $ta, b: *const $tb, n: usize) -> f32 {
+        pub(super) unsafe fn $name(a: *const $ta, b: *const $tb, n: usize) -> f32 {
             let mut acc = [_mm256_setzero_ps(); 4];
             let mut i = 0;
             // SAFETY (loads below): every index read is below n.
@@ -87,6 +87,16 @@ macro_rules! dot_kernel {
 
 dot_kernel!(dot_f32_impl, f32, f32, ld8_f32, ld8_f32, ld1_f32, ld1_f32);
 dot_kernel!(dot_f16_impl, u16, u16, ld8_f16, ld8_f16, ld1_f16, ld1_f16);
+// Attention: f16 keys read in place against a query held in f32.
+dot_kernel!(
+    dot_f16_f32_impl,
+    u16,
+    f32,
+    ld8_f16,
+    ld8_f32,
+    ld1_f16,
+    ld1_f32
+);
 dot_kernel!(
     dot_bf16_impl,
     u16,
@@ -189,7 +199,7 @@ pub(crate) fn f16_to_f32(_t: Avx2, src: &[f16], dst: &mut [f32]) {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_to_f32_impl(src: *const u16, dst: *mut f32, n: usize) {
+pub(super) unsafe fn f16_to_f32_impl(src: *const u16, dst: *mut f32, n: usize) {
     let mut i = 0;
     // SAFETY (all accesses): indices stay below n.
     while i + 8 <= n {

@@ -11,12 +11,14 @@
 //! tests), which is what lets greedy decoding match it token for token.
 #![allow(unsafe_code)]
 
+mod attn;
 mod float;
 mod kquants;
 mod legacy;
 
 use std::arch::x86_64::*;
 
+pub(crate) use attn::attend;
 pub(crate) use float::{
     axpy_f16, dot_bf16_bytes, dot_f16, dot_f16_bytes, dot_f32, dot_f32_bytes, f16_to_f32,
     f32_to_f16,
