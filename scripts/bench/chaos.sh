@@ -163,6 +163,8 @@ start_agent() { # $1 = index
     --http 127.0.0.1:$((http_port + 10 + i)) --cluster-dir "$work/cluster" \
     >>"$work/agent-$i.log" 2>&1 &
   echo $! >"$work/agent-$i.pid"
+  # Out of the job table: the shell does not report each kill as a job that died.
+  disown "$!" 2>/dev/null || true
 }
 
 # Waits until agent $1 is alive and ready; records when.

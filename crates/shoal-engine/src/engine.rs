@@ -986,35 +986,48 @@ impl Worker {
             }
         }
         let mut budget = self.cfg.step_tokens.saturating_sub(tokens.len());
-        // Prefill budget goes to resumed generations first (their clients are mid-stream),
-        // then to the others.
-        for resumed in [true, false] {
-            for (i, a) in self.active.iter_mut().enumerate() {
-                if budget == 0 || a.sub.req.resume.is_empty() == resumed || a.done.is_some() {
-                    continue;
+        // Prefill budget goes to resumed generations first (their clients are mid-stream), the
+        // one with the least left to prefill first: one that a checkpoint restored need not
+        // wait for another's whole re-prefill. Then to the others, in arrival order.
+        let mut prefilling: Vec<(bool, usize, usize)> = self
+            .active
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| match a.phase {
+                Phase::Prefill(done) if a.done.is_none() => {
+                    Some((a.sub.req.resume.is_empty(), a.history.len() - done, i))
                 }
-                if let Phase::Prefill(done) = a.phase {
-                    // The prompt, then the tokens of a resumed generation.
-                    let prompt = &a.history;
-                    let n = (prompt.len() - done).min(budget);
-                    let last = done + n == prompt.len();
-                    // Room is left for the token and final events.
-                    if a.sub.events.capacity() > PROGRESS_ROOM {
-                        let _ = a.sub.events.try_send(EngineEvent::Progress {
-                            positions: (done + n) as u32,
-                        });
-                    }
-                    batch.push(SeqStep {
-                        seq: a.seq,
-                        pos: done as u32,
-                        n_tokens: n as u32,
-                        logits: last,
-                    });
-                    tokens.extend_from_slice(&prompt[done..done + n]);
-                    members.push(i);
-                    budget -= n;
-                }
+                _ => None,
+            })
+            .collect();
+        prefilling.sort_by_key(|&(new, left, i)| (new, if new { i } else { left }, i));
+        for (_, _, i) in prefilling {
+            if budget == 0 {
+                break;
             }
+            let a = &mut self.active[i];
+            let Phase::Prefill(done) = a.phase else {
+                continue;
+            };
+            // The prompt, then the tokens of a resumed generation.
+            let prompt = &a.history;
+            let n = (prompt.len() - done).min(budget);
+            let last = done + n == prompt.len();
+            // Room is left for the token and final events.
+            if a.sub.events.capacity() > PROGRESS_ROOM {
+                let _ = a.sub.events.try_send(EngineEvent::Progress {
+                    positions: (done + n) as u32,
+                });
+            }
+            batch.push(SeqStep {
+                seq: a.seq,
+                pos: done as u32,
+                n_tokens: n as u32,
+                logits: last,
+            });
+            tokens.extend_from_slice(&prompt[done..done + n]);
+            members.push(i);
+            budget -= n;
         }
         if batch.is_empty() {
             return false;

@@ -356,6 +356,54 @@ async fn a_resumed_generation_goes_ahead_of_new_requests() {
     assert_eq!(ids.len(), 8);
 }
 
+/// Among resumed generations, the one with the least left to prefill gets the compute first:
+/// one whose checkpoint restored nearly everything does not wait for another's whole
+/// re-prefill, although that one arrived first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resumed_generation_with_the_least_to_prefill_goes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir, SynthSpec::tiny_llama());
+    // Four rows a step: the long one needs about 50 steps of prefill, the short one 3.
+    let eng = engine(
+        &model,
+        EngineConfig {
+            step_tokens: 4,
+            ..EngineConfig::default()
+        },
+    );
+    let mut long_req = request(
+        0,
+        (0..200).map(|j| 3 + j % 250).collect(),
+        4,
+        SamplingParams::greedy(),
+    );
+    long_req.resume = vec![3, 4];
+    let mut short_req = request(
+        1,
+        (0..10).map(|j| 5 + j * 7).collect(),
+        4,
+        SamplingParams::greedy(),
+    );
+    short_req.resume = vec![6];
+    let mut long = eng.submit(long_req, CancellationToken::new()).unwrap();
+    let short = eng.submit(short_req, CancellationToken::new()).unwrap();
+    let short = events(short).await;
+    assert_eq!(token_ids(&short).len(), 3, "{short:?}");
+    // The long one is still prefilling: no token of it yet.
+    let mut so_far = Vec::new();
+    while let Ok(ev) = long.try_recv() {
+        so_far.push(ev);
+    }
+    assert!(
+        !so_far
+            .iter()
+            .any(|e| matches!(e, EngineEvent::Token { .. })),
+        "the long re-prefill went first: {so_far:?}"
+    );
+    let rest = events(long).await;
+    assert_eq!(token_ids(&rest).len(), 2, "{rest:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_generation_continues_exactly_where_the_first_stopped() {
     let dir = tempfile::tempdir().unwrap();

@@ -115,3 +115,76 @@ fn split_logits_equal_whole_model_logits_bit_for_bit() {
         }
     }
 }
+
+/// A row's computation does not depend on how its sequence was cut into steps, on the rows it
+/// shares a step with, or on the thread count: a prompt prefilled at once, in 128-token chunks
+/// beside another sequence, or token by token gives the same logits bit for bit. A generation
+/// re-prefilled on another node after a failover therefore continues exactly.
+#[test]
+fn a_prompt_gives_the_same_logits_at_once_in_chunks_or_token_by_token() {
+    let model = Model::open(common::default_model_path()).unwrap();
+    let vocab = model.config().vocab;
+    let two = Arc::new(ThreadPool::new(2).unwrap());
+    let one = Arc::new(ThreadPool::new(1).unwrap());
+    // Longer than one attention block of positions and many attention row groups.
+    let n = 300u32;
+    let prompt: Vec<u32> = (0..n).map(|i| 100 + (i * 7919) % 30000).collect();
+    let (a, other) = (SeqId(1), SeqId(2));
+    let step = |pos: u32, len: u32| SeqStep {
+        seq: a,
+        pos,
+        n_tokens: len,
+        logits: true,
+    };
+    let last_of_a = |runtime: &mut dyn ShardRuntime, steps: &[(Vec<SeqStep>, Vec<u32>)]| {
+        let mut last = Vec::new();
+        for (batch, tokens) in steps {
+            match runtime.forward(batch, ShardInput::Tokens(tokens)).unwrap() {
+                ShardOutput::Logits(l) => last = l[..vocab].to_vec(),
+                ShardOutput::Hidden(_) => panic!("a whole model returns logits"),
+            }
+        }
+        last
+    };
+    let at_once = last_of_a(
+        &mut model.whole(two.clone(), ShardOptions::default()).unwrap(),
+        &[(vec![step(0, n)], prompt.clone())],
+    );
+    // 128-token chunks, each beside another sequence's prefill or decode row.
+    let mut chunked = Vec::new();
+    let mut other_pos = 0;
+    for start in (0..n).step_by(128) {
+        let len = (n - start).min(128);
+        let other_len = if start == 0 { 5 } else { 1 };
+        let mut tokens = prompt[start as usize..(start + len) as usize].to_vec();
+        tokens.extend((0..other_len).map(|i| 700 + other_pos + i));
+        chunked.push((
+            vec![
+                step(start, len),
+                SeqStep {
+                    seq: other,
+                    pos: other_pos,
+                    n_tokens: other_len,
+                    logits: true,
+                },
+            ],
+            tokens,
+        ));
+        other_pos += other_len;
+    }
+    let in_chunks = last_of_a(
+        &mut model.whole(two, ShardOptions::default()).unwrap(),
+        &chunked,
+    );
+    let one_by_one: Vec<_> = (0..n)
+        .map(|i| (vec![step(i, 1)], vec![prompt[i as usize]]))
+        .collect();
+    let token_by_token = last_of_a(
+        &mut model.whole(one, ShardOptions::default()).unwrap(),
+        &one_by_one,
+    );
+    let bits = |l: &[f32]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(at_once.len(), vocab);
+    assert_eq!(bits(&in_chunks), bits(&at_once), "chunked prefill");
+    assert_eq!(bits(&token_by_token), bits(&at_once), "token by token");
+}
