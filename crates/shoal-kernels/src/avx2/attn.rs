@@ -56,13 +56,13 @@ pub(crate) fn attend(
         if widen {
             for b0 in (0..max_len).step_by(BLOCK) {
                 let n = BLOCK.min(max_len - b0);
-                for j in 0..n {
-                    f16_to_f32_impl(
-                        keys.add((b0 + j) * head.stride),
-                        block.as_mut_ptr().add(j * dim),
-                        dim,
-                    );
-                }
+                widen_rows(
+                    keys.add(b0 * head.stride),
+                    head.stride,
+                    n,
+                    dim,
+                    block.as_mut_ptr(),
+                );
                 for (i, &len) in lens.iter().enumerate() {
                     if len > b0 {
                         scores_f32(
@@ -97,13 +97,13 @@ pub(crate) fn attend(
         if widen {
             for b0 in (0..max_len).step_by(BLOCK) {
                 let n = BLOCK.min(max_len - b0);
-                for j in 0..n {
-                    f16_to_f32_impl(
-                        values.add((b0 + j) * head.stride),
-                        block.as_mut_ptr().add(j * dim),
-                        dim,
-                    );
-                }
+                widen_rows(
+                    values.add(b0 * head.stride),
+                    head.stride,
+                    n,
+                    dim,
+                    block.as_mut_ptr(),
+                );
                 for (i, &len) in lens.iter().enumerate() {
                     if len > b0 {
                         weigh_f32(
@@ -129,6 +129,19 @@ pub(crate) fn attend(
                 );
             }
         }
+    }
+}
+
+/// Widens `n` rows of `dim` f16 elements, `stride` apart from `src` on, into `dst`, packed.
+///
+/// # Safety
+/// AVX2/FMA/F16C present; `src` readable for `(n - 1) * stride + dim`, `dst` writable for
+/// `n * dim`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen_rows(src: *const u16, stride: usize, n: usize, dim: usize, dst: *mut f32) {
+    for j in 0..n {
+        // SAFETY: within the bounds of the contract.
+        unsafe { f16_to_f32_impl(src.add(j * stride), dst.add(j * dim), dim) };
     }
 }
 
