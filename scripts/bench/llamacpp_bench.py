@@ -138,30 +138,22 @@ class Bench:
         return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
 
     # -- figures ---------------------------------------------------------
-    def prefill(self, n: int) -> float:
-        ctx = self.context(1)
-        try:
-            self._fill([(prompt_token(i), i, 0, i == n - 1) for i in range(n)])
-            t0 = time.perf_counter()
-            self._decode(ctx)
-            dt = time.perf_counter() - t0
-        finally:
-            L.llama_free(ctx)
-        return n / dt
-
-    def prefill_long(self) -> float:
+    def prefill(self, n: int, chunk: int | None = None) -> float:
+        """n prompt tokens on a fresh context in llama_decode calls of `chunk` (default: one
+        call); n / wall time of the calls."""
+        chunk = chunk or n
         ctx = self.context(1)
         try:
             dt = 0.0
-            for start in range(0, LONG_PROMPT, LONG_CHUNK):
-                end = min(start + LONG_CHUNK, LONG_PROMPT)
-                self._fill([(prompt_token(i), i, 0, i == LONG_PROMPT - 1) for i in range(start, end)])
+            for start in range(0, n, chunk):
+                end = min(start + chunk, n)
+                self._fill([(prompt_token(i), i, 0, i == n - 1) for i in range(start, end)])
                 t0 = time.perf_counter()
                 self._decode(ctx)
                 dt += time.perf_counter() - t0
         finally:
             L.llama_free(ctx)
-        return LONG_PROMPT / dt
+        return n / dt
 
     def decode_b1(self) -> float:
         ctx = self.context(1)
@@ -271,7 +263,7 @@ def main() -> int:
         figures: dict[str, Callable[[], float]] = {
             "prefill_128_tps": lambda: bench.prefill(128),
             "prefill_512_tps": lambda: bench.prefill(512),
-            "prefill_2k_tps": bench.prefill_long,
+            "prefill_2k_tps": lambda: bench.prefill(LONG_PROMPT, LONG_CHUNK),
             "decode_b1_tps": bench.decode_b1,
             "decode_b8_tps": bench.decode_b8,
         }

@@ -106,47 +106,32 @@ fn measure(path: &std::path::Path, threads: usize, repeats: usize) -> Result<Fig
         seq_counter += 1;
         SeqId(seq_counter)
     };
-    let mut prefill = |rt: &mut dyn ShardRuntime, n: usize| -> Result<f64> {
+    // `n` prompt tokens on a fresh sequence, `chunk` a step (the logits of the last only).
+    let mut prefill = |rt: &mut dyn ShardRuntime, n: usize, chunk: usize| -> Result<f64> {
         let seq = next_seq();
         let p = prompt(n, 0);
         let t0 = Instant::now();
-        rt.forward(
-            &[SeqStep {
-                seq,
-                pos: 0,
-                n_tokens: n as u32,
-                logits: true,
-            }],
-            ShardInput::Tokens(&p),
-        )?;
+        for (i, part) in p.chunks(chunk).enumerate() {
+            let pos = i * chunk;
+            rt.forward(
+                &[SeqStep {
+                    seq,
+                    pos: pos as u32,
+                    n_tokens: part.len() as u32,
+                    logits: pos + part.len() == n,
+                }],
+                ShardInput::Tokens(part),
+            )?;
+        }
         let tps = n as f64 / t0.elapsed().as_secs_f64();
         rt.release(seq);
         Ok(tps)
     };
     // One untimed pass touches every weight page.
-    prefill(&mut rt, 16)?;
-    let prefill_128_tps = best_of(repeats, || prefill(&mut rt, 128))?;
-    let prefill_512_tps = best_of(repeats, || prefill(&mut rt, 512))?;
-    let prefill_2k_tps = best_of(repeats, || {
-        let seq = next_seq();
-        let p = prompt(LONG_PROMPT, 0);
-        let t0 = Instant::now();
-        for (i, chunk) in p.chunks(LONG_CHUNK).enumerate() {
-            let pos = i * LONG_CHUNK;
-            rt.forward(
-                &[SeqStep {
-                    seq,
-                    pos: pos as u32,
-                    n_tokens: chunk.len() as u32,
-                    logits: pos + chunk.len() == LONG_PROMPT,
-                }],
-                ShardInput::Tokens(chunk),
-            )?;
-        }
-        let tps = LONG_PROMPT as f64 / t0.elapsed().as_secs_f64();
-        rt.release(seq);
-        Ok(tps)
-    })?;
+    prefill(&mut rt, 16, 16)?;
+    let prefill_128_tps = best_of(repeats, || prefill(&mut rt, 128, 128))?;
+    let prefill_512_tps = best_of(repeats, || prefill(&mut rt, 512, 512))?;
+    let prefill_2k_tps = best_of(repeats, || prefill(&mut rt, LONG_PROMPT, LONG_CHUNK))?;
 
     let mut decode = |rt: &mut dyn ShardRuntime, n_seqs: usize, steps: usize| -> Result<f64> {
         let seqs: Vec<SeqId> = (0..n_seqs).map(|_| next_seq()).collect();

@@ -51,14 +51,19 @@ pub(crate) fn generate_request(req: &GenerateRequest) -> v1::GenerateRequest {
 pub(crate) fn status_error(s: &tonic::Status) -> BackendError {
     let (class, reason) = shoal_net::class_of(s);
     if class == ErrorClass::Cancelled {
-        return BackendError::new(
-            ErrorClass::Unavailable,
-            "node_cancelled",
-            s.message().to_owned(),
-        );
+        return node_cancelled(s.message());
     }
     let reason = reason.unwrap_or_else(|| default_reason(class).to_owned());
     BackendError::new(class, reason, s.message().to_owned())
+}
+
+/// A node cancelled a call or generation under the gateway: another replica takes over.
+fn node_cancelled(message: &str) -> BackendError {
+    BackendError::new(
+        ErrorClass::Unavailable,
+        "node_cancelled",
+        message.to_owned(),
+    )
 }
 
 /// An error event of a node's stream as a gateway error (a cancelled generation is the
@@ -66,7 +71,7 @@ pub(crate) fn status_error(s: &tonic::Status) -> BackendError {
 pub(crate) fn event_error(e: &v1::Error) -> BackendError {
     let class = shoal_proto::class_from_wire(e.class);
     if class == ErrorClass::Cancelled {
-        return BackendError::new(ErrorClass::Unavailable, "node_cancelled", e.message.clone());
+        return node_cancelled(&e.message);
     }
     let reason = if e.reason.is_empty() {
         default_reason(class).to_owned()

@@ -313,7 +313,7 @@ unsafe fn softmax_f16_weights(s: *mut f32, n: usize) {
 /// into the exponent.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(super) fn exp_ps(x: __m256) -> __m256 {
+fn exp_ps(x: __m256) -> __m256 {
     let x = _mm256_min_ps(
         _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
         _mm256_set1_ps(88.3),
